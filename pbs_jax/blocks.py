@@ -1,0 +1,82 @@
+"""Block-mask metadata: block mask → compact per-row index lists (the kernel's input), density.
+
+Kept apart from the selectors (as splash attention keeps its mask info) so every selector feeds
+the same kernel through the same lists, and the lists have their own tests.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pbs_jax.config import PBSConfig
+from pbs_jax.selection import own_segment_blocks, softmax_domain
+
+
+class BlockLists(NamedTuple):
+  """Compact CSR-like rows of a block mask.
+
+  ids: ``[B, H, Tq, Tk]`` int32, per query block the selected key-block ids ascending, then
+    filler (unselected ids) the kernel never reads.
+  full_counts: ``[B, H, Tq]`` int32, ids ``[0, full)`` lie in earlier segments: no token mask.
+  total_counts: ``[B, H, Tq]`` int32, ids ``[full, total)`` lie in the query's own segment:
+    masked on original positions (key_pos > q_pos).
+  """
+
+  ids: jax.Array
+  full_counts: jax.Array
+  total_counts: jax.Array
+
+
+def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
+  """Compact ``block_mask [B, H, Tq, Tk]`` bool into :class:`BlockLists`.
+
+  Ascending order puts off-segment blocks first: own-segment blocks are the largest causal ids.
+  """
+  t = block_mask.shape[-1]
+  ids = jnp.argsort(~block_mask, axis=-1, stable=True).astype(jnp.int32)
+  per_segment = cfg.mask_segment_size // cfg.block_size
+  segment_start = (jnp.arange(block_mask.shape[-2]) // per_segment) * per_segment  # [Tq]
+  earlier = jnp.arange(t)[None, :] < segment_start[:, None]  # [Tq, Tk]
+  full = jnp.sum(block_mask & earlier, axis=-1, dtype=jnp.int32)
+  total = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
+  return BlockLists(ids, full, total)
+
+
+def causal_block_count(t: int) -> int:
+  """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2."""
+  return t * (t + 1) // 2
+
+
+def density(block_mask: jax.Array) -> jax.Array:
+  """Computed blocks / causal blocks, float32 ``[B, H]``.
+
+  Own-segment blocks above the block diagonal are computed too (permuted keys cross block
+  boundaries), so keeping every block gives slightly more than 1: 1 + (T/spb)/(T(T+1)/2).
+  """
+  t = block_mask.shape[-1]
+  return jnp.sum(block_mask, axis=(-2, -1), dtype=jnp.float32) / causal_block_count(t)
+
+
+def fixed_density_mask(key: jax.Array, shape: tuple[int, int, int], target: float,
+                       cfg: PBSConfig) -> jax.Array:
+  """A random block mask for benchmarks: own-segment blocks plus random earlier-segment blocks.
+
+  Args:
+    shape: ``(B, H, T)``.
+    target: wanted density; earlier-segment blocks are kept with the probability that gives it
+      in expectation (clipped to [0, 1]).
+  Returns:
+    ``[B, H, T, T]`` bool.
+  """
+  b, h, t = shape
+  own = own_segment_blocks(t, cfg)
+  earlier = softmax_domain(t, cfg) & ~own
+  n_own = int(own.sum()) if t else 0
+  n_earlier = int(earlier.sum())
+  keep_p = 0.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own) / n_earlier
+  keep_p = min(max(keep_p, 0.0), 1.0)
+  rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
+  return own | (earlier & rand)
