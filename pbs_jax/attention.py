@@ -16,6 +16,13 @@ from pbs_jax.selection import num_blocks, select_blocks
 IMPLS = ("auto", "reference", "pallas")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
+# impl="auto" on GPU: where the sparse path cannot pay, dense cuDNN attention runs instead.
+# Both numbers come from experiments/bench_kernel.py (see experiments/results/bench_kernel.md):
+# below AUTO_MIN_SEQ_LEN the plan's fixed cost is a large share of cuDNN's whole time; above
+# AUTO_MAX_DENSITY the kernel (which runs below cuDNN's rate when dense) would lose.
+AUTO_MIN_SEQ_LEN = 4096
+AUTO_MAX_DENSITY = 0.6
+
 
 class PBSAux(NamedTuple):
   """What ``return_aux=True`` adds to the output.
@@ -23,11 +30,14 @@ class PBSAux(NamedTuple):
   perm: ``[B, Hp, N]`` int32, original position of the key at each slot.
   block_mask: ``[B, Hq, T, T]`` bool, computed (query block, key-slot block) pairs.
   density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
+  sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
+    take dense attention instead: short sequences, or a plan too dense to pay).
   """
 
   perm: jax.Array
   block_mask: jax.Array
   density: jax.Array
+  sparse: jax.Array
 
 
 def validate_inputs(q, k, v) -> None:
@@ -80,7 +90,9 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
     k, v: ``[B, N, Hkv, D]``, Hq a multiple of Hkv.
     cfg: static :class:`PBSConfig`.
     impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
-      mode when no GPU is present) or ``"auto"`` (the kernel on GPU, the reference elsewhere).
+      mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel, or
+      cuDNN dense attention where sparsity cannot pay: N < ``AUTO_MIN_SEQ_LEN``, or a plan
+      denser than ``AUTO_MAX_DENSITY``, decided on device without a host sync).
       Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
       as the official code does.
     return_aux: also return :class:`PBSAux`.
@@ -94,22 +106,35 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
   b, n, hq, _ = q.shape
   t = num_blocks(n, cfg.block_size)
 
-  if n <= cfg.segment_size:
+  auto_gpu = impl == "auto" and _on_gpu()
+  if n <= cfg.segment_size or (auto_gpu and n < AUTO_MIN_SEQ_LEN):
     out = _dense(q, k, v, impl)
     perm = identity_permutation(b, cfg.num_perm_heads(hq, k.shape[2]), n)
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
     block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
+    sparse = jnp.bool_(False)
+    dens = jnp.mean(blocks.density(block_mask))
   else:
     perm, block_mask = pbs_plan(q, k, cfg)
-    use_kernel = impl == "pallas" or (impl == "auto" and _on_gpu())
-    if use_kernel:
+    dens = jnp.mean(blocks.density(block_mask))
+    if impl == "pallas" or auto_gpu:
       from pallas_kernels import block_sparse_attention  # lazy: pbs_jax needs no Pallas to import
 
-      lists = blocks.index_lists(block_mask, cfg)
-      out = block_sparse_attention(q, k, v, perm, lists.ids, lists.full_counts, lists.total_counts,
-                                   block_size=cfg.block_size, gather_kv=True)
+      def sparse_path(q, k, v):
+        lists = blocks.index_lists(block_mask, cfg)
+        return block_sparse_attention(q, k, v, perm, lists.ids, lists.full_counts,
+                                      lists.total_counts, block_size=cfg.block_size,
+                                      gather_kv=True)
+
+      if auto_gpu:
+        sparse = dens <= AUTO_MAX_DENSITY
+        out = jax.lax.cond(sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v)
+      else:
+        sparse = jnp.bool_(True)
+        out = sparse_path(q, k, v)
     else:
+      sparse = jnp.bool_(True)
       out = reference.permuted_block_sparse_attention(q, k, v, perm, block_mask, cfg.block_size)
   if not return_aux:
     return out
-  return out, PBSAux(perm, block_mask, jnp.mean(blocks.density(block_mask)))
+  return out, PBSAux(perm, block_mask, dens, sparse)
