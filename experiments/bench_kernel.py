@@ -16,6 +16,7 @@ Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -55,7 +56,9 @@ def kernel_fn(cfg, tiles=None):
 
 @jax.jit
 def cudnn(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  # XLA off the GPU only so that the script's logic can be checked on a CPU.
+  impl = "cudnn" if jax.default_backend() == "gpu" else None
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
 
 def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
@@ -102,8 +105,16 @@ def bench_length(n, args, cfg):
                 "speedup_vs_cudnn": row["cudnn_ms"] / ms}
   del q, k, v
 
-  # The whole op on structured input, stage by stage.
+  # The whole op on structured input, stage by stage, in the default (replicate) GQA mode;
+  # then the total of the shared mode (one permutation per KV head, contiguous K/V).
   q, k, v = structured_qkv(jax.random.key(n + 1), b, n, h, hk, d, jnp.bfloat16)
+  shared = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=dataclasses.replace(
+      cfg, gqa="shared"), impl="pallas", return_aux=True))
+  out_s, aux_s = shared(q, k, v)
+  row["whole_op_shared"] = {
+      "ms": benchutil.time_call(lambda q, k, v: shared(q, k, v)[0], q, k, v),
+      "density": float(aux_s.density), "finite": bool(jnp.isfinite(out_s).all())}
+  row["whole_op_shared"]["speedup_vs_cudnn"] = row["cudnn_ms"] / row["whole_op_shared"]["ms"]
   perm_fn = jax.jit(functools.partial(permutation.compute_permutation, cfg=cfg))
   select_fn = jax.jit(lambda q, k, perm: selection.select_blocks(
       q, permutation.gather_keys(k, perm), perm, cfg))
@@ -142,11 +153,13 @@ def report(payload, out: pathlib.Path):
            f"B=1, Hq={payload['shape']['heads']}, Hkv={payload['shape']['kv_heads']}, "
            f"D={payload['shape']['dim']}, bf16, block {payload['cfg']['block_size']}, segment "
            f"{payload['cfg']['segment_size']}. Times are medians in ms; ratios are cuDNN time / "
-           "our time in the same run.", "",
+           "our time in the same run. Kernel TFLOP/s count the work of the listed blocks "
+           f"(every listed block as a full tile). Tiles: {payload.get('tiles')}.", "",
            f"Correctness first: {json.dumps(payload['check'])}", "",
            "| N | cuDNN ms (TFLOP/s) | kernel 100% ms (TFLOP/s, ×cuDNN) | 40% | 20% | 10% | "
-           "whole op ms (density, ×cuDNN) | perm / select / lists / kernel ms | overhead |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "whole op ms (density, ×cuDNN) | perm / select / lists / kernel ms | overhead | "
+           "whole op, shared GQA (density, ×cuDNN) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     k100 = r["kernel_d100"]
     w = r["whole_op"]
@@ -156,7 +169,9 @@ def report(payload, out: pathlib.Path):
         f"{cell(r['kernel_d40'])} | {cell(r['kernel_d20'])} | {cell(r['kernel_d10'])} | "
         f"{w['ms']:.2f} ({w['density']:.2f}, {w['speedup_vs_cudnn']:.2f}×) | "
         f"{w['permutation_ms']:.2f} / {w['selection_ms']:.2f} / {w['index_lists_ms']:.2f} / "
-        f"{w['kernel_ms']:.2f} | {100 * w['overhead_fraction']:.1f}% |")
+        f"{w['kernel_ms']:.2f} | {100 * w['overhead_fraction']:.1f}% | "
+        f"{r['whole_op_shared']['ms']:.2f} ({r['whole_op_shared']['density']:.2f}, "
+        f"{r['whole_op_shared']['speedup_vs_cudnn']:.2f}×) |")
   (out / "bench_kernel.md").write_text("\n".join(lines) + "\n")
 
   import matplotlib
@@ -169,7 +184,9 @@ def report(payload, out: pathlib.Path):
                      ("kernel_d20", "kernel, 20%"), ("kernel_d10", "kernel, 10%")]:
     ax1.plot(ns, [r[key]["speedup_vs_cudnn"] for r in rows], "o-", label=label)
   ax1.plot(ns, [r["whole_op"]["speedup_vs_cudnn"] for r in rows], "k*-", ms=10,
-           label="whole op (structured input)")
+           label="whole op, replicate GQA (structured input)")
+  ax1.plot(ns, [r["whole_op_shared"]["speedup_vs_cudnn"] for r in rows], "m*--", ms=8,
+           label="whole op, shared GQA")
   ax1.axhline(1.0, color="gray", ls="--", lw=1)
   ax1.set_xscale("log", base=2)
   ax1.set_xlabel("sequence length N")
@@ -211,7 +228,11 @@ def main(argv=None):
     sys.exit("bench_kernel times the Pallas kernel on a GPU; none is visible here.")
   cfg = PBSConfig()
   out = benchutil.out_dir()
-  payload = {"stamp": benchutil.stamp(), "cfg": {"block_size": cfg.block_size,
+  from pallas_kernels import get_tiles
+  payload = {"stamp": benchutil.stamp(),
+             "tiles": {f"gather_kv={g}": dataclasses.asdict(get_tiles(args.dim, jnp.bfloat16,
+                                                                      cfg.block_size, g))
+                       for g in (True, False)}, "cfg": {"block_size": cfg.block_size,
                                                  "segment_size": cfg.segment_size,
                                                  "threshold": cfg.threshold},
              "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim},

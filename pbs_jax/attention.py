@@ -120,11 +120,18 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
     if impl == "pallas" or auto_gpu:
       from pallas_kernels import block_sparse_attention  # lazy: pbs_jax needs no Pallas to import
 
+      # One permutation per KV head: permute K/V physically (one copy, no repeat) and let the
+      # kernel stream contiguous rows (~10% faster). One per query head under GQA: gather rows
+      # by index in the kernel, so K/V are never repeated per query head in device memory.
+      gather_kv = perm.shape[1] != k.shape[2]
+
       def sparse_path(q, k, v):
         lists = blocks.index_lists(block_mask, cfg)
+        if not gather_kv:
+          k, v = gather_keys(k, perm), gather_keys(v, perm)
         return block_sparse_attention(q, k, v, perm, lists.ids, lists.full_counts,
                                       lists.total_counts, block_size=cfg.block_size,
-                                      gather_kv=True)
+                                      gather_kv=gather_kv)
 
       if auto_gpu:
         sparse = dens <= AUTO_MAX_DENSITY

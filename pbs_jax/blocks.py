@@ -74,9 +74,10 @@ def fixed_density_mask(key: jax.Array, shape: tuple[int, int, int], target: floa
   b, h, t = shape
   own = own_segment_blocks(t, cfg)
   earlier = softmax_domain(t, cfg) & ~own
-  n_own = int(own.sum()) if t else 0
+  causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+  n_own_causal = int((own & causal).sum())  # target 1.0 must keep every earlier block
   n_earlier = int(earlier.sum())
-  keep_p = 0.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own) / n_earlier
+  keep_p = 1.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own_causal) / n_earlier
   keep_p = min(max(keep_p, 0.0), 1.0)
   rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
   return own | (earlier & rand)

@@ -1,0 +1,101 @@
+"""Argument validation shared by the kernel and its pure-jnp reference.
+
+Everything checked here is static (shapes, dtypes, Python ints), so it runs at trace time and
+works under an outer `jax.jit`. Data-dependent properties of the block lists (ids in range,
+ascending order) cannot be checked without a host sync; the kernel clamps them for memory
+safety instead (see `block_sparse_attention`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    batch: int
+    seq_len: int
+    num_q_heads: int
+    num_kv_heads: int
+    num_perm_heads: int
+    head_dim: int
+    num_blocks: int  # Tq == Tk == ceil(N / block_size)
+    max_listed: int  # Kmax
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _shape(name, x):
+    try:
+        return tuple(int(d) for d in x.shape)
+    except AttributeError:
+        raise ValueError(f"{name} must be an array, got {type(x).__name__}") from None
+
+
+def validate(q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_size: int,
+             sm_scale) -> Dims:
+    """Check the kernel contract; raise ValueError naming the argument and the rule."""
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
+        raise ValueError(f"block_size must be an int, got {block_size!r}")
+    if not _is_pow2(int(block_size)) or block_size < 16:
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float, np.floating))
+                                     and np.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be None or a finite positive float, got {sm_scale!r}")
+
+    qs, ks, vs = _shape("q", q), _shape("k", k), _shape("v", v)
+    if len(qs) != 4:
+        raise ValueError(f"q must have rank 4 [B, N, Hq, D], got shape {qs}")
+    if len(ks) != 4:
+        raise ValueError(f"k must have rank 4 [B, N, Hk, D], got shape {ks}")
+    if vs != ks:
+        raise ValueError(f"v must have the same shape as k {ks}, got {vs}")
+    b, n, hq, d = qs
+    if n == 0:
+        raise ValueError("q must have a sequence length N >= 1, got N = 0")
+    if ks[0] != b or ks[1] != n or ks[3] != d:
+        raise ValueError(
+            f"k/v must be [B, N, Hk, D] with B={b}, N={n}, D={d} taken from q {qs}, got {ks}")
+    hk = ks[2]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"Hq={hq} (q.shape[2]) must be a multiple of Hk={hk} (k.shape[2])")
+    if not _is_pow2(d) or d < 16 or d > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D={d} must be a power of two in [16, {MAX_HEAD_DIM}] (Triton tensor "
+            "shapes are powers of two; pad D yourself otherwise)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.dtype(x.dtype).name not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+    kps = _shape("key_pos", key_pos)
+    if len(kps) != 3 or kps[0] != b or kps[2] != n:
+        raise ValueError(f"key_pos must be [B, Hp, N] = [{b}, Hp, {n}], got shape {kps}")
+    hp = kps[1]
+    if hp == 0 or hq % hp:
+        raise ValueError(f"Hq={hq} must be a multiple of Hp={hp} (key_pos.shape[1])")
+
+    t = -(-n // block_size)
+    ids = _shape("block_ids", block_ids)
+    if len(ids) != 4 or ids[:3] != (b, hq, t):
+        raise ValueError(
+            f"block_ids must be [B, Hq, Tq, Kmax] = [{b}, {hq}, {t}, Kmax] with "
+            f"Tq = ceil(N / block_size) = ceil({n} / {block_size}), got shape {ids}")
+    for name, x in (("full_counts", full_counts), ("total_counts", total_counts)):
+        s = _shape(name, x)
+        if s != (b, hq, t):
+            raise ValueError(f"{name} must be [B, Hq, Tq] = [{b}, {hq}, {t}], got shape {s}")
+    for name, x in (("key_pos", key_pos), ("block_ids", block_ids),
+                    ("full_counts", full_counts), ("total_counts", total_counts)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
+    return Dims(b, n, hq, hk, hp, d, t, ids[3])
