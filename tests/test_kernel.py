@@ -366,10 +366,12 @@ def test_tile_configs_agree(tiles):
 # --------------------------------------------------------------------------------------------
 
 def test_default_tiles_table():
-    for (d, name), tiles in DEFAULT_TILES.items():
+    for (d, name, gather_kv), tiles in DEFAULT_TILES.items():
         assert d in (64, 128) and name in ("bfloat16", "float16", "float32")
+        assert isinstance(gather_kv, bool)
         tiles.check_divides(128)
     assert get_tiles(128, jnp.bfloat16) == DEFAULT_TILES[(128, "bfloat16", True)]
+    assert get_tiles(128, jnp.bfloat16, gather_kv=False) == DEFAULT_TILES[(128, "bfloat16", False)]
     small = get_tiles(64, jnp.bfloat16, block_size=32)
     assert small.block_m == 32 and small.block_n == 32
     assert get_tiles(256, jnp.float32).block_m >= 16     # fallback for untabled D
