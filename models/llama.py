@@ -237,7 +237,7 @@ class PBSAttention:
             raise ValueError(f"PBSAttention.impl must be auto|reference|pallas, got {self.impl!r}")
 
 
-AttentionSpec = Union[str, PBSAttention, Any]  # "full" | PBSAttention | pbs_jax.PBSConfig
+AttentionSpec = Union[str, PBSAttention, Any]  # "full" | PBSAttention | PBSConfig | callable
 
 
 def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
@@ -252,6 +252,10 @@ def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
 
     if isinstance(attention, PBSConfig):
         return PBSAttention(attention)
+    if callable(attention):
+        # Any hashable callable (q, k, v) -> (out, density): a study's own attention (e.g. a
+        # benchmark at a fixed block density) plugs in without touching the model.
+        return attention
     raise TypeError(
         f"attention must be 'full', a pbs_jax.PBSConfig or a PBSAttention, got {type(attention)}")
 
@@ -275,6 +279,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
     """
     if attention == FULL_ATTENTION:
         return dense_causal_attention(q, k, v), jnp.ones((), jnp.float32)
+    if not isinstance(attention, PBSAttention):
+        out, density = attention(q, k, v)
+        return out, jnp.asarray(density, jnp.float32)
     from pbs_jax import pbs_attention
 
     out, aux = pbs_attention(q, k, v, attention.config, impl=attention.impl, return_aux=True)

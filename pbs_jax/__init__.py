@@ -1,6 +1,7 @@
 """pbs_jax: Permuted Block-Sparse Attention (arXiv 2510.21270) in JAX — the functional core."""
 
-from pbs_jax.attention import IMPLS, PBSAux, pbs_attention, pbs_plan, validate_inputs
+from pbs_jax.attention import (AUTO_BREAK_EVEN, IMPLS, PBSAux, auto_max_density, pbs_attention,
+                               pbs_plan, validate_inputs)
 from pbs_jax.blocks import BlockLists, causal_block_count, density, fixed_density_mask, index_lists
 from pbs_jax.config import PBSConfig
 from pbs_jax.permutation import (compute_permutation, gather_keys, identity_permutation,
@@ -9,7 +10,7 @@ from pbs_jax.reference import dense_causal_attention, permuted_block_sparse_atte
 from pbs_jax.selection import select_blocks
 
 __all__ = [
-    "BlockLists", "IMPLS", "PBSAux", "PBSConfig", "causal_block_count", "compute_permutation",
+    "AUTO_BREAK_EVEN", "BlockLists", "IMPLS", "auto_max_density", "PBSAux", "PBSConfig", "causal_block_count", "compute_permutation",
     "dense_causal_attention", "density", "fixed_density_mask", "gather_keys",
     "identity_permutation", "index_lists", "key_importance", "pbs_attention", "pbs_plan",
     "permuted_block_sparse_attention", "segment_permutation", "select_blocks",

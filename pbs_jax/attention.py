@@ -17,11 +17,17 @@ IMPLS = ("auto", "reference", "pallas")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # impl="auto" on GPU: where the sparse path cannot pay, dense cuDNN attention runs instead.
-# Both numbers come from experiments/bench_kernel.py (see experiments/results/bench_kernel.md):
-# below AUTO_MIN_SEQ_LEN the plan's fixed cost is a large share of cuDNN's whole time; above
-# AUTO_MAX_DENSITY the kernel (which runs below cuDNN's rate when dense) would lose.
-AUTO_MIN_SEQ_LEN = 4096
-AUTO_MAX_DENSITY = 0.6
+# (length, density) pairs: from this length on, the kernel path is taken when the plan's
+# density is at most this. Measured by experiments/bench_kernel.py (results/bench_kernel.md,
+# H200, 32/8 heads, D=128): break-even density = (cuDNN - plan overhead) / kernel-at-100%, less a
+# margin. Below the first length the plan's fixed cost alone is most of cuDNN's time.
+AUTO_BREAK_EVEN = ((8192, 0.30), (16384, 0.50), (32768, 0.58), (65536, 0.62), (131072, 0.68))
+
+
+def auto_max_density(seq_len: int) -> float | None:
+  """Largest density at which ``impl="auto"`` takes the kernel; None: always dense."""
+  usable = [d for n, d in AUTO_BREAK_EVEN if seq_len >= n]
+  return usable[-1] if usable else None
 
 
 class PBSAux(NamedTuple):
@@ -77,7 +83,7 @@ def _dense(q, k, v, impl):
 def pbs_plan(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> tuple[jax.Array, jax.Array]:
   """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool."""
   perm = compute_permutation(q, k, cfg)
-  return perm, select_blocks(q, gather_keys(k, perm), perm, cfg)
+  return perm, select_blocks(q, k, perm, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "return_aux"))
@@ -91,8 +97,9 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
     cfg: static :class:`PBSConfig`.
     impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
       mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel, or
-      cuDNN dense attention where sparsity cannot pay: N < ``AUTO_MIN_SEQ_LEN``, or a plan
-      denser than ``AUTO_MAX_DENSITY``, decided on device without a host sync).
+      cuDNN dense attention where sparsity cannot pay: below the break-even length, or a plan
+      denser than the break-even density of ``AUTO_BREAK_EVEN``, decided on device without a
+      host sync).
       Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
       as the official code does.
     return_aux: also return :class:`PBSAux`.
@@ -107,7 +114,7 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
   t = num_blocks(n, cfg.block_size)
 
   auto_gpu = impl == "auto" and _on_gpu()
-  if n <= cfg.segment_size or (auto_gpu and n < AUTO_MIN_SEQ_LEN):
+  if n <= cfg.segment_size or (auto_gpu and auto_max_density(n) is None):
     out = _dense(q, k, v, impl)
     perm = identity_permutation(b, cfg.num_perm_heads(hq, k.shape[2]), n)
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
@@ -134,7 +141,7 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
                                       gather_kv=gather_kv)
 
       if auto_gpu:
-        sparse = dens <= AUTO_MAX_DENSITY
+        sparse = dens <= auto_max_density(n)
         out = jax.lax.cond(sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v)
       else:
         sparse = jnp.bool_(True)

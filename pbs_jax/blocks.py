@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pbs_jax.config import PBSConfig
 from pbs_jax.selection import own_segment_blocks, softmax_domain
@@ -19,7 +20,7 @@ class BlockLists(NamedTuple):
   """Compact CSR-like rows of a block mask.
 
   ids: ``[B, H, Tq, Tk]`` int32, per query block the selected key-block ids ascending, then
-    filler (unselected ids) the kernel never reads.
+    zeros the kernel never reads.
   full_counts: ``[B, H, Tq]`` int32, ids ``[0, full)`` lie in earlier segments: no token mask.
   total_counts: ``[B, H, Tq]`` int32, ids ``[full, total)`` lie in the query's own segment:
     masked on original positions (key_pos > q_pos).
@@ -36,7 +37,13 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
   Ascending order puts off-segment blocks first: own-segment blocks are the largest causal ids.
   """
   t = block_mask.shape[-1]
-  ids = jnp.argsort(~block_mask, axis=-1, stable=True).astype(jnp.int32)
+
+  def compact_row(row):  # [Tk] bool → selected ids first (ascending), zeros after
+    slot = jnp.where(row, jnp.cumsum(row, dtype=jnp.int32) - 1, t)
+    return jnp.zeros(t, jnp.int32).at[slot].set(jnp.arange(t, dtype=jnp.int32), mode="drop")
+
+  # A cumsum and a scatter per row: linear, where a sort of the mask row would be T log T.
+  ids = jax.vmap(compact_row)(block_mask.reshape(-1, t)).reshape(block_mask.shape)
   per_segment = cfg.mask_segment_size // cfg.block_size
   segment_start = (jnp.arange(block_mask.shape[-2]) // per_segment) * per_segment  # [Tq]
   earlier = jnp.arange(t)[None, :] < segment_start[:, None]  # [Tq, Tk]
@@ -74,9 +81,12 @@ def fixed_density_mask(key: jax.Array, shape: tuple[int, int, int], target: floa
   b, h, t = shape
   own = own_segment_blocks(t, cfg)
   earlier = softmax_domain(t, cfg) & ~own
-  causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-  n_own_causal = int((own & causal).sum())  # target 1.0 must keep every earlier block
-  n_earlier = int(earlier.sum())
+  # Counts from the static block grid in numpy, so this also traces inside jit.
+  spb = cfg.mask_segment_size // cfg.block_size
+  qb, kb = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+  own_np = qb // spb == kb // spb
+  n_own_causal = int((own_np & (kb <= qb)).sum())  # target 1.0 must keep every earlier block
+  n_earlier = int(((kb <= qb) & ~own_np).sum())
   keep_p = 1.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own_causal) / n_earlier
   keep_p = min(max(keep_p, 0.0), 1.0)
   rand = jax.random.uniform(key, (b, h, t, t)) < keep_p

@@ -26,18 +26,56 @@ def mean_pool_blocks(x: jax.Array, block_size: int) -> jax.Array:
   return x.reshape(b, t, block_size, h, d).mean(axis=2)
 
 
-def pooled_block_logits(q: jax.Array, k_perm: jax.Array, block_size: int) -> jax.Array:
-  """Scaled dot products of pooled query blocks and pooled (permuted) key blocks.
+def pooled_permuted_keys(k: jax.Array, perm: jax.Array, block_size: int,
+                         segment_size: int) -> jax.Array:
+  """Block means of the permuted keys without materialising them.
+
+  Blocks never straddle a segment, so block t of head p holds the keys whose slot falls in t:
+  invert the permutation (a scatter of N ints per head), one-hot each position's block inside
+  its own segment, and contract with the unpermuted keys segment by segment. This reads K once
+  instead of writing and re-reading an ``[B, N, Hp, D]`` permuted copy.
 
   Args:
-    q: ``[B, N, Hq, D]``; k_perm: ``[B, N, Hp, D]`` keys in slot order, Hq a multiple of Hp.
+    k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]``, Hp a multiple of Hkv,
+      slots permuted only within segments of ``segment_size`` (a multiple of block_size).
+  Returns:
+    ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean.
+  """
+  b, n, hkv, d = k.shape
+  hp = perm.shape[1]
+  t = num_blocks(n, block_size)
+  per_segment = segment_size // block_size
+  g = -(-n // segment_size)
+  n_pad = g * segment_size
+  slot_of_pos = jnp.zeros((b, hp, n), jnp.int32).at[
+      jnp.arange(b)[:, None, None], jnp.arange(hp)[None, :, None], perm].set(
+          jnp.arange(n, dtype=jnp.int32))
+  # Padding positions sit in their own slots (zero keys: counted, as the official zero-pad).
+  slot_of_pos = jnp.pad(slot_of_pos, ((0, 0), (0, 0), (0, n_pad - n)))
+  slot_of_pos = slot_of_pos.at[..., n:].set(jnp.arange(n, n_pad, dtype=jnp.int32))
+  local_block = (slot_of_pos // block_size) % per_segment  # block index inside the segment
+  one_hot = jax.nn.one_hot(local_block, per_segment, dtype=jnp.float32)  # [B, Hp, Np, spb]
+  one_hot = one_hot.reshape(b, hkv, hp // hkv, g, segment_size, per_segment)
+  kg = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_pad - n), (0, 0), (0, 0)))
+  kg = kg.reshape(b, g, segment_size, hkv, d)
+  summed = jnp.einsum("bkrgsj,bgskd->bgjkrd", one_hot, kg,
+                      precision=jax.lax.Precision.HIGHEST)  # [B, G, spb, Hkv, r, D]
+  return summed.reshape(b, g * per_segment, hp, d)[:, :t] / block_size
+
+
+def pooled_block_logits(q: jax.Array, k: jax.Array, perm: jax.Array, block_size: int,
+                        segment_size: int) -> jax.Array:
+  """Scaled dot products of pooled query blocks and pooled permuted key blocks.
+
+  Args:
+    q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
   Returns:
     ``[B, Hq, T, T]`` float32.
   """
   b, _, hq, d = q.shape
-  hp = k_perm.shape[2]
+  hp = perm.shape[1]
   pq = mean_pool_blocks(q, block_size)
-  pk = mean_pool_blocks(k_perm, block_size)
+  pk = pooled_permuted_keys(k, perm, block_size, segment_size)
   t = pq.shape[1]
   pq = pq.reshape(b, t, hp, hq // hp, d)
   logits = jnp.einsum("bqpgd,bkpd->bpgqk", pq, pk, precision=jax.lax.Precision.HIGHEST)
@@ -82,18 +120,18 @@ def top_p_blocks(probs: jax.Array, allowed: jax.Array, threshold: float) -> jax.
     (cumulative ≥ threshold inclusive, as the official code). A row whose mass never reaches
     the threshold keeps all its allowed blocks (the paper's Alg. 2: k = min({…} ∪ {i})).
     ``threshold >= 1`` keeps every allowed block outright, so fp rounding of the row sum cannot
-    drop one (the official code's integer-1 path).
+    drop one (the official code's integer-1 path). Blocks tied with the last kept value are
+    all kept (the official sort breaks such ties arbitrarily).
   """
   if threshold >= 1.0:
     return jnp.broadcast_to(allowed, probs.shape)
-  order = jnp.argsort(-probs, axis=-1, stable=True)
-  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-  mass_before = jnp.cumsum(sorted_probs, axis=-1)
-  mass_before = jnp.concatenate(
-      [jnp.zeros_like(mass_before[..., :1]), mass_before[..., :-1]], axis=-1)
-  keep_sorted = mass_before < threshold
-  keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-  return keep & allowed
+  # One sort: the kept sorted positions form a prefix; its last value is the cut-off.
+  sorted_probs = -jnp.sort(-probs, axis=-1)
+  mass = jnp.cumsum(sorted_probs, axis=-1)
+  mass_before = jnp.concatenate([jnp.zeros_like(mass[..., :1]), mass[..., :-1]], axis=-1)
+  keep_count = jnp.sum(mass_before < threshold, axis=-1, keepdims=True)
+  cutoff = jnp.take_along_axis(sorted_probs, keep_count - 1, axis=-1)
+  return allowed & (probs >= cutoff)
 
 
 def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
@@ -105,19 +143,19 @@ def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array
   return jnp.repeat(sink, num_q_heads // hp, axis=1)[:, :, None, :]
 
 
-def select_blocks(q: jax.Array, k_perm: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
   """The PBS block mask.
 
   Args:
     q: ``[B, N, Hq, D]`` queries (original order).
-    k_perm: ``[B, N, Hp, D]`` keys in slot order (``permutation.gather_keys``).
+    k: ``[B, N, Hkv, D]`` keys (original order; pooled in slot order without a copy).
     perm: ``[B, Hp, N]`` original position of each slot.
   Returns:
     ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
   """
   hq = q.shape[2]
   t = num_blocks(q.shape[1], cfg.block_size)
-  logits = pooled_block_logits(q, k_perm, cfg.block_size)
+  logits = pooled_block_logits(q, k, perm, cfg.block_size, cfg.segment_size)
   allowed = softmax_domain(t, cfg)
   probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
   # Rows with nothing allowed (the first segment's query blocks) are all -inf: NaN → select none.
