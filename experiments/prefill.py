@@ -165,7 +165,9 @@ def format_side_by_side(tokenizer, full_ids, pbs_ids) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, prefill with full attention and with PBS, print the comparison table and
+    the greedy continuations; return the summary (what ``--json`` writes)."""
     args = build_parser().parse_args(argv)
     gpu = on_gpu()
     length = args.length or (8192 if gpu else 4096)
@@ -257,6 +259,12 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``pbs-prefill``): exit status 0 on success; the summary is printed
+    above (and written with ``--json``)."""
+    run(argv)
 
 
 if __name__ == "__main__":

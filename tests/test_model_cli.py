@@ -26,7 +26,7 @@ def test_cli_compares_full_and_pbs(tmp_path, capsys):
                             merges=MERGES, token_types=[3] * 3 + [1] * (len(TOKENS) - 3))
     text_path = tmp_path / "text.txt"
     text_path.write_text("the cat sat on the mat, then the cat ate 42 fish.\n" * 20)
-    summary = prefill.main([
+    summary = prefill.run([
         str(text_path), "--model", model_path, "--length", "96", "--block-size", "16",
         "--segment-size", "32", "--threshold", "0.5", "--gqa", "shared", "--impl", "reference",
         "--new-tokens", "4", "--warmup", "0", "--json", str(tmp_path / "out.json")])
