@@ -15,7 +15,6 @@ Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -214,31 +213,15 @@ def report(payload, out: pathlib.Path):
   fig.savefig(out / "bench_kernel.png", dpi=120)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
-                      help="sequence lengths to time (default: 4K..128K)")
-  parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
-  parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads (default 8)")
-  parser.add_argument("--dim", type=int, default=128, help="head dim (default 128)")
-  parser.add_argument("--report", type=pathlib.Path,
-                      help="only re-render markdown + PNG from this JSON, next to it")
-  args = parser.parse_args(argv)
-  if args.report:
-    report(json.loads(args.report.read_text()), args.report.parent)
-    return
-  if jax.default_backend() != "gpu":
-    sys.exit("bench_kernel times the Pallas kernel on a GPU; none is visible here.")
+def bench(args, out: pathlib.Path) -> dict:
   cfg = PBSConfig()
-  out = benchutil.out_dir()
   from pallas_kernels import get_tiles
   payload = {"stamp": benchutil.stamp(),
              "tiles": {f"gather_kv={g}": dataclasses.asdict(get_tiles(args.dim, jnp.bfloat16,
                                                                       cfg.block_size, g))
-                       for g in (True, False)}, "cfg": {"block_size": cfg.block_size,
-                                                 "segment_size": cfg.segment_size,
-                                                 "threshold": cfg.threshold},
+                       for g in (True, False)},
+             "cfg": {"block_size": cfg.block_size, "segment_size": cfg.segment_size,
+                     "threshold": cfg.threshold},
              "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim},
              "check": check_correctness(cfg), "rows": []}
   print("correctness:", payload["check"], flush=True)
@@ -252,8 +235,19 @@ def main(argv=None):
     print(f"N={n}: cudnn {r['cudnn_ms']:.2f} ms, kernel100 {r['kernel_d100']['ms']:.2f}, "
           f"k20 {r['kernel_d20']['ms']:.2f}, whole {r['whole_op']['ms']:.2f} "
           f"(density {r['whole_op']['density']:.2f})", flush=True)
-  report(payload, out)
-  print((out / "bench_kernel.md").read_text())
+  return payload
+
+
+def add_arguments(parser):
+  parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
+                      help="sequence lengths to time (default: 4K..128K)")
+  parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
+  parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads (default 8)")
+  parser.add_argument("--dim", type=int, default=128, help="head dim (default 128)")
+
+
+def main(argv=None):
+  benchutil.benchmark_cli(argv, __doc__, "bench_kernel", add_arguments, bench, report)
 
 
 if __name__ == "__main__":

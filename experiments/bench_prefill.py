@@ -15,12 +15,9 @@ the model, from the per-layer ops timed alone x layers) and the compiled peak me
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +63,7 @@ def peak_bytes(fn, *args) -> int:
              m.alias_size_in_bytes)
 
 
-def bench(args):
+def bench(args, out: pathlib.Path) -> dict:
   config = llama.LlamaConfig.preset("llama-3.1-8b")
   model = nnx.jit(lambda: llama.Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
   graphdef, state = nnx.split(model)
@@ -113,7 +110,7 @@ def bench(args):
         row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
         row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
     rows.append(row)
-    benchutil.write_json(benchutil.out_dir() / "bench_prefill.json", {"rows": rows})
+    benchutil.write_json(out / "bench_prefill.json", {"rows": rows})  # keep what finished
     del q, k, v, tokens
   return {"stamp": benchutil.stamp(), "model": "llama-3.1-8b (random bf16 weights)",
           "cfg": dataclasses.asdict(cfg), "rows": rows}
@@ -168,24 +165,13 @@ def report(payload, out: pathlib.Path):
   fig.savefig(out / "bench_prefill.png", dpi=120)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser):
   parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
                       help="prompt lengths (default 8K..128K)")
-  parser.add_argument("--report", type=pathlib.Path,
-                      help="only re-render markdown + PNG from this JSON, next to it")
-  args = parser.parse_args(argv)
-  if args.report:
-    report(json.loads(args.report.read_text()), args.report.parent)
-    return
-  if jax.default_backend() != "gpu":
-    sys.exit("bench_prefill times an 8B-parameter model on a GPU; none is visible here.")
-  out = benchutil.out_dir()
-  payload = bench(args)
-  benchutil.write_json(out / "bench_prefill.json", payload)
-  report(payload, out)
-  print((out / "bench_prefill.md").read_text())
+
+
+def main(argv=None):
+  benchutil.benchmark_cli(argv, __doc__, "bench_prefill", add_arguments, bench, report)
 
 
 if __name__ == "__main__":

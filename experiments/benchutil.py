@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -51,3 +53,28 @@ def out_dir(default: str = "out") -> pathlib.Path:
 
 def write_json(path: pathlib.Path, payload: dict) -> None:
   path.write_text(json.dumps(payload, indent=1, default=float))
+
+
+def benchmark_cli(argv, doc: str, name: str, add_arguments, bench, report) -> None:
+  """The shared command line of a GPU benchmark.
+
+  ``--report JSON`` re-renders the markdown and PNG next to an earlier result (any machine);
+  otherwise ``bench(args, out_dir) -> payload`` runs on the GPU, and its JSON, markdown and
+  PNG land in ``$OUT`` as ``name.*``.
+  """
+  parser = argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_arguments(parser)
+  parser.add_argument("--report", type=pathlib.Path,
+                      help="only re-render markdown + PNG from this JSON, next to it")
+  args = parser.parse_args(argv)
+  if args.report:
+    report(json.loads(args.report.read_text()), args.report.parent)
+    return
+  if jax.default_backend() != "gpu":
+    sys.exit(f"{name} times GPU code; no GPU is visible here.")
+  out = out_dir()
+  payload = bench(args, out)
+  write_json(out / f"{name}.json", payload)
+  report(payload, out)
+  print((out / f"{name}.md").read_text())
