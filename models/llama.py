@@ -275,13 +275,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
     """Prefill attention by spec: q [B,T,Hq,D], k/v [B,T,Hkv,D] (after RoPE).
 
     Returns (out [B,T,Hq,D] in q.dtype, density: float32 scalar = computed / causal blocks;
-    1.0 for dense).
+    1.0 for dense). A study's callable may return any pytree of float32 per-layer statistics
+    in place of the density (e.g. the layer's q and k); the model stacks it over layers.
     """
     if attention == FULL_ATTENTION:
         return dense_causal_attention(q, k, v), jnp.ones((), jnp.float32)
     if not isinstance(attention, PBSAttention):
         out, density = attention(q, k, v)
-        return out, jnp.asarray(density, jnp.float32)
+        return out, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), density)
     from pbs_jax import pbs_attention
 
     out, aux = pbs_attention(q, k, v, attention.config, impl=attention.impl, return_aux=True)
@@ -510,8 +511,10 @@ class Llama(nnx.Module):
             raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
         hidden, (keys, values), densities = self._prefill_layers(tokens, attention,
                                                                  collect_kv=True)
-        padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
-        cache = KVCache(jnp.pad(keys, padding), jnp.pad(values, padding))
+        if max_len > length:  # no copy of the whole cache when it is already full-size
+            padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
+            keys, values = jnp.pad(keys, padding), jnp.pad(values, padding)
+        cache = KVCache(keys, values)
         last_logits = self.output_logits(hidden[:, -1])
         if return_aux:
             return last_logits, cache, PrefillAux(hidden, densities)
