@@ -76,6 +76,7 @@ def bench(args, out: pathlib.Path) -> dict:
     modes = {"full": llama.FULL_ATTENTION,
              "pbs_selector": llama.PBSAttention(cfg, impl="auto"),
              "pbs_fixed": FixedDensityPBS(round(PAPER_DENSITY[n], 4), cfg)}
+    modes = {name: spec for name, spec in modes.items() if name in args.modes}
     row = {"n": n, "fixed_density": PAPER_DENSITY[n]}
     for name, attention in modes.items():
       fn = jax.jit(functools.partial(llama.prefill, attention=attention, return_aux=True))
@@ -98,15 +99,15 @@ def bench(args, out: pathlib.Path) -> dict:
     k = jax.random.normal(jax.random.key(2), (1, n, hk, d), jnp.bfloat16)
     v = jax.random.normal(jax.random.key(3), (1, n, hk, d), jnp.bfloat16)
     dense_ms = benchutil.time_call(jax.jit(llama.dense_causal_attention), q, k, v)
-    fixed = jax.jit(lambda q, k, v: modes["pbs_fixed"](q, k, v)[0])
+    fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(PAPER_DENSITY[n], 4), cfg)(q, k, v)[0])
     fixed_ms = benchutil.time_call(fixed, q, k, v)
     plan_ms = benchutil.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
-    rest = row["full"].get("ms", float("nan")) - layers * dense_ms
+    rest = row.get("full", {}).get("ms", float("nan")) - layers * dense_ms
     row["split"] = {"attention_full_ms": layers * dense_ms,
                     "attention_pbs_fixed_ms": layers * fixed_ms,
                     "plan_ms": layers * plan_ms, "rest_of_model_ms": rest}
     for name in ("pbs_selector", "pbs_fixed"):
-      if "ms" in row[name] and "ms" in row["full"]:
+      if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
         row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
         row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
     rows.append(row)
@@ -129,10 +130,10 @@ def report(payload, out: pathlib.Path):
            "PBS (b) ms | plan ms | rest of model ms | peak GiB full / (b) |",
            "|---|---|---|---|---|---|---|---|"]
   for r in payload["rows"]:
-    if not all("speedup_vs_full" in r[m] for m in ("pbs_selector", "pbs_fixed")):
-      lines.append(f"| {r['n']} | " + " | ".join(
-          r[m].get("error", f"{r[m].get('ms', float('nan')):.1f}")
-          for m in ("full", "pbs_selector", "pbs_fixed")) + " | | | | |")
+    if not all("speedup_vs_full" in r.get(m, {}) for m in ("pbs_selector", "pbs_fixed")):
+      cells = [r[m].get("error", f"{r[m].get('ms', float('nan')):.1f}") if m in r else "not run"
+               for m in ("full", "pbs_selector", "pbs_fixed")]
+      lines.append(f"| {r['n']} | " + " | ".join(cells) + " | | | | |")
       continue
     a, b, s = r["pbs_selector"], r["pbs_fixed"], r["split"]
     lines.append(
@@ -147,12 +148,12 @@ def report(payload, out: pathlib.Path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = [r for r in payload["rows"] if "speedup_vs_full" in r["pbs_fixed"]]
+  rows = [r for r in payload["rows"] if "speedup_vs_full" in r.get("pbs_fixed", {})]
   ns = [r["n"] for r in rows]
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   ax.plot(ns, [r["pbs_fixed"]["speedup_vs_full"] for r in rows], "o-",
           label="PBS (b): Llama-3.1-8B densities")
-  ax.plot(ns, [r["pbs_selector"].get("speedup_vs_full", np.nan) for r in rows], "s--",
+  ax.plot(ns, [r.get("pbs_selector", {}).get("speedup_vs_full", np.nan) for r in rows], "s--",
           label="PBS (a): real selector, random weights")
   ax.axhline(1.0, color="gray", ls="--", lw=1)
   ax.set_xscale("log", base=2)
@@ -168,6 +169,9 @@ def report(payload, out: pathlib.Path):
 def add_arguments(parser):
   parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
                       help="prompt lengths (default 8K..128K)")
+  parser.add_argument("--modes", nargs="+", default=["full", "pbs_selector", "pbs_fixed"],
+                      choices=["full", "pbs_selector", "pbs_fixed"],
+                      help="which prefills to time (default: all three)")
 
 
 def main(argv=None):

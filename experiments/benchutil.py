@@ -15,7 +15,7 @@ import jax
 
 
 def time_call(fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.5) -> float:
-  """Median wall time (ms) of ``fn(*args)`` to completion, after compile and two warm-ups.
+  """Median wall time (ms) of ``fn(*args)`` to completion, after compile and warm-up.
 
   Each run is synchronised with ``block_until_ready``, so dispatch is included, equally for
   every contender; repeats adapt to the budget (long calls run ``min_reps`` times).
@@ -23,8 +23,9 @@ def time_call(fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float 
   jax.block_until_ready(fn(*args))
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  est = (time.perf_counter() - t0) / 2
+  est = time.perf_counter() - t0
+  if est < budget_s / min_reps:  # cheap calls get a second warm-up; long ones need none
+    jax.block_until_ready(fn(*args))
   reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6))))
   times = []
   for _ in range(reps):

@@ -104,10 +104,13 @@ class LlamaConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on the q/k/v projections.
     max_position_embeddings: int = 8192
+    # Prefill runs the MLP over chunks of this many tokens, so its [T, ffn_dim] intermediates
+    # stay bounded at long T (3 x 11 GiB at 128K tokens for Llama-3.1-8B otherwise).
+    mlp_chunk: int = 16384
 
     def __post_init__(self):
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-                     "ffn_dim", "vocab_size", "max_position_embeddings"):
+                     "ffn_dim", "vocab_size", "max_position_embeddings", "mlp_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -415,9 +418,19 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(config, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(config.d_model, config.rms_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp_chunk = config.mlp_chunk
 
     def _mlp_residual(self, h: jax.Array) -> jax.Array:
-        return h + self.mlp(self.mlp_norm(h))
+        """h [B,T,d] -> h + mlp(norm(h)), over chunks of ``mlp_chunk`` tokens when T is longer
+        (the MLP is position-wise, so chunking changes nothing but peak memory)."""
+        b, t, d = h.shape
+        if t <= self.mlp_chunk:
+            return h + self.mlp(self.mlp_norm(h))
+        chunks = -(-t // self.mlp_chunk)
+        padded = jnp.pad(h, ((0, 0), (0, chunks * self.mlp_chunk - t), (0, 0)))
+        padded = padded.reshape(b, chunks, self.mlp_chunk, d).swapaxes(0, 1)
+        out = jax.lax.map(lambda x: x + self.mlp(self.mlp_norm(x)), padded)
+        return out.swapaxes(0, 1).reshape(b, chunks * self.mlp_chunk, d)[:, :t]
 
     def __call__(self, x, positions, attention):
         attn_out, kv, density = self.attn(self.attn_norm(x), positions, attention)

@@ -143,6 +143,19 @@ def test_forward_matches_numpy(tmp_path, variant):
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
 
 
+def test_chunked_mlp_matches_numpy(tmp_path):
+    """Prefill's MLP over token chunks (40 tokens in chunks of 16: two full, one padded) is the
+    same function as the unchunked one."""
+    model, weights = load_random(tmp_path, TINY)
+    chunked_graphdef, _ = nnx.split(Llama(TINY.replace(mlp_chunk=16), rngs=nnx.Rngs(0)))
+    chunked = nnx.merge(chunked_graphdef, nnx.split(model)[1])
+    assert chunked.layers.mlp_chunk == 16
+    tokens = random_tokens(TINY, (2, 40))
+    logits = JittedLlama(chunked)(tokens)
+    np.testing.assert_allclose(np.asarray(logits), numpy_forward(weights, TINY, tokens),
+                               rtol=2e-4, atol=2e-4)
+
+
 def test_bfloat16_close_to_numpy(tmp_path):
     model, weights = load_random(tmp_path, TINY, dtype=jnp.bfloat16)
     assert model.embed.embedding.dtype == jnp.bfloat16
