@@ -131,9 +131,23 @@ def report(payload, out: pathlib.Path):
            "|---|---|---|---|---|---|---|---|"]
   for r in payload["rows"]:
     if not all("speedup_vs_full" in r.get(m, {}) for m in ("pbs_selector", "pbs_fixed")):
-      cells = [r[m].get("error", f"{r[m].get('ms', float('nan')):.1f}") if m in r else "not run"
-               for m in ("full", "pbs_selector", "pbs_fixed")]
-      lines.append(f"| {r['n']} | " + " | ".join(cells) + " | | | | |")
+      def cell(m):
+        x = r.get(m)
+        if x is None:
+          return "not run"
+        if "error" in x:
+          return x["error"][:60] + "…"
+        extra = (f" ({x['density']:.2f}, {x['speedup_vs_full']:.2f}×)"
+                 if "speedup_vs_full" in x and m != "full" else "")
+        return f"{x['ms']:.1f}{extra}"
+      peak = " / ".join(f"{r[m]['peak_gib']:.1f}" for m in ("full", "pbs_fixed")
+                        if "peak_gib" in r.get(m, {}))
+      sp = r.get("split", {})
+      split = (f"{sp['attention_full_ms']:.1f} / {sp['attention_pbs_fixed_ms']:.1f} | "
+               f"{sp['plan_ms']:.1f} | {sp['rest_of_model_ms']:.1f}" if sp else " | | ")
+      lines.append(f"| {r['n']} | " + " | ".join(cell(m) for m in
+                                                 ("full", "pbs_selector", "pbs_fixed"))
+                   + f" | {split} | {peak} |")
       continue
     a, b, s = r["pbs_selector"], r["pbs_fixed"], r["split"]
     lines.append(
@@ -142,6 +156,8 @@ def report(payload, out: pathlib.Path):
         f"{b['speedup_vs_full']:.2f}×) | {s['attention_full_ms']:.1f} / "
         f"{s['attention_pbs_fixed_ms']:.1f} | {s['plan_ms']:.1f} | {s['rest_of_model_ms']:.1f} | "
         f"{r['full']['peak_gib']:.1f} / {b['peak_gib']:.1f} |")
+  if payload.get("note"):
+    lines += ["", payload["note"]]
   (out / "bench_prefill.md").write_text("\n".join(lines) + "\n")
 
   import matplotlib
