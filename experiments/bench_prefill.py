@@ -9,6 +9,7 @@ not give realistic attention (their plans come out dense), so PBS runs two ways:
   (b) the real permutation and selection are computed (their cost counts), then the kernel runs
       a fixed block density per length: Llama-3.1-8B's own densities with permutation at
       threshold 0.9, from the paper's Table 5 (our accuracy study measures SmolLM2 only).
+``--devices N`` splits the model by heads over N GPUs (models/sharding.py) for 256K and 512K.
 Reported per length: prefill time (jitted, warm, median), the split (attention, plan, rest of
 the model, from the per-layer ops timed alone x layers) and the compiled peak memory.
 """
@@ -26,13 +27,19 @@ from flax import nnx
 
 import pbs_jax
 from experiments import benchutil
-from models import llama
+from models import llama, sharding
 from pbs_jax import PBSConfig, blocks
 
 LENGTHS = (8192, 16384, 32768, 65536, 131072)
 # Llama-3.1-8B, threshold 0.9, with permutation: selected / causal blocks (paper Table 5).
 PAPER_DENSITY = {8192: 1205 / 2080, 16384: 4005 / 8256, 32768: 13337 / 32896,
                  65536: 37632 / 131328, 131072: 114996 / 524800}
+
+
+def fixed_density(n: int) -> float:
+  """The paper's Llama-3.1-8B density at N; beyond 128K, the 128K one (density falls with N,
+  so this understates the sparsity there)."""
+  return PAPER_DENSITY[max(x for x in PAPER_DENSITY if x <= n)] if n >= 8192 else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +73,22 @@ def peak_bytes(fn, *args) -> int:
 def bench(args, out: pathlib.Path) -> dict:
   config = llama.LlamaConfig.preset("llama-3.1-8b")
   model = nnx.jit(lambda: llama.Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
-  graphdef, state = nnx.split(model)
+  mesh = sharding.make_mesh(args.devices) if args.devices > 1 else None
+  # Several GPUs: parameters split by heads, attention run per device on its own heads.
+  graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
   del model
   h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
   cfg = PBSConfig()
   rows = []
   for n in args.lengths:
     tokens = jax.random.randint(jax.random.key(n), (1, n), 0, config.vocab_size)
+    density = fixed_density(n)
     modes = {"full": llama.FULL_ATTENTION,
              "pbs_selector": llama.PBSAttention(cfg, impl="auto"),
-             "pbs_fixed": FixedDensityPBS(round(PAPER_DENSITY[n], 4), cfg)}
-    modes = {name: spec for name, spec in modes.items() if name in args.modes}
-    row = {"n": n, "fixed_density": PAPER_DENSITY[n]}
+             "pbs_fixed": FixedDensityPBS(round(density, 4), cfg)}
+    modes = {name: (sharding.HeadParallel(spec, mesh) if mesh else spec)
+             for name, spec in modes.items() if name in args.modes}
+    row = {"n": n, "fixed_density": density, "devices": args.devices}
     for name, attention in modes.items():
       fn = jax.jit(functools.partial(llama.prefill, attention=attention, return_aux=True))
       try:
@@ -94,27 +105,35 @@ def bench(args, out: pathlib.Path) -> dict:
         continue
       print(f"N={n} {name}: {row[name]['ms']:.1f} ms, density {row[name]['density']:.3f}, "
             f"peak {row[name]['peak_gib']:.1f} GiB", flush=True)
+    for name in ("pbs_selector", "pbs_fixed"):
+      if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
+        row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
+        row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
+    if mesh:  # the per-layer split below times one device's ops: only meaningful alone
+      rows.append(row)
+      benchutil.write_json(out / "bench_prefill.json", {"rows": rows})
+      continue
     # The split, from one layer's attention ops timed alone.
     q = jax.random.normal(jax.random.key(1), (1, n, h, d), jnp.bfloat16)
     k = jax.random.normal(jax.random.key(2), (1, n, hk, d), jnp.bfloat16)
     v = jax.random.normal(jax.random.key(3), (1, n, hk, d), jnp.bfloat16)
     dense_ms = benchutil.time_call(jax.jit(llama.dense_causal_attention), q, k, v)
-    fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(PAPER_DENSITY[n], 4), cfg)(q, k, v)[0])
+    fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
     fixed_ms = benchutil.time_call(fixed, q, k, v)
     plan_ms = benchutil.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
     rest = row.get("full", {}).get("ms", float("nan")) - layers * dense_ms
     row["split"] = {"attention_full_ms": layers * dense_ms,
                     "attention_pbs_fixed_ms": layers * fixed_ms,
                     "plan_ms": layers * plan_ms, "rest_of_model_ms": rest}
-    for name in ("pbs_selector", "pbs_fixed"):
-      if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
-        row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
-        row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
     rows.append(row)
     benchutil.write_json(out / "bench_prefill.json", {"rows": rows})  # keep what finished
     del q, k, v, tokens
   return {"stamp": benchutil.stamp(), "model": "llama-3.1-8b (random bf16 weights)",
           "cfg": dataclasses.asdict(cfg), "rows": rows}
+
+
+def gpus(row) -> str:
+  return f" on {row['devices']} GPUs" if row.get("devices", 1) > 1 else ""
 
 
 def report(payload, out: pathlib.Path):
@@ -145,13 +164,13 @@ def report(payload, out: pathlib.Path):
       sp = r.get("split", {})
       split = (f"{sp['attention_full_ms']:.1f} / {sp['attention_pbs_fixed_ms']:.1f} | "
                f"{sp['plan_ms']:.1f} | {sp['rest_of_model_ms']:.1f}" if sp else " | | ")
-      lines.append(f"| {r['n']} | " + " | ".join(cell(m) for m in
+      lines.append(f"| {r['n']}{gpus(r)} | " + " | ".join(cell(m) for m in
                                                  ("full", "pbs_selector", "pbs_fixed"))
                    + f" | {split} | {peak} |")
       continue
     a, b, s = r["pbs_selector"], r["pbs_fixed"], r["split"]
     lines.append(
-        f"| {r['n']} | {r['full']['ms']:.1f} | {a['ms']:.1f} ({a['density']:.2f}, "
+        f"| {r['n']}{gpus(r)} | {r['full']['ms']:.1f} | {a['ms']:.1f} ({a['density']:.2f}, "
         f"{a['speedup_vs_full']:.2f}×) | {b['ms']:.1f} ({b['density']:.2f}, "
         f"{b['speedup_vs_full']:.2f}×) | {s['attention_full_ms']:.1f} / "
         f"{s['attention_pbs_fixed_ms']:.1f} | {s['plan_ms']:.1f} | {s['rest_of_model_ms']:.1f} | "
@@ -185,6 +204,8 @@ def report(payload, out: pathlib.Path):
 def add_arguments(parser):
   parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
                       help="prompt lengths (default 8K..128K)")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="GPUs for head-parallel prefill (models/sharding.py; default 1)")
   parser.add_argument("--modes", nargs="+", default=["full", "pbs_selector", "pbs_fixed"],
                       choices=["full", "pbs_selector", "pbs_fixed"],
                       help="which prefills to time (default: all three)")
