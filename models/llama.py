@@ -266,11 +266,12 @@ def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal softmax attention; q [B,T,Hq,D], k/v [B,T,Hkv,D] -> [B,T,Hq,D] (GQA native).
 
-    cuDNN flash attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise.
+    pbs_jax's dense rule (cuDNN on GPU for 16-bit inputs, XLA otherwise), so "full" in the
+    model and the op's own dense fallback are the same attention.
     """
-    use_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="cudnn" if use_cudnn else "xla")
+    from pbs_jax import dense_attention  # lazy, as for pbs_attention below
+
+    return dense_attention(q, k, v)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array,
