@@ -269,7 +269,7 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     pbs_jax's dense rule (cuDNN on GPU for 16-bit inputs, XLA otherwise), so "full" in the
     model and the op's own dense fallback are the same attention.
     """
-    from pbs_jax import dense_attention  # lazy, as for pbs_attention below
+    from pbs_jax.attention import dense_attention  # lazy, as for pbs_attention below
 
     return dense_attention(q, k, v)
 
