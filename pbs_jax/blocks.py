@@ -91,3 +91,33 @@ def fixed_density_mask(key: jax.Array, shape: tuple[int, int, int], target: floa
   keep_p = min(max(keep_p, 0.0), 1.0)
   rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
   return own | (earlier & rand)
+
+
+def sink_local_mask(shape: tuple[int, int, int], window: int) -> jax.Array:
+  """The static sink + local-window baseline: key block 0 and the ``window`` most recent key
+  blocks (the diagonal included) of every query block; no permutation, no scoring.
+
+  Args:
+    shape: ``(B, H, T)``.
+    window: recent key blocks per query block, ``>= 1`` (1 keeps only the diagonal).
+  Returns:
+    ``[B, H, T, T]`` bool over (query block, key block), for identity-permuted keys.
+  """
+  if window < 1:
+    raise ValueError(f"sink_local_mask needs window >= 1 (the diagonal block), got {window}")
+  b, h, t = shape
+  qb = jnp.arange(t)[:, None]
+  kb = jnp.arange(t)[None, :]
+  mask = (kb == 0) | ((kb <= qb) & (kb > qb - window))
+  return jnp.broadcast_to(mask, (b, h, t, t))
+
+
+def sink_local_window(t: int, target: float) -> int:
+  """The window (in blocks) whose :func:`sink_local_mask` density is closest to ``target``.
+
+  Densities grow with the window in discrete steps, so ties and overshoots are unavoidable;
+  the smaller window wins a tie. Pure numpy on the static block count T.
+  """
+  counts = np.array([  # computed blocks: min(i + 1, w) recent, plus the sink when outside
+      sum(min(i + 1, w) + (i >= w) for i in range(t)) for w in range(1, t + 1)])
+  return int(np.argmin(np.abs(counts / causal_block_count(t) - target))) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 GQA_MODES = ("replicate", "shared")
+SELECTORS = ("meanpool", "antidiagonal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,13 @@ class PBSConfig:
     gqa: ``"replicate"`` gives every query head its own permutation (the paper's default);
       ``"shared"`` gives one permutation per KV head, from the scores averaged over its query
       group (paper App. G): K/V then stay one copy per KV head even when permuted physically.
+    selector: how a block pair is scored before the top-p rule. ``"meanpool"`` (the paper's
+      PBS-Attn and MeanPooling baseline): the softmax of mean-pooled queries against mean-pooled
+      keys. ``"antidiagonal"`` (XAttention's scoring; with ``permute`` the paper's PBS-Attn+):
+      the softmax mass of stride-sampled anti-diagonal q·k products that falls in each block.
+      Either way the same softmax domain, top-p rule and forced blocks apply.
+    antidiagonal_stride: sampling stride of the ``"antidiagonal"`` selector (XAttention uses
+      8 or 16); ``block_size`` must be a multiple of it when that selector is chosen.
   """
 
   block_size: int = 128
@@ -32,6 +40,8 @@ class PBSConfig:
   force_sink: bool = True
   permute: bool = True
   gqa: str = "replicate"
+  selector: str = "meanpool"
+  antidiagonal_stride: int = 8
 
   def __post_init__(self):
     def _is_int(x):
@@ -56,6 +66,16 @@ class PBSConfig:
       raise ValueError(f"PBSConfig.permute must be a bool, got {self.permute!r}")
     if self.gqa not in GQA_MODES:
       raise ValueError(f"PBSConfig.gqa must be one of {GQA_MODES}, got {self.gqa!r}")
+    if self.selector not in SELECTORS:
+      raise ValueError(f"PBSConfig.selector must be one of {SELECTORS}, got {self.selector!r}")
+    if not _is_int(self.antidiagonal_stride) or self.antidiagonal_stride <= 0:
+      raise ValueError("PBSConfig.antidiagonal_stride must be a positive int, got "
+                       f"{self.antidiagonal_stride!r}")
+    if self.selector == "antidiagonal" and self.block_size % self.antidiagonal_stride:
+      raise ValueError(
+          "PBSConfig.block_size must be a multiple of antidiagonal_stride for the antidiagonal "
+          f"selector (whole strides per block), got block_size={self.block_size}, "
+          f"antidiagonal_stride={self.antidiagonal_stride}")
 
   @property
   def mask_segment_size(self) -> int:

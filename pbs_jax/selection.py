@@ -1,8 +1,15 @@
 """Block selection: which (query block, key block) pairs are computed (paper App. D.1, Alg. 2).
 
-The MeanPooling selector: mean-pool each block of queries (unpermuted) and of permuted keys,
-softmax the pooled scores over the *allowed* key blocks, keep the smallest top-p set whose mass
-reaches the threshold, then force the sink block and every block of the query's own segment.
+Every selector is two steps, and only the first differs between selectors:
+
+1. block probabilities ``[B, Hq, T, T]``: a distribution over the *allowed* key blocks of each
+   query block (:func:`softmax_domain`), from a cheap estimate of the attention;
+   - ``"meanpool"`` (PBS-Attn, and the MeanPooling baseline without permutation): softmax of
+     mean-pooled query blocks against mean-pooled (permuted) key blocks;
+   - ``"antidiagonal"`` (XAttention's scoring; PBS-Attn+ with permutation): softmax of
+     stride-sampled anti-diagonal q·k products, its mass summed per block;
+2. :func:`select_from_probabilities`: the smallest top-p set reaching the threshold, then the
+   forced blocks (the sink and every block of the query's own segment).
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from pbs_jax.config import PBSConfig
+from pbs_jax.permutation import gather_keys
+
+_HI = jax.lax.Precision.HIGHEST
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -143,24 +153,125 @@ def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array
   return jnp.repeat(sink, num_q_heads // hp, axis=1)[:, :, None, :]
 
 
-def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
-  """The PBS block mask.
+def meanpool_block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
+                                 cfg: PBSConfig) -> jax.Array:
+  """The MeanPooling selector's block distribution (paper Alg. 2, step 3).
 
   Args:
-    q: ``[B, N, Hq, D]`` queries (original order).
-    k: ``[B, N, Hkv, D]`` keys (original order; pooled in slot order without a copy).
-    perm: ``[B, Hp, N]`` original position of each slot.
+    q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
   Returns:
-    ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
+    ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits over the
+    allowed key blocks; 0 elsewhere and on rows with nothing allowed.
   """
-  hq = q.shape[2]
   t = num_blocks(q.shape[1], cfg.block_size)
   logits = pooled_block_logits(q, k, perm, cfg.block_size, cfg.segment_size)
   allowed = softmax_domain(t, cfg)
   probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
   # Rows with nothing allowed (the first segment's query blocks) are all -inf: NaN → select none.
-  probs = jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
-  mask = top_p_blocks(probs, allowed, float(cfg.threshold))
+  return jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
+
+
+def antidiagonal_logits(q: jax.Array, k_slots: jax.Array, stride: int) -> jax.Array:
+  """XAttention's strided anti-diagonal scores.
+
+  Strided query row r holds positions ``[r·s, r·s + s)`` and strided key column c slots
+  ``[c·s, c·s + s)``; their score sums the s products on the anti-diagonal of that s × s tile:
+  ``Σ_m q[r·s + s−1−m] · k[c·s + m] / (√D · s)``.
+
+  Args:
+    q: ``[B, N, Hq, D]``; k_slots: ``[B, N, Hp, D]`` keys in slot order (query head h reads
+      head ``h // (Hq // Hp)``); N a multiple of ``stride``.
+  Returns:
+    ``[B, Hq, N/s, N/s]`` float32.
+  """
+  b, n, hq, d = q.shape
+  hp = k_slots.shape[2]
+  rows = n // stride
+  q_reversed = q.astype(jnp.float32).reshape(b, rows, stride, hp, hq // hp, d)[:, :, ::-1]
+  k_strided = k_slots.astype(jnp.float32).reshape(b, rows, stride, hp, d)
+  logits = jnp.einsum("brmpgd,bcmpd->bpgrc", q_reversed, k_strided, precision=_HI)
+  return logits.reshape(b, hq, rows, rows) / (jnp.sqrt(jnp.float32(d)) * stride)
+
+
+def antidiagonal_block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
+                                     cfg: PBSConfig) -> jax.Array:
+  """The anti-diagonal selector's block distribution (XAttention scoring, over permuted keys).
+
+  Each strided query row takes a softmax of :func:`antidiagonal_logits` over the strided keys
+  of the allowed blocks (:func:`softmax_domain`), causal at stride granularity (column ≤ row,
+  as XAttention) and without padding; the mass falling in each key block is summed over the
+  block's strided rows and renormalised per query block.
+
+  Args:
+    q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+  Returns:
+    ``[B, Hq, T, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
+  """
+  b, n, hq, _ = q.shape
+  stride, block = cfg.antidiagonal_stride, cfg.block_size
+  t = num_blocks(n, block)
+  per_block = block // stride
+  pad = ((0, 0), (0, t * block - n), (0, 0), (0, 0))
+  logits = antidiagonal_logits(jnp.pad(q.astype(jnp.float32), pad),
+                               jnp.pad(gather_keys(k, perm).astype(jnp.float32), pad), stride)
+  strided = jnp.arange(t * per_block)
+  real = strided * stride < n  # strided rows / columns holding at least one real token
+  blocks_allowed = jnp.repeat(jnp.repeat(softmax_domain(t, cfg), per_block, 0), per_block, 1)
+  domain = blocks_allowed & (strided[None, :] <= strided[:, None]) & real[None, :]
+  probs = jax.nn.softmax(jnp.where(domain, logits, -jnp.inf), axis=-1)
+  probs = jnp.where(domain.any(axis=-1, keepdims=True) & real[:, None], probs, 0.0)
+  mass = probs.reshape(b, hq, t, per_block, t, per_block).sum(axis=(3, 5))
+  total = mass.sum(axis=-1, keepdims=True)
+  return mass / jnp.where(total > 0, total, 1.0)
+
+
+BLOCK_SCORERS = {
+    "meanpool": meanpool_block_probabilities,
+    "antidiagonal": antidiagonal_block_probabilities,
+}
+
+
+def block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
+                        cfg: PBSConfig) -> jax.Array:
+  """``[B, Hq, T, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain)."""
+  return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
+
+
+def forced_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Array:
+  """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
+
+  Every block of the query's own segment (:func:`own_segment_blocks`) and, with
+  ``cfg.force_sink``, the key block holding original token 0.
+  """
+  t = num_blocks(perm.shape[-1], cfg.block_size)
+  forced = own_segment_blocks(t, cfg)[None, None]
   if cfg.force_sink:
-    mask = mask | sink_blocks(perm, hq, cfg.block_size)
-  return mask | own_segment_blocks(t, cfg)
+    forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
+  return forced
+
+
+def select_from_probabilities(probs: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+  """The top-p rule plus the forced blocks, shared by every selector.
+
+  Args:
+    probs: ``[B, Hq, T, T]`` float32 from :func:`block_probabilities`.
+    perm: ``[B, Hp, N]`` original position of each slot.
+  Returns:
+    ``block_mask [B, Hq, T, T]`` bool.
+  """
+  t = probs.shape[-1]
+  mask = top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold))
+  return mask | forced_blocks(perm, probs.shape[1], cfg)
+
+
+def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+  """The PBS block mask of ``cfg.selector``.
+
+  Args:
+    q: ``[B, N, Hq, D]`` queries (original order).
+    k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
+    perm: ``[B, Hp, N]`` original position of each slot.
+  Returns:
+    ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
+  """
+  return select_from_probabilities(block_probabilities(q, k, perm, cfg), perm, cfg)

@@ -1,0 +1,122 @@
+"""The accuracy study (experiments/accuracy.py): its coverage arithmetic against brute force,
+and the ``--quick`` run on the real SmolLM2-135M end to end."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import pbs_jax
+from experiments import accuracy
+from tests.conftest import make_qkv
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--quick", "--out", "--lengths", "--thresholds", "--sweep-thresholds",
+                   "--bracket-lengths", "--coverage-query-blocks", "--new-tokens"):
+        assert option in text
+
+
+def test_layer_coverage_matches_brute_force():
+    n, hq, hkv, d = 640, 4, 2, 16
+    q, k, v = make_qkv(3, 1, n, hq, hkv, d)
+    plan = accuracy.CoveragePlan(accuracy.sampled_query_rows(n, 128, 3),
+                                 (accuracy.METHOD_BY_KEY["pbs"],
+                                  accuracy.METHOD_BY_KEY["antidiagonal"]),
+                                 (0.5, 1.0), (1, 3), error_thresholds=(0.5, 1.0))
+    assert plan.rows == tuple(range(0, 128)) + tuple(range(256, 384)) + tuple(range(512, 640))
+    coverage, density, error = (np.asarray(x) for x in accuracy.layer_coverage(q, k, v, plan))
+    assert coverage.shape == density.shape == (2 * 2 + 2, hq) and error.shape == (2 * 2, hq)
+
+    qn, kn, vn = (np.asarray(x, np.float64)[0] for x in (q, k, v))
+    rows = np.array(plan.rows)
+
+    def brute(mask, perm):  # mask [Hq, T, T], perm [Hp, N] → (coverage, output error) [Hq]
+        coverages, errors = [], []
+        for h in range(hq):
+            kh, vh = kn[:, h // (hq // hkv)], vn[:, h // (hq // hkv)]
+            slot_block = np.argsort(perm[h // (hq // perm.shape[0])]) // 128  # by position
+            total, diff, norm = 0.0, 0.0, 0.0
+            for i in rows:
+                w = np.exp(qn[i, h] @ kh[:i + 1].T / np.sqrt(d))
+                w /= w.sum()
+                kept = np.where(mask[h, i // 128, slot_block[:i + 1]], w, 0.0)
+                total += kept.sum()
+                diff += np.sum((kept / kept.sum() @ vh[:i + 1] - w @ vh[:i + 1]) ** 2)
+                norm += np.sum((w @ vh[:i + 1]) ** 2)
+            coverages.append(total / len(rows))
+            errors.append(np.sqrt(diff / norm))
+        return np.array(coverages), np.array(errors)
+
+    for index, (key, tau) in enumerate([("pbs", 0.5), ("pbs", 1.0), ("antidiagonal", 0.5),
+                                        ("antidiagonal", 1.0)]):
+        perm, mask = (np.asarray(x)[0] for x in pbs_jax.pbs_plan(
+            q, k, accuracy.METHOD_BY_KEY[key].config(tau)))
+        want_coverage, want_error = brute(mask, perm)
+        np.testing.assert_allclose(coverage[index], want_coverage, rtol=1e-4)
+        np.testing.assert_allclose(error[index], want_error, rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(density[index], np.asarray(pbs_jax.density(mask[None]))[0],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(coverage[1], 1.0, atol=1e-5)  # τ = 1 keeps every causal block
+    np.testing.assert_allclose(error[1], 0.0, atol=1e-5)
+    assert np.all(error[0] > 1e-4)
+    identity = np.tile(np.arange(n), (hkv, 1))
+    for index, window in ((4, 1), (5, 3)):
+        mask = np.asarray(pbs_jax.sink_local_mask((1, hq, 5), window))[0]
+        np.testing.assert_allclose(coverage[index], brute(mask, identity)[0], rtol=1e-4)
+
+
+def test_interpolate():
+    assert accuracy.interpolate([0.2, 0.6], [1.0, 3.0], 0.4) == pytest.approx(2.0)
+    assert accuracy.interpolate([0.6, 0.2], [3.0, 1.0], 0.2) == pytest.approx(1.0)
+    assert accuracy.interpolate([0.2, 0.6], [1.0, 3.0], 0.7) is None
+    assert accuracy.interpolate([0.2, 0.6], [1.0, 3.0], 0.65, tolerance=0.1) == 3.0
+    assert accuracy.interpolate([0.5], [None], 0.5) is None
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    summary = accuracy.main(["--quick", "--out", str(tmp_path)])
+    for suffix in (".json", ".md", "_coverage_density.png", "_density_by_layer.png",
+                   "_vs_density.png", "_block_map.png"):
+        assert (tmp_path / f"accuracy_quick{suffix}").stat().st_size > 1000
+    saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
+    assert saved["device"].startswith("CPU") and saved["jax"] == jax.__version__
+    assert saved["date"] and saved["quick"] is True
+
+    (n, result), = summary["lengths"].items()
+    assert n == "1024" and all(s["tokens"] == 1024 for s in result["sequences"])
+    cov = result["coverage"]
+    taus = cov["thresholds"]
+    assert taus == [0.5, 0.9, 1.0]
+    for key in ("pbs", "meanpool", "antidiagonal", "pbs_plus"):
+        assert cov[key]["coverage"][-1] == pytest.approx(1.0, abs=1e-4)  # τ = 1: every block
+        assert np.all(np.diff(cov[key]["density"]) >= 0)  # nested top-p sets
+        assert np.all(np.diff(cov[key]["coverage"]) >= -1e-6)
+    assert cov["sink_local"]["coverage"][-1] == pytest.approx(1.0, abs=1e-4)  # W = T
+    assert cov["error_thresholds"] == [0.5, 0.9]
+    for key in ("pbs", "meanpool", "antidiagonal", "pbs_plus"):
+        assert cov[key]["output_error"][0] >= cov[key]["output_error"][1] > 0
+    assert 0 < cov["pbs"]["density"][0] < cov["pbs"]["density"][1] <= 1.2
+
+    full = next(iter(result["full"].values()))
+    assert 1.0 < full["ppl"] < 1e3 and full["kl"] == pytest.approx(0.0, abs=1e-6)
+    by_run = {(f["method"], f["threshold"], f["window"]): f for f in result["forwards"]}
+    pbs = by_run[("pbs", 0.9, 0)]
+    assert by_run[("pbs", 0.5, 0)]["density"] <= pbs["density"]
+    assert pbs["density"] == pytest.approx(cov["pbs"]["density"][1], abs=0.05)
+    for f in result["forwards"]:
+        assert np.isfinite(f["ppl"]) and f["kl"] >= 0 and 0 <= f["agreement"] <= 1
+        assert 0 <= f["greedy_match"] <= 1 and len(f["density_by_layer"]) == 30
+    sink = [f["density"] for f in result["forwards"] if f["method"] == "sink_local"]
+    assert min(abs(d - cov["pbs"]["density"][1]) for d in sink) < 1 / 9 + 1e-6  # matched
+    assert set(result["kept_tasks"]) <= {"passkey", "kv", "copy"}
+    assert sum(t["probes"] for t in result["retrieval_full"].values()) == 6
+    assert summary["headline"]["1024"]["pbs_tau09_density"] == pytest.approx(pbs["density"])
+    assert "Matched density" in (tmp_path / "accuracy_quick.md").read_text()
