@@ -516,9 +516,9 @@ def summarize_length(result: dict) -> dict:
     target = cov["pbs"]["density"][cov["thresholds"].index(HEADLINE_THRESHOLD)] \
         if HEADLINE_THRESHOLD in cov["thresholds"] else None
     forwards = result["forwards"]
-    # Sparse prefills count as "at" a density within one block per query row of it (the step
-    # of the sink + local window; thresholds move densities in similar steps).
-    step = 1.0 / (len(cov["windows"]) + 1)
+    # A sparse prefill counts as "at" a density within one sink + local window step of it
+    # (about 2/(T+1): the window cannot land closer).
+    step = 2.0 / (len(cov["windows"]) + 1)
     pbs_headline = [f for f in forwards if f["method"] == "pbs"
                     and f["threshold"] == HEADLINE_THRESHOLD]
     if pbs_headline:  # the density PBS really ran at (its q/k differ slightly from full's)
@@ -929,8 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint (.gguf or HF folder); default: SmolLM2-135M-Instruct")
     parser.add_argument("--seed", type=int, default=0, help="needle placement seed")
     parser.add_argument("--report-only", default=None, metavar="JSON",
-                        help="re-render the plots and markdown from a results JSON of an "
-                             "earlier run (into --out), computing nothing")
+                        help="re-render the tables, plots and markdown from the results "
+                             "JSON of an earlier run (into --out), running no model")
     return parser
 
 
@@ -1004,6 +1004,9 @@ def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.report_only:
         summary = json.loads(pathlib.Path(args.report_only).read_text())
+        for n, result in summary["lengths"].items():  # the derived tables, recomputed
+            summary["lengths"][n] = summarize_length(result)
+        summary["headline"] = _headline(summary)
         out = pathlib.Path(args.out) if args.out else RESULTS_DIR
         out.mkdir(parents=True, exist_ok=True)
         write_report(summary, out, pathlib.Path(args.report_only).stem)
