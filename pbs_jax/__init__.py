@@ -1,8 +1,7 @@
 """pbs_jax: Permuted Block-Sparse Attention (arXiv 2510.21270) in JAX — the functional core."""
 
 from pbs_jax.attention import (AUTO_BREAK_EVEN, IMPLS, PBSAux, auto_max_density, dense_attention,
-                               pbs_attention,
-                               pbs_plan, validate_inputs)
+                               pbs_attention, pbs_plan, validate_inputs)
 from pbs_jax.blocks import (BlockLists, causal_block_count, density, fixed_density_mask,
                             index_lists, sink_local_mask, sink_local_window)
 from pbs_jax.config import SELECTORS, PBSConfig

@@ -15,7 +15,7 @@ def _masked_attention(q, k, v, allowed):
   """q ``[B, N, Hq, D]``, k/v ``[B, N, Hk, D]``, allowed ``[B|1, Hq|1, N, N]`` bool → out.
 
   fp32 throughout (inputs upcast); JAX's own XLA attention does the masked softmax (it fuses
-  the N² passes better than a hand-written einsum chain: 2× faster on CPU). Rows with no
+  the N² passes better than a hand-written einsum chain on CPU). Rows with no
   allowed key give zeros, as the official reference does for empty rows.
   """
   out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
