@@ -7,8 +7,9 @@ Run on a GPU (one call does everything: correctness first, then timing, then the
 
 Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
   * cuDNN: jax.nn.dot_product_attention(implementation="cudnn", is_causal=True);
-  * our kernel at 100% density (every causal block listed) and at fixed densities 10/20/40%
-    (random earlier-segment blocks plus the always-computed own-segment blocks);
+  * our kernels at 100% density (every causal block listed) and at fixed densities 10/20/40%
+    (random earlier-segment blocks plus the always-computed own-segment blocks): the Triton
+    kernel and the Mosaic GPU kernel (Hopper);
   * the whole op, pbs_attention(impl="pallas"), on inputs with planted local + heavy-hitter
     structure (experiments/synthetic.py), its time split by stage.
 """
@@ -28,6 +29,7 @@ import numpy as np
 import pbs_jax
 from experiments import benchutil
 from experiments.synthetic import structured_qkv
+from pallas_kernels import mgpu_supported
 from pbs_jax import PBSConfig, blocks, permutation, selection
 
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -44,6 +46,7 @@ def computed_tflops(b, h, d, block_size, computed_blocks, ms):
 
 
 def kernel_fn(cfg, tiles=None):
+  """The Triton kernel alone (rows gathered by key position in-kernel)."""
   from pallas_kernels import block_sparse_attention
 
   @jax.jit
@@ -51,6 +54,25 @@ def kernel_fn(cfg, tiles=None):
     return block_sparse_attention(q, k, v, perm, ids, full, total, block_size=cfg.block_size,
                                   gather_kv=True, tiles=tiles)
   return run
+
+
+def mgpu_fn(cfg):
+  """The Mosaic GPU kernel alone, on keys already in slot order (identity plans here, so the
+  caller's k/v serve as both the permuted and the original keys)."""
+  from pallas_kernels import block_sparse_attention_mgpu
+
+  @jax.jit
+  def run(q, k, v, perm, ids, full, total):
+    del perm, total
+    return block_sparse_attention_mgpu(q, k, v, k, v, ids, full, block_size=cfg.block_size,
+                                       segment_blocks=cfg.mask_segment_size // cfg.block_size)
+  return run
+
+
+def op_kernel_fn(cfg):
+  """The kernel step of the op as pbs_attention runs it (Mosaic GPU on Hopper, else Triton)."""
+  return jax.jit(lambda q, k, v, perm, *lists: pbs_jax.kernel_attention(
+      q, k, v, perm, blocks.BlockLists(*lists), cfg))
 
 
 @jax.jit
@@ -69,14 +91,18 @@ def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
   ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)
   err_pbs = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
                   jnp.linalg.norm(ref.astype(jnp.float32)))
+  out = op_kernel_fn(cfg)(q, k, v, perm, *lists)
+  err_op = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
+                 jnp.linalg.norm(ref.astype(jnp.float32)))
   full = blocks.fixed_density_mask(jax.random.key(0), (1, h, mask.shape[-1]), 1.0, cfg)
   ident = permutation.identity_permutation(1, h, n)
   out = kernel_fn(cfg)(q, k, v, ident, *blocks.index_lists(full, cfg))
   ref = cudnn(q, k, v)
   err_dense = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
                     jnp.linalg.norm(ref.astype(jnp.float32)))
-  ok = err_pbs < 1e-2 and err_dense < 1e-2 and bool(jnp.isfinite(out).all())
+  ok = (max(err_pbs, err_op, err_dense) < 1e-2 and bool(jnp.isfinite(out).all()))
   return {"n": n, "rel_err_vs_reference_pbs_lists": err_pbs,
+          "op_kernel_rel_err_vs_reference_pbs_lists": err_op,
           "rel_err_vs_cudnn_dense_lists": err_dense, "ok": ok,
           "density_of_checked_plan": float(blocks.density(mask).mean())}
 
@@ -91,17 +117,20 @@ def bench_length(n, args, cfg):
   row = {"n": n}
   row["cudnn_ms"] = benchutil.time_call(cudnn, q, k, v)
   row["cudnn_tflops"] = causal_tflops(b, h, n, d, row["cudnn_ms"])
-  run = kernel_fn(cfg)
   ident = permutation.identity_permutation(b, h, n)
+  kernels = {"kernel": kernel_fn(cfg)}
+  if jax.default_backend() == "gpu" and mgpu_supported(q, cfg.block_size):
+    kernels["mgpu"] = mgpu_fn(cfg)
   for target in (1.0,) + DENSITIES:
     mask = blocks.fixed_density_mask(jax.random.key(7), (b, h, t), target, cfg)
     lists = blocks.index_lists(mask, cfg)
-    ms = benchutil.time_call(run, q, k, v, ident, *lists)
-    computed = int(mask.sum())
-    key = f"kernel_d{int(round(target * 100))}"
-    row[key] = {"ms": ms, "density": float(blocks.density(mask).mean()),
-                "computed_tflops": computed_tflops(b, h, d, cfg.block_size, computed, ms),
-                "speedup_vs_cudnn": row["cudnn_ms"] / ms}
+    for name, run in kernels.items():
+      ms = benchutil.time_call(run, q, k, v, ident, *lists)
+      computed = int(mask.sum())
+      key = f"{name}_d{int(round(target * 100))}"
+      row[key] = {"ms": ms, "density": float(blocks.density(mask).mean()),
+                  "computed_tflops": computed_tflops(b, h, d, cfg.block_size, computed, ms),
+                  "speedup_vs_cudnn": row["cudnn_ms"] / ms}
   auto = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto"))
   # impl="auto" on unstructured input: plans come out dense, so it should fall back to cuDNN.
   row["auto_random_ms"] = benchutil.time_call(auto, q, k, v)
@@ -131,7 +160,7 @@ def bench_length(n, args, cfg):
       "permutation_ms": benchutil.time_call(perm_fn, q, k),
       "selection_ms": benchutil.time_call(select_fn, q, k, perm),
       "index_lists_ms": benchutil.time_call(lists_fn, mask),
-      "kernel_ms": benchutil.time_call(run, q, k, v, perm, *lists),
+      "kernel_ms": benchutil.time_call(op_kernel_fn(cfg), q, k, v, perm, *lists),
   }
   total = benchutil.time_call(lambda q, k, v: whole(q, k, v)[0], q, k, v)
   row["auto_structured_ms"] = benchutil.time_call(auto, q, k, v)
@@ -147,7 +176,33 @@ def bench_length(n, args, cfg):
   return row
 
 
-def report(payload, out: pathlib.Path):
+BREAK_EVEN_MARGIN = 0.9
+
+
+def break_even_densities(rows) -> dict:
+  """N → the largest density at which plan + kernel still beats cuDNN, with a safety margin
+  (the source of ``pbs_jax.attention.AUTO_BREAK_EVEN``). The kernel's time is interpolated
+  linearly between the measured densities (its rate falls at low density, so no 1/d model);
+  the plan is the whole op's permutation + selection + lists."""
+  out = {}
+  for r in rows:
+    kern = "mgpu" if "mgpu_d100" in r else "kernel"
+    pts = sorted((r[f"{kern}_{k}"]["density"], r[f"{kern}_{k}"]["ms"])
+                 for k in ("d10", "d20", "d40", "d100"))
+    w = r["whole_op"]
+    budget = r["cudnn_ms"] - (w["permutation_ms"] + w["selection_ms"] + w["index_lists_ms"])
+    dens = [d for d, _ in pts]
+    times = [t for _, t in pts]
+    if budget <= times[0]:
+      out[r["n"]] = None
+    elif budget >= times[-1]:
+      out[r["n"]] = round(BREAK_EVEN_MARGIN * dens[-1], 2)
+    else:
+      out[r["n"]] = round(BREAK_EVEN_MARGIN * float(np.interp(budget, times, dens)), 2)
+  return out
+
+
+def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
   """Markdown table and PNG plots from the JSON (on any machine)."""
   rows = payload["rows"]
   st = payload["stamp"]
@@ -158,24 +213,35 @@ def report(payload, out: pathlib.Path):
            "our time in the same run. Kernel TFLOP/s count the work of the listed blocks "
            f"(every listed block as a full tile). Tiles: {payload.get('tiles')}.", "",
            f"Correctness first: {json.dumps(payload['check'])}", "",
-           "| N | cuDNN ms (TFLOP/s) | kernel 100% ms (TFLOP/s, ×cuDNN) | 40% | 20% | 10% | "
+           "Triton: the portable kernel; Mosaic: the Hopper kernel (wgmma + TMA) that the op uses "
+           "on this card. The whole op's kernel time is the Mosaic kernel's with its K/V "
+           "permutation copy.", "",
+           "| N | cuDNN ms (TFLOP/s) | Mosaic 100% ms (TFLOP/s, ×cuDNN) | Mosaic 40% | Mosaic 20% | "
+           "Mosaic 10% | Triton 100% | Triton 20% | "
            "whole op ms (density, ×cuDNN) | perm / select / lists / kernel ms | overhead | "
            "whole op, shared GQA (density, ×cuDNN) | impl=auto ×cuDNN: structured / random |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     k100 = r["kernel_d100"]
     w = r["whole_op"]
     cell = lambda x: f"{x['ms']:.2f} ({x['computed_tflops']:.0f}, {x['speedup_vs_cudnn']:.2f}×)"
+    mg = lambda key: cell(r[key]) if key in r else "—"
     lines.append(
-        f"| {r['n']} | {r['cudnn_ms']:.2f} ({r['cudnn_tflops']:.0f}) | {cell(k100)} | "
-        f"{cell(r['kernel_d40'])} | {cell(r['kernel_d20'])} | {cell(r['kernel_d10'])} | "
+        f"| {r['n']} | {r['cudnn_ms']:.2f} ({r['cudnn_tflops']:.0f}) | {mg('mgpu_d100')} | "
+        f"{mg('mgpu_d40')} | {mg('mgpu_d20')} | {mg('mgpu_d10')} | {cell(k100)} | "
+        f"{cell(r['kernel_d20'])} | "
         f"{w['ms']:.2f} ({w['density']:.2f}, {w['speedup_vs_cudnn']:.2f}×) | "
         f"{w['permutation_ms']:.2f} / {w['selection_ms']:.2f} / {w['index_lists_ms']:.2f} / "
         f"{w['kernel_ms']:.2f} | {100 * w['overhead_fraction']:.1f}% | "
         f"{r['whole_op_shared']['ms']:.2f} ({r['whole_op_shared']['density']:.2f}, "
         f"{r['whole_op_shared']['speedup_vs_cudnn']:.2f}×) | "
         f"{r['cudnn_ms'] / r['auto_structured_ms']:.2f}× / {r['cudnn_ms'] / r['auto_random_ms']:.2f}× |")
-  (out / "bench_kernel.md").write_text("\n".join(lines) + "\n")
+  lines += ["", "Break-even density of impl=\"auto\" per N (`break_even_densities`: where plan + "
+            "kernel time equals cuDNN's, interpolated on the measured density curve, times "
+            f"{BREAK_EVEN_MARGIN}): " + ", ".join(
+                f"{n}: {d:.2f}" if d is not None else f"{n}: never"
+                for n, d in break_even_densities(rows).items())]
+  (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
   import matplotlib
   matplotlib.use("Agg")
@@ -183,9 +249,12 @@ def report(payload, out: pathlib.Path):
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
   ns = [r["n"] for r in rows]
-  for key, label in [("kernel_d100", "kernel, 100%"), ("kernel_d40", "kernel, 40%"),
-                     ("kernel_d20", "kernel, 20%"), ("kernel_d10", "kernel, 10%")]:
-    ax1.plot(ns, [r[key]["speedup_vs_cudnn"] for r in rows], "o-", label=label)
+  for key, label in [("mgpu_d100", "Mosaic, 100%"), ("mgpu_d40", "Mosaic, 40%"),
+                     ("mgpu_d20", "Mosaic, 20%"), ("mgpu_d10", "Mosaic, 10%"),
+                     ("kernel_d100", "Triton, 100%"), ("kernel_d20", "Triton, 20%")]:
+    if all(key in r for r in rows):
+      ax1.plot(ns, [r[key]["speedup_vs_cudnn"] for r in rows],
+               "o-" if key.startswith("mgpu") else "x:", label=label)
   ax1.plot(ns, [r["whole_op"]["speedup_vs_cudnn"] for r in rows], "k*-", ms=10,
            label="whole op, replicate GQA (structured input)")
   ax1.plot(ns, [r["whole_op_shared"]["speedup_vs_cudnn"] for r in rows], "m*--", ms=8,
@@ -197,8 +266,9 @@ def report(payload, out: pathlib.Path):
   ax1.set_title("Speedup vs N")
   ax1.legend(fontsize=8)
   for r in rows:
-    pts = [(r[k]["density"], r[k]["speedup_vs_cudnn"]) for k in
-           ("kernel_d10", "kernel_d20", "kernel_d40", "kernel_d100")]
+    kern = "mgpu" if "mgpu_d100" in r else "kernel"
+    pts = [(r[f"{kern}_{k}"]["density"], r[f"{kern}_{k}"]["speedup_vs_cudnn"]) for k in
+           ("d10", "d20", "d40", "d100")]
     ax2.plot(*zip(*pts), "o-", label=f"N={r['n'] // 1024}K")
   dd = np.linspace(0.05, 1.1, 50)
   ax2.plot(dd, 1 / dd, color="gray", ls=":", lw=1, label="ideal 1/density (at cuDNN rate)")
@@ -210,7 +280,7 @@ def report(payload, out: pathlib.Path):
   ax2.legend(fontsize=8)
   fig.suptitle(f"PBS kernel vs cuDNN — {st['device']}, JAX {st['jax']}, {st['date']}")
   fig.tight_layout()
-  fig.savefig(out / "bench_kernel.png", dpi=120)
+  fig.savefig(out / f"{name}.png", dpi=120)
 
 
 def bench(args, out: pathlib.Path) -> dict:
@@ -232,8 +302,10 @@ def bench(args, out: pathlib.Path) -> dict:
     payload["rows"].append(bench_length(n, args, cfg))
     benchutil.write_json(out / "bench_kernel.json", payload)  # keep what finished
     r = payload["rows"][-1]
-    print(f"N={n}: cudnn {r['cudnn_ms']:.2f} ms, kernel100 {r['kernel_d100']['ms']:.2f}, "
-          f"k20 {r['kernel_d20']['ms']:.2f}, whole {r['whole_op']['ms']:.2f} "
+    print(f"N={n}: cudnn {r['cudnn_ms']:.2f} ms, triton100 {r['kernel_d100']['ms']:.2f}, "
+          f"mosaic100 {r.get('mgpu_d100', {}).get('ms', float('nan')):.2f}, "
+          f"mosaic20 {r.get('mgpu_d20', {}).get('ms', float('nan')):.2f}, "
+          f"whole {r['whole_op']['ms']:.2f} "
           f"(density {r['whole_op']['density']:.2f})", flush=True)
   return payload
 

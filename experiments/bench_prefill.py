@@ -51,21 +51,17 @@ class FixedDensityPBS:
   cfg: PBSConfig = PBSConfig()
 
   def __call__(self, q, k, v):
-    from pallas_kernels import block_sparse_attention
-
     perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
     t = -(-q.shape[1] // self.cfg.block_size)
     mask = blocks.fixed_density_mask(jax.random.key(0), (q.shape[0], q.shape[2], t),
                                      self.density, self.cfg)
-    lists = blocks.index_lists(mask, self.cfg)
-    out = block_sparse_attention(q, k, v, perm, *lists, block_size=self.cfg.block_size,
-                                 gather_kv=True)
+    out = pbs_jax.kernel_attention(q, k, v, perm, blocks.index_lists(mask, self.cfg), self.cfg)
     return out, jnp.mean(blocks.density(mask))
 
 
-def peak_bytes(fn, *args) -> int:
+def peak_bytes(compiled) -> int:
   """Compiled memory of one call: arguments + outputs + temporaries (XLA's own accounting)."""
-  m = fn.lower(*args).compile().memory_analysis()
+  m = compiled.memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
              m.alias_size_in_bytes)
 
@@ -92,26 +88,30 @@ def bench(args, out: pathlib.Path) -> dict:
     for name, attention in modes.items():
       fn = jax.jit(functools.partial(llama.prefill, attention=attention, return_aux=True))
       try:
-        _, _, aux = fn(graphdef, state, tokens)
+        # Compiled once: its memory analysis is the peak, its first call the warm-up (at 512K
+        # one prefill takes tens of seconds, so no run is spent twice).
+        compiled = fn.lower(graphdef, state, tokens).compile()
+        _, _, aux = compiled(graphdef, state, tokens)
         row[name] = {
-            "ms": benchutil.time_call(lambda s, t: fn(graphdef, s, t)[0], state, tokens,
-                                      min_reps=2, budget_s=1.0),
+            "ms": benchutil.time_call(lambda s, t: compiled(graphdef, s, t)[0], state, tokens,
+                                      min_reps=2, budget_s=1.0, warm=True),
             "density": float(jnp.mean(aux.density)),
-            "peak_gib": peak_bytes(fn, graphdef, state, tokens) / 2**30,
+            "peak_gib": peak_bytes(compiled) / 2**30,
         }
+        del compiled, aux
       except Exception as err:  # out of memory at the longest lengths is a result, not a crash
         row[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(f"N={n} {name}: {row[name]['error']}", flush=True)
         continue
-      print(f"N={n} {name}: {row[name]['ms']:.1f} ms, density {row[name]['density']:.3f}, "
-            f"peak {row[name]['peak_gib']:.1f} GiB", flush=True)
+      print(f"N={n}{gpus(row)} {name}: {row[name]['ms']:.1f} ms, density "
+            f"{row[name]['density']:.3f}, peak {row[name]['peak_gib']:.1f} GiB", flush=True)
     for name in ("pbs_selector", "pbs_fixed"):
       if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
         row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
         row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
     if mesh:  # the per-layer split below times one device's ops: only meaningful alone
       rows.append(row)
-      benchutil.write_json(out / "bench_prefill.json", {"rows": rows})
+      benchutil.write_json(out / f"{output_name(args)}.json", {"rows": rows})
       continue
     # The split, from one layer's attention ops timed alone.
     q = jax.random.normal(jax.random.key(1), (1, n, h, d), jnp.bfloat16)
@@ -126,19 +126,24 @@ def bench(args, out: pathlib.Path) -> dict:
                     "attention_pbs_fixed_ms": layers * fixed_ms,
                     "plan_ms": layers * plan_ms, "rest_of_model_ms": rest}
     rows.append(row)
-    benchutil.write_json(out / "bench_prefill.json", {"rows": rows})  # keep what finished
+    benchutil.write_json(out / f"{output_name(args)}.json", {"rows": rows})  # keep what finished
     del q, k, v, tokens
   return {"stamp": benchutil.stamp(), "model": "llama-3.1-8b (random bf16 weights)",
           "cfg": dataclasses.asdict(cfg), "rows": rows}
 
 
 def gpus(row) -> str:
-  return f" on {row['devices']} GPUs" if row.get("devices", 1) > 1 else ""
+  """" on 2 × NVIDIA H200" for a multi-GPU row (its own run's card), "" for one GPU."""
+  if row.get("devices", 1) == 1:
+    return ""
+  card = row.get("stamp", {}).get("device", "GPUs")
+  return f" on {row['devices']} × {card}"
 
 
-def report(payload, out: pathlib.Path):
+def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
   st = payload["stamp"]
-  lines = [f"# Prefill of a Llama-3.1-8B-shaped model — {st['device']}, JAX {st['jax']}, "
+  lines = [f"# Prefill of a Llama-3.1-8B-shaped model — one {st['device']} (rows on several "
+           f"GPUs name theirs), JAX {st['jax']}, "
            f"{st['date']}", "",
            "Batch 1, random bf16 weights, jitted prefill (KV cache + last logits), median ms. "
            "PBS (a): the real selector with impl=\"auto\" (random weights give dense plans, so "
@@ -177,28 +182,33 @@ def report(payload, out: pathlib.Path):
         f"{r['full']['peak_gib']:.1f} / {b['peak_gib']:.1f} |")
   if payload.get("note"):
     lines += ["", payload["note"]]
-  (out / "bench_prefill.md").write_text("\n".join(lines) + "\n")
+  (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   rows = [r for r in payload["rows"] if "speedup_vs_full" in r.get("pbs_fixed", {})]
-  ns = [r["n"] for r in rows]
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  ax.plot(ns, [r["pbs_fixed"]["speedup_vs_full"] for r in rows], "o-",
-          label="PBS (b): Llama-3.1-8B densities")
-  ax.plot(ns, [r.get("pbs_selector", {}).get("speedup_vs_full", np.nan) for r in rows], "s--",
-          label="PBS (a): real selector, random weights")
+  for devices in sorted({r.get("devices", 1) for r in rows}):
+    mine = [r for r in rows if r.get("devices", 1) == devices]
+    ns = [r["n"] for r in mine]
+    label = "" if devices == 1 else f", {devices} GPUs head-parallel"
+    ax.plot(ns, [r["pbs_fixed"]["speedup_vs_full"] for r in mine], {1: "o-", 2: "^-", 4: "D-"}.get(devices, "v-"),
+            label=f"PBS (b): Llama-3.1-8B densities{label}")
+    if any("speedup_vs_full" in r.get("pbs_selector", {}) for r in mine):
+      ax.plot(ns, [r.get("pbs_selector", {}).get("speedup_vs_full", np.nan) for r in mine],
+              "s--", label=f"PBS (a): real selector, random weights{label}")
   ax.axhline(1.0, color="gray", ls="--", lw=1)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("prompt length N")
   ax.set_ylabel("prefill speedup vs cuDNN full attention (×)")
-  ax.set_title(f"Llama-3.1-8B-shaped prefill — {st['device']}\nJAX {st['jax']}, {st['date']}",
+  ax.set_title(f"Llama-3.1-8B-shaped prefill, JAX {st['jax']}, {st['date']}\n"
+               f"one GPU: {st['device']}; several GPUs: cards in the table",
                fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out / "bench_prefill.png", dpi=120)
+  fig.savefig(out / f"{name}.png", dpi=120)
 
 
 def add_arguments(parser):
@@ -211,8 +221,12 @@ def add_arguments(parser):
                       help="which prefills to time (default: all three)")
 
 
+def output_name(args) -> str:
+  return "bench_prefill" if args.devices == 1 else f"bench_prefill_{args.devices}gpu"
+
+
 def main(argv=None):
-  benchutil.benchmark_cli(argv, __doc__, "bench_prefill", add_arguments, bench, report)
+  benchutil.benchmark_cli(argv, __doc__, output_name, add_arguments, bench, report)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,26 @@ import time
 import jax
 
 
-def time_call(fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.5) -> float:
+def time_call(fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.5,
+              warm: bool = False) -> float:
   """Median wall time (ms) of ``fn(*args)`` to completion, after compile and warm-up.
 
   Each run is synchronised with ``block_until_ready``, so dispatch is included, equally for
-  every contender; repeats adapt to the budget (long calls run ``min_reps`` times).
+  every contender; repeats adapt to the budget (long calls run ``min_reps`` times). ``warm``:
+  the caller has already run ``fn`` once (compiled and warmed), so no warm-up run is spent —
+  for calls of tens of seconds (a 512K prefill), where each run costs device time.
   """
-  jax.block_until_ready(fn(*args))
+  if not warm:
+    jax.block_until_ready(fn(*args))
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
   est = time.perf_counter() - t0
+  times = []
   if est < budget_s / min_reps:  # cheap calls get a second warm-up; long ones need none
     jax.block_until_ready(fn(*args))
-  reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6))))
-  times = []
+  else:  # a long warm call is itself one of the timed runs
+    times.append(est)
+  reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6)))) - len(times)
   for _ in range(reps):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -56,26 +62,39 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
   path.write_text(json.dumps(payload, indent=1, default=float))
 
 
-def benchmark_cli(argv, doc: str, name: str, add_arguments, bench, report) -> None:
+def merge_payloads(payloads: list[dict]) -> dict:
+  """Several runs of one benchmark as one payload: the first's keys, every run's rows, each row
+  stamped with its own run's card, JAX and date (a multi-GPU run beside a one-GPU run)."""
+  merged = dict(payloads[0])
+  merged["rows"] = [{"stamp": p["stamp"], **row} for p in payloads for row in p["rows"]]
+  merged["note"] = " ".join(p["note"] for p in payloads if p.get("note"))
+  return merged
+
+
+def benchmark_cli(argv, doc: str, name, add_arguments, bench, report) -> None:
   """The shared command line of a GPU benchmark.
 
-  ``--report JSON`` re-renders the markdown and PNG next to an earlier result (any machine);
-  otherwise ``bench(args, out_dir) -> payload`` runs on the GPU, and its JSON, markdown and
-  PNG land in ``$OUT`` as ``name.*``.
+  ``--report JSON [JSON ...]`` re-renders the markdown and PNG next to the first of earlier
+  results (any machine; several are merged row by row); otherwise ``bench(args, out_dir) ->
+  payload`` runs on the GPU, and its JSON, markdown and PNG land in ``$OUT`` as ``name.*``
+  (``name``: a string, or a function of the parsed arguments).
   """
   parser = argparse.ArgumentParser(description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_arguments(parser)
-  parser.add_argument("--report", type=pathlib.Path,
-                      help="only re-render markdown + PNG from this JSON, next to it")
+  parser.add_argument("--report", type=pathlib.Path, nargs="+",
+                      help="only re-render markdown + PNG from these JSONs, next to the first")
   args = parser.parse_args(argv)
   if args.report:
-    report(json.loads(args.report.read_text()), args.report.parent)
+    payloads = [json.loads(path.read_text()) for path in args.report]
+    report(payloads[0] if len(payloads) == 1 else merge_payloads(payloads), args.report[0].parent,
+           args.report[0].stem)
     return
   if jax.default_backend() != "gpu":
     sys.exit(f"{name} times GPU code; no GPU is visible here.")
+  name = name(args) if callable(name) else name
   out = out_dir()
   payload = bench(args, out)
   write_json(out / f"{name}.json", payload)
-  report(payload, out)
+  report(payload, out, name)
   print((out / f"{name}.md").read_text())

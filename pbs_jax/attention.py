@@ -18,15 +18,20 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # impl="auto" on GPU: where the sparse path cannot pay, dense cuDNN attention runs instead.
 # (length, density) pairs: from this length on, the kernel path is taken when the plan's
-# density is at most this. Measured by experiments/bench_kernel.py (results/bench_kernel.md,
-# H200, 32/8 heads, D=128): break-even density = (cuDNN - plan overhead) / kernel-at-100%, less a
-# margin. Below the first length the plan's fixed cost alone is most of cuDNN's time.
-AUTO_BREAK_EVEN = ((8192, 0.30), (16384, 0.50), (32768, 0.58), (65536, 0.62), (131072, 0.68))
+# density is at most this: where plan + kernel time equals cuDNN's, less a 10% margin, from
+# experiments/bench_kernel.py (`break_even_densities`; 32/8 heads, D=128). Below the first
+# length the plan's fixed cost alone is most of cuDNN's time.
+# The Mosaic GPU kernel on Hopper (results/bench_kernel.md: H100, JAX 0.11.2, 2026-11-26).
+AUTO_BREAK_EVEN = ((8192, 0.29), (16384, 0.62), (32768, 0.80), (65536, 0.85), (131072, 0.90))
+# The Triton kernel elsewhere (H200, 2026-11-26, first kernel benchmark, commit b4d09a6).
+AUTO_BREAK_EVEN_TRITON = ((8192, 0.30), (16384, 0.50), (32768, 0.58), (65536, 0.62),
+                          (131072, 0.68))
 
 
-def auto_max_density(seq_len: int) -> float | None:
+def auto_max_density(seq_len: int, mosaic: bool = True) -> float | None:
   """Largest density at which ``impl="auto"`` takes the kernel; None: always dense."""
-  usable = [d for n, d in AUTO_BREAK_EVEN if seq_len >= n]
+  table = AUTO_BREAK_EVEN if mosaic else AUTO_BREAK_EVEN_TRITON
+  usable = [d for n, d in table if seq_len >= n]
   return usable[-1] if usable else None
 
 
@@ -97,6 +102,36 @@ def pbs_plan(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> tuple[jax.Array, jax
   return perm, select_blocks(q, k, perm, cfg)
 
 
+def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, perm: jax.Array,
+                     lists: blocks.BlockLists, cfg: PBSConfig) -> jax.Array:
+  """The block-sparse kernel for a plan: ``perm [B, Hp, N]``, lists from ``index_lists``.
+
+  On Hopper with 16-bit inputs and 128-token blocks: the Mosaic GPU kernel (wgmma + TMA; K/V
+  permuted into slot order once, the own segment read in original order). Elsewhere the
+  Triton kernel (interpret mode on CPU): one permutation per KV head permutes K/V physically
+  (contiguous rows, ~10% faster); one per query head gathers rows by index in the kernel, so
+  K/V are never repeated per query head in device memory.
+  """
+  from pallas_kernels import block_sparse_attention, block_sparse_attention_mgpu, mgpu_supported
+
+  n = q.shape[1]
+  if mgpu_supported(q, cfg.block_size):
+    pad = (-n) % cfg.block_size  # the kernel tiles whole blocks; padded keys are never visible
+    def padded(x):
+      return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+    out = block_sparse_attention_mgpu(
+        padded(q), padded(gather_keys(k, perm)), padded(gather_keys(v, perm)), padded(k),
+        padded(v), lists.ids, lists.full_counts, block_size=cfg.block_size,
+        segment_blocks=cfg.mask_segment_size // cfg.block_size)
+    return out[:, :n] if pad else out
+  gather_kv = perm.shape[1] != k.shape[2]
+  if not gather_kv:
+    k, v = gather_keys(k, perm), gather_keys(v, perm)
+  return block_sparse_attention(q, k, v, perm, lists.ids, lists.full_counts, lists.total_counts,
+                                block_size=cfg.block_size, gather_kv=gather_kv)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "return_aux"))
 def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBSConfig(), *,
                   impl: str = "auto", return_aux: bool = False):
@@ -136,23 +171,13 @@ def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBS
     perm, block_mask = pbs_plan(q, k, cfg)
     dens = jnp.mean(blocks.density(block_mask))
     if impl == "pallas" or auto_gpu:
-      from pallas_kernels import block_sparse_attention  # lazy: pbs_jax needs no Pallas to import
-
-      # One permutation per KV head: permute K/V physically (one copy, no repeat) and let the
-      # kernel stream contiguous rows (~10% faster). One per query head under GQA: gather rows
-      # by index in the kernel, so K/V are never repeated per query head in device memory.
-      gather_kv = perm.shape[1] != k.shape[2]
-
       def sparse_path(q, k, v):
-        lists = blocks.index_lists(block_mask, cfg)
-        if not gather_kv:
-          k, v = gather_keys(k, perm), gather_keys(v, perm)
-        return block_sparse_attention(q, k, v, perm, lists.ids, lists.full_counts,
-                                      lists.total_counts, block_size=cfg.block_size,
-                                      gather_kv=gather_kv)
+        return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
 
       if auto_gpu:
-        sparse = dens <= auto_max_density(n)
+        from pallas_kernels import mgpu_supported
+
+        sparse = dens <= auto_max_density(n, mgpu_supported(q, cfg.block_size))
         out = jax.lax.cond(sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v)
       else:
         sparse = jnp.bool_(True)
