@@ -1,10 +1,11 @@
 """The Mosaic GPU kernel against the same independent oracles as the Triton kernel.
 
-GPU only (Hopper, wgmma): skipped elsewhere, so CI on CPU does not run it; run it on an H100/H200
-with `python -m pytest tests/test_kernel_mgpu.py`. Semantics checked: listed earlier-segment
-blocks of the permuted keys plus the query's whole own segment, token-masked on original
-positions (the kernel reads that segment in original order: the lemma it rests on is that
-attention over a key set does not depend on the keys' order).
+The kernel tests need Hopper (wgmma) and are skipped elsewhere, so CI on CPU does not run them;
+run them on an H100/H200 with `python -m pytest tests/test_kernel_mgpu.py`. Semantics checked:
+listed earlier-segment blocks of the permuted keys plus the query's whole own segment,
+token-masked on original positions. The kernel reads that segment in original order; the lemma
+it rests on (attention over a key set does not depend on the keys' order, and a segment's
+permutation is a bijection of the segment) is checked on any machine.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pbs_jax import PBSConfig
 from tests.conftest import make_qkv, rel_err
 from tests.test_kernel import make_case, permute_kv
 
-pytestmark = pytest.mark.skipif(
+hopper = pytest.mark.skipif(
     not mgpu_supported(jnp.zeros((1, 1, 1, 64), jnp.bfloat16), 128),
     reason="the Mosaic GPU kernel needs a Hopper GPU")
 
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
+@hopper
 @pytest.mark.parametrize("n,d,hq,hk,hp,dtype", [
     (256, 64, 1, 1, 1, jnp.bfloat16),
     (1024, 64, 4, 2, 4, jnp.bfloat16),     # GQA 2, one permutation per query head
@@ -47,6 +49,7 @@ def test_matches_reference(n, d, hq, hk, hp, dtype, density):
   assert rel_err(out, ref) < TOL[dtype]
 
 
+@hopper
 def test_unlisted_blocks_are_never_read():
   """NaN in every permuted block that no list names, and in the original K/V outside the own
   segments actually used, must not reach the output."""
@@ -66,6 +69,7 @@ def test_unlisted_blocks_are_never_read():
   assert rel_err(out, block_sparse_attention_reference(*c.args(), block_size=128)) < 2e-2
 
 
+@hopper
 @pytest.mark.parametrize("n", [300, 700, 1000, 2048])
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_op_on_hopper_equals_reference_op(n, gqa):
@@ -77,6 +81,7 @@ def test_op_on_hopper_equals_reference_op(n, gqa):
   assert rel_err(out, ref) < 2e-2
 
 
+@hopper
 def test_dense_lists_equal_cudnn():
   q, k, v = make_qkv(0, 1, 4096, 8, 2, 128, jnp.bfloat16)
   t = 32
@@ -85,3 +90,41 @@ def test_dense_lists_equal_cudnn():
   out = block_sparse_attention_mgpu(q, k, v, k, v, ids, off, block_size=128, segment_blocks=2)
   ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.parametrize("n", [640, 700])
+@pytest.mark.parametrize("gqa", ["replicate", "shared"])
+def test_own_segment_in_original_order_is_the_token_mask(n, gqa):
+  """The contract between the planner and this kernel, in float64 on any machine: with the
+  op's real permutation and lists, the own-segment keys seen through the permuted slots with
+  the token mask (key_pos <= q_pos) give the same attention as the segment's keys in original
+  order with a plain causal mask (what the kernel reads), and list entries [0, full) are
+  exactly the earlier-segment blocks (what it reads from the permuted keys)."""
+  cfg = PBSConfig(block_size=32, segment_size=128, gqa=gqa)
+  hq, hk, d = 4, 2, 16
+  qj, kj, vj = make_qkv(n, 1, n, hq, hk, d, jnp.float32)
+  perm, mask = pbs_jax.pbs_plan(qj, kj, cfg)
+  lists = pbs_jax.index_lists(mask, cfg)
+  perm, ids, full, total = (np.asarray(x) for x in (perm, lists.ids, lists.full_counts,
+                                                    lists.total_counts))
+  q, k, v = (np.asarray(x, np.float64) for x in (qj, kj, vj))
+  bs, seg = cfg.block_size, cfg.segment_size
+  for h in range(hq):
+    p, kv = h // (hq // perm.shape[1]), h // (hq // hk)
+    for i in range(0, n, 7):
+      qb, own_start = i // bs, (i // seg) * seg
+      listed = ids[0, h, qb, :total[0, h, qb]]
+      assert all(blk * bs < own_start for blk in listed[:full[0, h, qb]])
+      assert all(blk * bs >= own_start for blk in listed[full[0, h, qb]:])
+      slots = [j for blk in listed for j in range(blk * bs, min(blk * bs + bs, n))]
+      via_slots = [int(perm[0, p, j]) for j in slots
+                   if perm[0, p, j] < own_start or perm[0, p, j] <= i]
+      via_order = [int(perm[0, p, j]) for j in slots if j < own_start] + list(
+          range(own_start, i + 1))
+      assert sorted(via_slots) == sorted(via_order)
+      outs = []
+      for keys in (via_slots, via_order):
+        logits = k[0, keys, kv] @ q[0, i, h] / np.sqrt(d)
+        w = np.exp(logits - logits.max())
+        outs.append((w / w.sum()) @ v[0, keys, kv])
+      np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-12)
