@@ -194,7 +194,8 @@ def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
     mine = [r for r in rows if r.get("devices", 1) == devices]
     ns = [r["n"] for r in mine]
     label = "" if devices == 1 else f", {devices} GPUs head-parallel"
-    ax.plot(ns, [r["pbs_fixed"]["speedup_vs_full"] for r in mine], {1: "o-", 2: "^-", 4: "D-"}.get(devices, "v-"),
+    style = {1: "o-", 2: "^-", 4: "D-"}.get(devices, "v-")
+    ax.plot(ns, [r["pbs_fixed"]["speedup_vs_full"] for r in mine], style,
             label=f"PBS (b): Llama-3.1-8B densities{label}")
     if any("speedup_vs_full" in r.get("pbs_selector", {}) for r in mine):
       ax.plot(ns, [r.get("pbs_selector", {}).get("speedup_vs_full", np.nan) for r in mine],

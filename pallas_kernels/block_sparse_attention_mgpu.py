@@ -80,12 +80,23 @@ def block_sparse_attention_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, 
   b, n, hq, d = q.shape
   hp, hkv = k_perm.shape[2], k.shape[2]
   t = n // block_size
-  kmax = block_ids.shape[3]
   if n % block_size or block_size != _COMPUTE_WGS * _ROWS_PER_WG:
     raise ValueError(f"N ({n}) must be a multiple of block_size ({block_size}) and block_size "
                      f"must be {_COMPUTE_WGS * _ROWS_PER_WG}")
   if d % 64:
     raise ValueError(f"head dim must be a multiple of 64, got {d}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or any(
+      x.dtype != q.dtype for x in (k_perm, v_perm, k, v)):
+    raise ValueError("q, k_perm, v_perm, k and v must share one 16-bit dtype, got "
+                     f"{[str(x.dtype) for x in (q, k_perm, v_perm, k, v)]}")
+  if (k_perm.shape != v_perm.shape or k.shape != v.shape or k_perm.shape[:2] != (b, n)
+      or k.shape[:2] != (b, n) or k.shape[3] != d or k_perm.shape[3] != d
+      or hq % hp or hq % hkv):
+    raise ValueError(f"k_perm/v_perm must be [B, N, Hp, D] and k/v [B, N, Hkv, D] with Hp and "
+                     f"Hkv dividing Hq; got q {q.shape}, k_perm {k_perm.shape}, k {k.shape}")
+  if block_ids.shape[:3] != (b, hq, t) or off_counts.shape != (b, hq, t):
+    raise ValueError(f"block_ids must be [B, Hq, T, Kmax] and off_counts [B, Hq, T] with T = "
+                     f"{t}; got {block_ids.shape} and {off_counts.shape}")
   scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _LOG2E
   dtype = q.dtype
   rows = _ROWS_PER_WG
@@ -209,7 +220,6 @@ def block_sparse_attention_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, 
         collective_axes="wg",
     )
 
-  del kmax
   return plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),

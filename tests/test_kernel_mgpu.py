@@ -128,3 +128,25 @@ def test_own_segment_in_original_order_is_the_token_mask(n, gqa):
         w = np.exp(logits - logits.max())
         outs.append((w / w.sum()) @ v[0, keys, kv])
       np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: {**a, "q": a["q"].astype(jnp.float32)}, "16-bit dtype"),
+    (lambda a: {**a, "k": a["k"][:, :128]}, "k_perm/v_perm must be"),
+    (lambda a: {**a, "k_perm": a["k_perm"][:, :, :1].repeat(3, axis=2),
+                "v_perm": a["v_perm"][:, :, :1].repeat(3, axis=2)}, "dividing Hq"),
+    (lambda a: {**a, "off_counts": a["off_counts"][:, :, :1]}, "off_counts"),
+    (lambda a: {**a, "q": a["q"][:, :200], "k_perm": a["k_perm"][:, :200],
+                "v_perm": a["v_perm"][:, :200], "k": a["k"][:, :200], "v": a["v"][:, :200]},
+     "multiple of block_size"),
+])
+def test_bad_inputs_raise(mutate, match):
+  """Shape and dtype errors are raised before any lowering, on any machine."""
+  x = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+  good = {"q": x, "k_perm": x, "v_perm": x, "k": x[:, :, :2], "v": x[:, :, :2],
+          "block_ids": jnp.zeros((1, 4, 2, 2), jnp.int32),
+          "off_counts": jnp.zeros((1, 4, 2), jnp.int32)}
+  a = mutate(good)
+  with pytest.raises(ValueError, match=match):
+    block_sparse_attention_mgpu(a["q"], a["k_perm"], a["v_perm"], a["k"], a["v"],
+                                a["block_ids"], a["off_counts"])
