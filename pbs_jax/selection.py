@@ -179,18 +179,24 @@ def antidiagonal_logits(q: jax.Array, k_slots: jax.Array, stride: int) -> jax.Ar
   ``Σ_m q[r·s + s−1−m] · k[c·s + m] / (√D · s)``.
 
   Args:
-    q: ``[B, N, Hq, D]``; k_slots: ``[B, N, Hp, D]`` keys in slot order (query head h reads
-      head ``h // (Hq // Hp)``); N a multiple of ``stride``.
+    q: ``[B, Nq, Hq, D]`` (rows from position 0 of this slice); k_slots: ``[B, N, Hp, D]`` keys
+      in slot order (query head h reads head ``h // (Hq // Hp)``); Nq and N multiples of
+      ``stride``.
   Returns:
-    ``[B, Hq, N/s, N/s]`` float32.
+    ``[B, Hq, Nq/s, N/s]`` float32.
   """
-  b, n, hq, d = q.shape
-  hp = k_slots.shape[2]
-  rows = n // stride
+  b, nq, hq, d = q.shape
+  n, hp = k_slots.shape[1], k_slots.shape[2]
+  rows, cols = nq // stride, n // stride
   q_reversed = q.astype(jnp.float32).reshape(b, rows, stride, hp, hq // hp, d)[:, :, ::-1]
-  k_strided = k_slots.astype(jnp.float32).reshape(b, rows, stride, hp, d)
+  k_strided = k_slots.astype(jnp.float32).reshape(b, cols, stride, hp, d)
   logits = jnp.einsum("brmpgd,bcmpd->bpgrc", q_reversed, k_strided, precision=_HI)
-  return logits.reshape(b, hq, rows, rows) / (jnp.sqrt(jnp.float32(d)) * stride)
+  return logits.reshape(b, hq, rows, cols) / (jnp.sqrt(jnp.float32(d)) * stride)
+
+
+# The anti-diagonal scores of one chunk of query blocks stay under this many bytes: the whole
+# [B, Hq, N/s, N/s] float32 matrix would be ~34 GB at 128K tokens, 32 heads, stride 8.
+ANTIDIAGONAL_CHUNK_BYTES = 1 << 28
 
 
 def antidiagonal_block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
@@ -211,16 +217,33 @@ def antidiagonal_block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array
   stride, block = cfg.antidiagonal_stride, cfg.block_size
   t = num_blocks(n, block)
   per_block = block // stride
-  pad = ((0, 0), (0, t * block - n), (0, 0), (0, 0))
-  logits = antidiagonal_logits(jnp.pad(q.astype(jnp.float32), pad),
-                               jnp.pad(gather_keys(k, perm).astype(jnp.float32), pad), stride)
-  strided = jnp.arange(t * per_block)
-  real = strided * stride < n  # strided rows / columns holding at least one real token
-  blocks_allowed = jnp.repeat(jnp.repeat(softmax_domain(t, cfg), per_block, 0), per_block, 1)
-  domain = blocks_allowed & (strided[None, :] <= strided[:, None]) & real[None, :]
-  probs = jax.nn.softmax(jnp.where(domain, logits, -jnp.inf), axis=-1)
-  probs = jnp.where(domain.any(axis=-1, keepdims=True) & real[:, None], probs, 0.0)
-  mass = probs.reshape(b, hq, t, per_block, t, per_block).sum(axis=(3, 5))
+  # Query blocks are scored a chunk at a time (rows are independent softmaxes), so only one
+  # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
+  row_bytes = b * hq * per_block * t * per_block * 4
+  chunk = int(max(1, min(t, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
+  num_chunks = -(-t // chunk)
+  q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - n), (0, 0), (0, 0)))
+  k_slots = jnp.pad(gather_keys(k, perm).astype(jnp.float32),
+                    ((0, 0), (0, t * block - n), (0, 0), (0, 0)))
+  columns = jnp.arange(t * per_block)
+  real_columns = columns * stride < n  # strided columns holding at least one real token
+  allowed = jnp.pad(softmax_domain(t, cfg), ((0, num_chunks * chunk - t), (0, 0)))
+
+  def chunk_mass(c):  # → [B, Hq, chunk, T]
+    q_chunk = jax.lax.dynamic_slice_in_dim(q, c * chunk * block, chunk * block, axis=1)
+    logits = antidiagonal_logits(q_chunk, k_slots, stride)
+    rows = c * chunk * per_block + jnp.arange(chunk * per_block)
+    blocks_allowed = jnp.repeat(jnp.repeat(
+        jax.lax.dynamic_slice_in_dim(allowed, c * chunk, chunk, axis=0), per_block, 0),
+        per_block, 1)
+    domain = blocks_allowed & (columns[None, :] <= rows[:, None]) & real_columns[None, :]
+    probs = jax.nn.softmax(jnp.where(domain, logits, -jnp.inf), axis=-1)
+    real_rows = rows * stride < n
+    probs = jnp.where(domain.any(axis=-1, keepdims=True) & real_rows[:, None], probs, 0.0)
+    return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
+
+  mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
+  mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :t]
   total = mass.sum(axis=-1, keepdims=True)
   return mass / jnp.where(total > 0, total, 1.0)
 

@@ -42,7 +42,15 @@ def _hand_inputs():
   return q, k
 
 
-def test_hand_worked_antidiagonal_probabilities():
+@pytest.fixture(params=["whole", "one_query_block_per_chunk"])
+def antidiagonal_chunks(request, monkeypatch):
+  """Score all query blocks at once, or one per chunk (the long-context path)."""
+  if request.param == "one_query_block_per_chunk":
+    monkeypatch.setattr(selection, "ANTIDIAGONAL_CHUNK_BYTES", 1)
+  return request.param
+
+
+def test_hand_worked_antidiagonal_probabilities(antidiagonal_chunks):
   q, k = _hand_inputs()
   perm = permutation.compute_permutation(q, k, HAND_CFG)
   probs = np.asarray(selection.block_probabilities(q, k, perm, HAND_CFG))[0, 0]
@@ -52,7 +60,7 @@ def test_hand_worked_antidiagonal_probabilities():
 
 
 @pytest.mark.parametrize("threshold,last_row", [(0.6, [0, 1, 1]), (0.7, [1, 1, 1])])
-def test_hand_worked_antidiagonal_mask(threshold, last_row):
+def test_hand_worked_antidiagonal_mask(threshold, last_row, antidiagonal_chunks):
   q, k = _hand_inputs()
   cfg = dataclasses.replace(HAND_CFG, threshold=threshold)
   perm = permutation.compute_permutation(q, k, cfg)
@@ -61,6 +69,21 @@ def test_hand_worked_antidiagonal_mask(threshold, last_row):
   meanpool = dataclasses.replace(cfg, selector="meanpool")
   mask = np.asarray(selection.select_blocks(q, k, perm, meanpool))[0, 0]
   np.testing.assert_array_equal(mask[2], [1, 1, 1])
+
+
+@pytest.mark.parametrize("n,chunk_bytes", [(200, 1), (449, 3 * 8 * 4 * 15 * 4), (512, 10**9)])
+def test_antidiagonal_chunking_does_not_change_probabilities(n, chunk_bytes, monkeypatch):
+  """Query blocks are independent softmax rows: any chunking (T not a multiple of the chunk,
+  ragged N) gives the probabilities of scoring all of them at once."""
+  cfg = PBSConfig(block_size=32, segment_size=64, selector="antidiagonal", gqa="shared")
+  q, k, _ = make_qkv(n, 1, n, 4, 2, 16)
+  perm = permutation.compute_permutation(q, k, cfg)
+  whole = np.asarray(selection.block_probabilities(q, k, perm, cfg))
+  monkeypatch.setattr(selection, "ANTIDIAGONAL_CHUNK_BYTES", chunk_bytes)
+  chunked = np.asarray(selection.block_probabilities(q, k, perm, cfg))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)  # fp32 reassociation
+  np.testing.assert_allclose(whole.sum(-1)[..., cfg.segment_size // cfg.block_size:], 1.0,
+                             rtol=1e-5)
 
 
 def test_antidiagonal_logits_match_a_loop():
