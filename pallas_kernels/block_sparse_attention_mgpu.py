@@ -16,12 +16,15 @@ Kernel structure, FlashAttention-3 style: one program per (batch, query block of
 ``block_size = 128`` rows, query head), three warpgroups. Two compute warpgroups own 64 query
 rows each and alternate on the tensor cores (a schedule barrier, so one runs its softmax while
 the other's matmuls run); the third streams K/V blocks through a ring of ``stages`` SMEM slots
-with TMA, addressed from the block list. Online softmax in fp32, base 2. Heavy query blocks
-(late in the sequence, long lists) launch first.
+with TMA, addressed from the block list. Online softmax in fp32, base 2. Launch order: query
+blocks fastest, heavy (late, long-list) blocks first, so the programs resident at one time are
+the query blocks of one head and share its K/V blocks in L2.
 
-Needs sm_90 (wgmma), N a multiple of 128 (:func:`pbs_jax` pads), D a multiple of 64, 16-bit
-inputs. Tested on GPU only (tests/test_kernel_mgpu.py skips elsewhere); the Triton kernel stays
-the portable path, and both sit behind the same call in :mod:`pbs_jax.attention`.
+Needs sm_90 (wgmma), N a multiple of 128 (`pbs_jax.kernel_attention` pads), D 64 or 128 (SMEM:
+the Q tiles and a 2-slot K/V ring), 16-bit inputs. The kernel tests need Hopper
+(tests/test_kernel_mgpu.py); its input validation and the planner contract it relies on are
+tested on any machine. The Triton kernel stays the portable path; both sit behind
+`pbs_jax.kernel_attention`.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ _COMPUTE_WGS = 2
 
 
 def mgpu_supported(q: jax.Array, block_size: int) -> bool:
-  """Whether this kernel can run ``q`` here: a Hopper GPU, 16-bit, D % 64 == 0, block 128."""
+  """Whether this kernel can run ``q`` here: a Hopper GPU, 16-bit, D 64 or 128, block 128."""
   if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
     return False
-  if q.shape[-1] % 64 or q.shape[-1] > 256 or block_size != _COMPUTE_WGS * _ROWS_PER_WG:
+  if q.shape[-1] not in (64, 128) or block_size != _COMPUTE_WGS * _ROWS_PER_WG:
     return False
   cap = getattr(jax.devices()[0], "compute_capability", "0")
   return str(cap).startswith("9")
@@ -83,8 +86,8 @@ def block_sparse_attention_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, 
   if n % block_size or block_size != _COMPUTE_WGS * _ROWS_PER_WG:
     raise ValueError(f"N ({n}) must be a multiple of block_size ({block_size}) and block_size "
                      f"must be {_COMPUTE_WGS * _ROWS_PER_WG}")
-  if d % 64:
-    raise ValueError(f"head dim must be a multiple of 64, got {d}")
+  if d not in (64, 128):
+    raise ValueError(f"head dim must be 64 or 128 (SMEM holds Q and a 2-slot K/V ring), got {d}")
   if q.dtype not in (jnp.bfloat16, jnp.float16) or any(
       x.dtype != q.dtype for x in (k_perm, v_perm, k, v)):
     raise ValueError("q, k_perm, v_perm, k and v must share one 16-bit dtype, got "
