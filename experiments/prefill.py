@@ -28,7 +28,7 @@ import numpy as np
 
 from models import llama as llama_lib
 from models import load_pretrained
-from models.llama import PBSAttention
+from models.llama import LayerAttention, PBSAttention
 from pbs_jax import PBSConfig
 
 
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-sink", action="store_true",
         help="do not force the block holding token 0 (the attention sink)")
+    parser.add_argument(
+        "--dense-layers", type=int, nargs="+", default=(), metavar="LAYER",
+        help="layers whose attention stays dense inside the PBS prefill, e.g. 0 "
+             "(models.LayerAttention; default: none)")
     parser.add_argument(
         "--impl", choices=("auto", "reference", "pallas"), default="auto",
         help="pbs_attention implementation: the Pallas kernel ('pallas'; interpret mode "
@@ -177,6 +181,9 @@ def run(argv: list[str] | None = None) -> dict:
                            threshold=args.threshold, force_sink=not args.no_sink,
                            permute=not args.no_permute, gqa=args.gqa)
     pbs = PBSAttention(pbs_config, impl=args.impl)
+    if args.dense_layers:
+        pbs = LayerAttention(pbs, tuple((layer, llama_lib.FULL_ATTENTION)
+                                        for layer in sorted(set(args.dense_layers))))
 
     model, tokenizer = load_pretrained(args.model, dtype=dtype)
     config = model.config
@@ -247,7 +254,8 @@ def run(argv: list[str] | None = None) -> dict:
     summary = dict(
         model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf", text=text_path, tokens=length,
         dtype=dtype.name, device=f"{device.platform}:{device.device_kind}",
-        pbs=dataclasses.asdict(pbs_config), impl=args.impl, warmup=args.warmup, repeats=repeats,
+        pbs=dataclasses.asdict(pbs_config), dense_layers=sorted(set(args.dense_layers)),
+        impl=args.impl, warmup=args.warmup, repeats=repeats,
         full_seconds=full["seconds"], pbs_seconds=sparse["seconds"], speedup=speedup,
         density_mean=float(sparse["density"].mean()),
         density_per_layer=[float(d) for d in sparse["density"]],

@@ -37,6 +37,7 @@ __all__ = [
     "PRESETS",
     "JittedLlama",
     "KVCache",
+    "LayerAttention",
     "Llama",
     "Llama3RopeScaling",
     "LlamaConfig",
@@ -240,7 +241,45 @@ class PBSAttention:
             raise ValueError(f"PBSAttention.impl must be auto|reference|pallas, got {self.impl!r}")
 
 
-AttentionSpec = Union[str, PBSAttention, Any]  # "full" | PBSAttention | PBSConfig | callable
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """A different attention spec for some layers: ``overrides`` maps layer index → spec, the
+    rest take ``default``. E.g. ``LayerAttention(PBSConfig(), ((0, "full"),))`` keeps the first
+    layer dense, where permutation hurts most on SmolLM2 (experiments/results/accuracy.md).
+
+    Specs are "full", a PBSConfig or a PBSAttention (each returns a scalar density). The layers
+    stay under one ``lax.scan``: every distinct spec is compiled once and a ``lax.switch`` on
+    the layer index picks it.
+    """
+
+    default: Any
+    overrides: tuple = ()
+
+    def __post_init__(self):
+        for spec in (self.default, *(s for _, s in self.overrides)):
+            if isinstance(spec, LayerAttention) or not isinstance(
+                    resolve_attention(spec), (str, PBSAttention)):
+                raise TypeError("LayerAttention takes 'full', PBSConfig or PBSAttention specs, "
+                                f"got {spec!r}")
+        layers = [layer for layer, _ in self.overrides]
+        if len(set(layers)) != len(layers) or any(
+                not isinstance(layer, int) or layer < 0 for layer in layers):
+            raise ValueError(f"LayerAttention.overrides needs distinct layer indices >= 0, got "
+                             f"{layers}")
+
+    def branches(self, num_layers: int) -> tuple[tuple, np.ndarray]:
+        """(distinct resolved specs, [L] int32 index of each layer's spec)."""
+        if any(layer >= num_layers for layer, _ in self.overrides):
+            raise ValueError(f"LayerAttention overrides layers {[l for l, _ in self.overrides]} "
+                             f"but the model has {num_layers}")
+        per_layer = [resolve_attention(self.default)] * num_layers
+        for layer, spec in self.overrides:
+            per_layer[layer] = resolve_attention(spec)
+        specs = tuple(dict.fromkeys(per_layer))
+        return specs, np.array([specs.index(s) for s in per_layer], np.int32)
+
+
+AttentionSpec = Union[str, PBSAttention, LayerAttention, Any]  # … | PBSConfig | callable
 
 
 def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
@@ -249,7 +288,7 @@ def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
         if attention != FULL_ATTENTION:
             raise ValueError(f"attention must be 'full' or a PBSConfig, got {attention!r}")
         return attention
-    if isinstance(attention, PBSAttention):
+    if isinstance(attention, (PBSAttention, LayerAttention)):
         return attention
     from pbs_jax import PBSConfig  # lazy: models must import without the op being built
 
@@ -488,13 +527,27 @@ class Llama(nnx.Module):
         attention = resolve_attention(attention)
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         layers_graphdef, layers_state = nnx.split(self.layers)
+        num_layers = self.config.num_layers
+        if isinstance(attention, LayerAttention):
+            specs, spec_of_layer = attention.branches(num_layers)
+            branches = [functools.partial(attend, attention=spec) for spec in specs]
 
-        def one_layer(hidden, layer_state):
+            def layer_attention(index):
+                return lambda q, k, v: jax.lax.switch(jnp.asarray(spec_of_layer)[index],
+                                                      branches, q, k, v)
+        else:
+            def layer_attention(index):
+                del index
+                return attention
+
+        def one_layer(hidden, xs):
+            layer_state, index = xs
             layer = nnx.merge(layers_graphdef, layer_state)
-            hidden, kv, density = layer(hidden, positions, attention)
+            hidden, kv, density = layer(hidden, positions, layer_attention(index))
             return hidden, (kv if collect_kv else None, density)
 
-        hidden, (kv, densities) = jax.lax.scan(one_layer, self.embed(tokens), layers_state)
+        hidden, (kv, densities) = jax.lax.scan(
+            one_layer, self.embed(tokens), (layers_state, jnp.arange(num_layers)))
         return hidden, kv, densities
 
     # -- public, traceable -----------------------------------------------------------------

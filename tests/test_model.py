@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import JittedLlama, Llama, Llama3RopeScaling, LlamaConfig, PBSAttention, PRESETS
+from models import (JittedLlama, LayerAttention, Llama, Llama3RopeScaling, LlamaConfig,
+                    PBSAttention, PRESETS)
 from models.testing import random_hf_weights, write_safetensors_folder
 from models.weights import load_safetensors
 from pbs_jax import PBSConfig
@@ -297,3 +298,46 @@ def test_presets_and_validation():
         TINY.replace(num_kv_heads=3)
     with pytest.raises(ValueError, match="unknown preset"):
         LlamaConfig.preset("gpt-5")
+
+
+# ----------------------------------------------------------------------------------------
+# Per-layer attention
+# ----------------------------------------------------------------------------------------
+
+
+def test_layer_attention_switches_per_layer(tmp_path):
+    """Layers overridden to "full" behave exactly as in a dense prefill, the others as sparse:
+    per-layer densities, and the K/V cache of every layer up to the first sparse one equal to
+    the dense prefill's (their inputs saw only dense attention), the next layer's not."""
+    config = TINY.replace(num_layers=3)
+    model, _ = load_random(tmp_path, config)
+    runner = JittedLlama(model)
+    tokens = random_tokens(config, (1, 128), seed=5)
+    sparse = PBSAttention(PBSConfig(threshold=0.3, **SMALL_PBS), impl="reference")
+    _, dense_cache = runner.prefill(tokens, "full", max_len=128)
+
+    schedule = LayerAttention(sparse, ((0, "full"),))
+    _, density = runner(tokens, schedule, return_aux=True)
+    assert float(density[0]) == 1.0 and float(density[1]) < 1.0 and float(density[2]) < 1.0
+    _, cache = runner.prefill(tokens, schedule, max_len=128)
+    for layer in (0, 1):
+        np.testing.assert_allclose(cache.keys[layer], dense_cache.keys[layer], rtol=1e-5,
+                                   atol=1e-5)
+    assert not np.allclose(cache.keys[2], dense_cache.keys[2], rtol=1e-3, atol=1e-3)
+
+    everything_full = LayerAttention(sparse, tuple((i, "full") for i in range(3)))
+    np.testing.assert_allclose(runner(tokens, everything_full), runner(tokens, "full"),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(runner(tokens, LayerAttention(sparse)), runner(tokens, sparse),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_layer_attention_validation():
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="distinct layer"):
+        LayerAttention("full", ((0, "full"), (0, PBSConfig())))
+    with pytest.raises(TypeError, match="LayerAttention takes"):
+        LayerAttention("full", ((0, lambda q, k, v: (q, 1.0)),))
+    with pytest.raises(ValueError, match="the model has"):
+        model(tokens, attention=LayerAttention("full", ((TINY.num_layers, PBSConfig()),)))

@@ -16,7 +16,8 @@ def test_help_explains_every_option(capsys):
         prefill.main(["--help"])
     text = capsys.readouterr().out
     for option in ("--length", "--model", "--threshold", "--block-size", "--segment-size",
-                   "--gqa", "--no-permute", "--new-tokens", "--impl", "--repeats", "--warmup"):
+                   "--gqa", "--no-permute", "--dense-layers", "--new-tokens", "--impl",
+                   "--repeats", "--warmup"):
         assert option in text
 
 
@@ -38,3 +39,18 @@ def test_cli_compares_full_and_pbs(tmp_path, capsys):
     assert 0 <= summary["next_token_agreement"] <= 1 and summary["rel_logit_error_all"] > 0
     assert len(summary["full_new_tokens"]) == len(summary["pbs_new_tokens"]) == 4
     assert json.loads((tmp_path / "out.json").read_text())["tokens"] == 96
+
+
+def test_cli_dense_layers_keep_those_layers_dense(tmp_path):
+    model_path = write_gguf(tmp_path / "tiny.gguf", TINY_WITH_VOCAB,
+                            random_hf_weights(TINY_WITH_VOCAB, seed=1), tokens=TOKENS,
+                            merges=MERGES, token_types=[3] * 3 + [1] * (len(TOKENS) - 3))
+    text_path = tmp_path / "text.txt"
+    text_path.write_text("the cat sat on the mat, then the cat ate 42 fish.\n" * 20)
+    summary = prefill.run([
+        str(text_path), "--model", model_path, "--length", "96", "--block-size", "16",
+        "--segment-size", "32", "--threshold", "0.5", "--impl", "reference", "--dense-layers",
+        "0", "--new-tokens", "0", "--warmup", "0"])
+    density = summary["density_per_layer"]
+    assert summary["dense_layers"] == [0] and density[0] == 1.0
+    assert all(d < 1.0 for d in density[1:])
