@@ -120,3 +120,24 @@ def test_quick_run_end_to_end(tmp_path):
     assert sum(t["probes"] for t in result["retrieval_full"].values()) == 6
     assert summary["headline"]["1024"]["pbs_tau09_density"] == pytest.approx(pbs["density"])
     assert "Matched density" in (tmp_path / "accuracy_quick.md").read_text()
+
+
+def test_layer_schedule_study_runs_on_the_real_model(tmp_path):
+    """experiments/layer_schedule.py at 1K tokens: every schedule on both texts, full attention
+    as its own baseline (KL 0, agreement 1), the rest judged against it, and its files."""
+    from experiments import layer_schedule
+
+    payload = layer_schedule.run(["--lengths", "1024", "--new-tokens", "2", "--out",
+                                  str(tmp_path)])
+    rows = payload["rows"]
+    schedules = {r["schedule"] for r in rows}
+    assert schedules == {"full", *layer_schedule.schedules(0.9)}
+    assert len(rows) == len(schedules) * len({r["text"] for r in rows})
+    for r in rows:
+        assert np.isfinite(r["ppl"]) and r["kl"] >= -1e-6 and 0 <= r["agreement"] <= 1
+        if r["schedule"] == "full":  # measured against its own baseline run
+            assert abs(r["kl"]) < 1e-6 and r["agreement"] == 1.0 and r["density"] == 1.0
+        else:
+            assert 0 < r["density"] < 1.1
+    assert "layers 0,17,18,20 dense" in (tmp_path / "layer_schedule.md").read_text()
+    assert (tmp_path / "layer_schedule.png").stat().st_size > 0
