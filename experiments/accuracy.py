@@ -316,10 +316,8 @@ def exact_attention_rows(q: jax.Array, k: jax.Array, rows: jax.Array) -> jax.Arr
 
 def slot_block_of_position(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
     """perm ``[Hp, N]`` (slot → position) → ``[Hq, N]`` int: the slot block of each key."""
-    hp, n = perm.shape
-    slot_of_position = jnp.zeros_like(perm).at[jnp.arange(hp)[:, None], perm].set(
-        jnp.arange(n, dtype=perm.dtype))
-    return jnp.repeat(slot_of_position // block_size, num_q_heads // hp, axis=0)
+    slot_of_position = pbs_jax.inverse_permutation(perm)
+    return jnp.repeat(slot_of_position // block_size, num_q_heads // perm.shape[0], axis=0)
 
 
 def slot_block_mass(probs: jax.Array, perm: jax.Array, block_size: int) -> jax.Array:

@@ -89,17 +89,12 @@ def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
   lists = blocks.index_lists(mask, cfg)
   out = kernel_fn(cfg)(q, k, v, perm, *lists)
   ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)
-  err_pbs = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
-                  jnp.linalg.norm(ref.astype(jnp.float32)))
-  out = op_kernel_fn(cfg)(q, k, v, perm, *lists)
-  err_op = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
-                 jnp.linalg.norm(ref.astype(jnp.float32)))
+  err_pbs = benchutil.rel_err(out, ref)
+  err_op = benchutil.rel_err(op_kernel_fn(cfg)(q, k, v, perm, *lists), ref)
   full = blocks.fixed_density_mask(jax.random.key(0), (1, h, mask.shape[-1]), 1.0, cfg)
   ident = permutation.identity_permutation(1, h, n)
   out = kernel_fn(cfg)(q, k, v, ident, *blocks.index_lists(full, cfg))
-  ref = cudnn(q, k, v)
-  err_dense = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) /
-                    jnp.linalg.norm(ref.astype(jnp.float32)))
+  err_dense = benchutil.rel_err(out, cudnn(q, k, v))
   ok = (max(err_pbs, err_op, err_dense) < 1e-2 and bool(jnp.isfinite(out).all()))
   return {"n": n, "rel_err_vs_reference_pbs_lists": err_pbs,
           "op_kernel_rel_err_vs_reference_pbs_lists": err_op,
@@ -179,14 +174,16 @@ def bench_length(n, args, cfg):
 BREAK_EVEN_MARGIN = 0.9
 
 
-def break_even_densities(rows) -> dict:
-  """N → the largest density at which plan + kernel still beats cuDNN, with a safety margin
-  (the source of ``pbs_jax.attention.AUTO_BREAK_EVEN``). The kernel's time is interpolated
+def break_even_densities(rows, kern: str) -> dict:
+  """N → the largest density at which plan + kernel ``kern`` ("mgpu" or "kernel", the Triton
+  one) still beats cuDNN, with a safety margin: the source of ``AUTO_BREAK_EVEN`` and
+  ``AUTO_BREAK_EVEN_TRITON`` in pbs_jax/attention.py. The kernel's time is interpolated
   linearly between the measured densities (its rate falls at low density, so no 1/d model);
   the plan is the whole op's permutation + selection + lists."""
   out = {}
   for r in rows:
-    kern = "mgpu" if "mgpu_d100" in r else "kernel"
+    if f"{kern}_d100" not in r:
+      continue
     pts = sorted((r[f"{kern}_{k}"]["density"], r[f"{kern}_{k}"]["ms"])
                  for k in ("d10", "d20", "d40", "d100"))
     w = r["whole_op"]
@@ -238,9 +235,12 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
         f"{r['cudnn_ms'] / r['auto_structured_ms']:.2f}× / {r['cudnn_ms'] / r['auto_random_ms']:.2f}× |")
   lines += ["", "Break-even density of impl=\"auto\" per N (`break_even_densities`: where plan + "
             "kernel time equals cuDNN's, interpolated on the measured density curve, times "
-            f"{BREAK_EVEN_MARGIN}): " + ", ".join(
-                f"{n}: {d:.2f}" if d is not None else f"{n}: never"
-                for n, d in break_even_densities(rows).items())]
+            f"{BREAK_EVEN_MARGIN}):", ""]
+  for kern, label in (("mgpu", "Mosaic"), ("kernel", "Triton")):
+    table = break_even_densities(rows, kern)
+    if table:
+      lines.append(f"- {label}: " + ", ".join(
+          f"{n}: {d:.2f}" if d is not None else f"{n}: never" for n, d in table.items()))
   (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
   import matplotlib

@@ -41,6 +41,15 @@ def time_call(fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float 
   return 1e3 * statistics.median(times)
 
 
+def rel_err(x, ref) -> float:
+  """Relative L2 error of ``x`` against ``ref``, in float32 (the correctness check of every
+  benchmark, before anything is timed)."""
+  import jax.numpy as jnp
+
+  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
 def stamp() -> dict:
   """Card, software and date for every results file."""
   dev = jax.devices()[0]

@@ -14,7 +14,6 @@ quarter of the text, KL and next-token agreement against full attention, and the
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
@@ -84,11 +83,23 @@ def run(argv=None) -> dict:
   return payload
 
 
+def mean_by_length_and_schedule(rows) -> dict:
+  """{(N, schedule): metrics averaged over the texts, plus ppl vs full attention in %}."""
+  keys = ("density", "ppl", "kl", "agreement", "greedy_match")
+  means = {}
+  for n, name in dict.fromkeys((r["n"], r["schedule"]) for r in rows):
+    sel = [r for r in rows if r["n"] == n and r["schedule"] == name]
+    means[n, name] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
+  for (n, name), m in means.items():
+    m["ppl_vs_full"] = 100 * (m["ppl"] / means[n, "full"]["ppl"] - 1)
+  return means
+
+
 def report(payload: dict, out: pathlib.Path) -> None:
   st = payload["stamp"]
-  rows = payload["rows"]
-  order = list(dict.fromkeys(r["schedule"] for r in rows))
-  lengths = sorted({r["n"] for r in rows})
+  means = mean_by_length_and_schedule(payload["rows"])
+  order = list(dict.fromkeys(name for _, name in means))
+  lengths = sorted({n for n, _ in means})
   lines = [f"# Dense layers inside PBS — SmolLM2-135M-Instruct, {st['device']}, JAX {st['jax']}, "
            f"{st['date']}", "",
            "Mean over the texts (Debian licences, stdlib sources) at each length; ppl on the last "
@@ -98,14 +109,11 @@ def report(payload: dict, out: pathlib.Path) -> None:
            "| N | schedule | density | ppl (vs full) | KL | agreement | greedy match |",
            "|---|---|---|---|---|---|---|"]
   for n in lengths:
-    full_ppl = np.mean([r["ppl"] for r in rows if r["n"] == n and r["schedule"] == "full"])
     for name in order:
-      sel = [r for r in rows if r["n"] == n and r["schedule"] == name]
-      mean = {k: float(np.mean([r[k] for r in sel]))
-              for k in ("density", "ppl", "kl", "agreement", "greedy_match")}
-      lines.append(f"| {n} | {name} | {mean['density']:.3f} | {mean['ppl']:.3f} "
-                   f"({100 * (mean['ppl'] / full_ppl - 1):+.1f}%) | {mean['kl']:.4f} | "
-                   f"{mean['agreement']:.3f} | {mean['greedy_match']:.2f} |")
+      m = means[n, name]
+      lines.append(f"| {n} | {name} | {m['density']:.3f} | {m['ppl']:.3f} "
+                   f"({m['ppl_vs_full']:+.1f}%) | {m['kl']:.4f} | "
+                   f"{m['agreement']:.3f} | {m['greedy_match']:.2f} |")
   (out / "layer_schedule.md").write_text("\n".join(lines) + "\n")
 
   import matplotlib
@@ -114,12 +122,7 @@ def report(payload: dict, out: pathlib.Path) -> None:
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for i, name in enumerate(o for o in order if o != "full"):
-    pts = []
-    for n in lengths:
-      sel = [r for r in rows if r["n"] == n and r["schedule"] == name]
-      full_ppl = np.mean([r["ppl"] for r in rows if r["n"] == n and r["schedule"] == "full"])
-      pts.append((np.mean([r["density"] for r in sel]),
-                  100 * (np.mean([r["ppl"] for r in sel]) / full_ppl - 1)))
+    pts = [(means[n, name]["density"], means[n, name]["ppl_vs_full"]) for n in lengths]
     ax.plot(*zip(*pts), "o-", color=f"C{i}", label=name)
     for (x, y), n in zip(pts, lengths):
       ax.annotate(f"{n // 1024}K", (x, y), textcoords="offset points", xytext=(4, 4),

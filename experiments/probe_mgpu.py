@@ -1,9 +1,18 @@
 """GPU probe of the Mosaic GPU kernel: correctness against the exact reference, then speed beside
-cuDNN and the Triton kernel (one call; writes $OUT/probe_mgpu.json)."""
+cuDNN and the Triton kernel, for kernel variants (SMEM stages, launch order).
+
+  python -m experiments.probe_mgpu 8192 131072     # GPU: $OUT/probe_mgpu.{json,md}
+  python -m experiments.probe_mgpu --report experiments/results/probe_mgpu.json
+
+Variant names: mgpu_s{stages}{b|h}, b = query blocks fastest in the launch order (the kernel's
+default), h = heads fastest.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
+import pathlib
 import sys
 import traceback
 
@@ -16,11 +25,6 @@ from experiments.synthetic import structured_qkv
 from pallas_kernels import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu
 from pbs_jax import PBSConfig, blocks, permutation
-
-
-def rel(x, ref):
-  x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 def mgpu_call(cfg, stages=2, blocks_fastest=True):
@@ -39,7 +43,7 @@ def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
   out = mgpu_call(cfg)(q, kp, vp, k, v, lists.ids, lists.full_counts)
   ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)
   return {"n": n, "h": h, "hk": hk, "d": d, "gqa": gqa, "density": float(blocks.density(mask).mean()),
-          "rel_err": rel(out, ref), "finite": bool(jnp.isfinite(out).all())}
+          "rel_err": benchutil.rel_err(out, ref), "finite": bool(jnp.isfinite(out).all())}
 
 
 def speed(n, variants=((2, True), (2, False), (3, True))):
@@ -68,7 +72,7 @@ def speed(n, variants=((2, True), (2, False), (3, True))):
         fn = mgpu_call(cfg, stages, bf)
         out = fn(q, k, v, k, v, lists.ids, lists.full_counts)
         if target == 1.0:
-          row[f"{name}_dense_rel_err_vs_cudnn"] = rel(out, ref)
+          row[f"{name}_dense_rel_err_vs_cudnn"] = benchutil.rel_err(out, ref)
         row[f"{name}_{tag}_ms"] = benchutil.time_call(fn, q, k, v, k, v, lists.ids,
                                                               lists.full_counts)
       except Exception:
@@ -80,7 +84,32 @@ def speed(n, variants=((2, True), (2, False), (3, True))):
   return row
 
 
+def report(payload, out):
+  """Markdown next to the JSON: correctness rows, then speed ratios vs cuDNN (same run)."""
+  st = payload["stamp"]
+  lines = [f"# Mosaic GPU kernel probe — {st['device']}, JAX {st['jax']}, {st['date']}", "",
+           "Correctness (bf16, real PBS plans on structured input, vs the exact reference): " +
+           "; ".join(f"N={c['n']} Hq={c['h']} Hkv={c['hk']} D={c['d']} {c['gqa']}: rel. err "
+                     f"{c['rel_err']:.1e}" for c in payload["checks"] if "rel_err" in c), "",
+           "Speed: B=1, Hq=32, Hkv=8, D=128, bf16, random blocks at the density shown; "
+           "cuDNN time / kernel time.", "",
+           "| N | density | cuDNN ms | " + " | ".join(variants := sorted(
+               {k[:-len("_d100_ms")] for r in payload["speed"] for k in r
+                if k.endswith("_d100_ms")})) + " |",
+           "|---|---|---|" + "---|" * len(variants)]
+  for r in payload["speed"]:
+    for tag in ("d100", "d20"):
+      lines.append(f"| {r['n']} | {r[f'density_{tag}']:.2f} | {r['cudnn_ms']:.2f} | " +
+                   " | ".join(f"{r['cudnn_ms'] / r[f'{v}_{tag}_ms']:.2f}×"
+                              if f"{v}_{tag}_ms" in r else "—" for v in variants) + " |")
+  (out / "probe_mgpu.md").write_text("\n".join(lines) + "\n")
+
+
 def main():
+  if sys.argv[1:2] == ["--report"]:
+    path = pathlib.Path(sys.argv[2])
+    report(json.loads(path.read_text()), path.parent)
+    return
   out = benchutil.out_dir()
   payload = {"stamp": benchutil.stamp(), "checks": [], "speed": []}
   for args in [(1024, 2, 1, 64, "replicate"), (4096, 8, 2, 128, "replicate"),
@@ -97,11 +126,8 @@ def main():
   for n in lengths:
     payload["speed"].append(speed(n))
     benchutil.write_json(out / "probe_mgpu.json", payload)
-  for r in payload["speed"]:
-    c = r["cudnn_ms"]
-    print(f"N={r['n']}: cuDNN {c:.2f} ms | " + " | ".join(
-        f"{key[:-3]} {c / val:.2f}x" for key, val in r.items()
-        if key.endswith("_ms") and key != "cudnn_ms"))
+  report(payload, out)
+  print((out / "probe_mgpu.md").read_text())
 
 
 if __name__ == "__main__":

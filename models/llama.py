@@ -244,8 +244,9 @@ class PBSAttention:
 @dataclasses.dataclass(frozen=True)
 class LayerAttention:
     """A different attention spec for some layers: ``overrides`` maps layer index → spec, the
-    rest take ``default``. E.g. ``LayerAttention(PBSConfig(), ((0, "full"),))`` keeps the first
-    layer dense, where permutation hurts most on SmolLM2 (experiments/results/accuracy.md).
+    rest take ``default``. E.g. ``LayerAttention(PBSConfig(), ((0, "full"), (17, "full")))``
+    keeps layers 0 and 17 dense (experiments/results/layer_schedule.md measures such schedules
+    on SmolLM2).
 
     Specs are "full", a PBSConfig or a PBSAttention (each returns a scalar density). The layers
     stay under one ``lax.scan``: every distinct spec is compiled once and a ``lax.switch`` on

@@ -21,11 +21,12 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # density is at most this: where plan + kernel time equals cuDNN's, less a 10% margin, from
 # experiments/bench_kernel.py (`break_even_densities`; 32/8 heads, D=128). Below the first
 # length the plan's fixed cost alone is most of cuDNN's time.
-# The Mosaic GPU kernel on Hopper (results/bench_kernel.md: H100, JAX 0.11.2, 2026-11-26).
+# Both from results/bench_kernel.md (H100, JAX 0.11.2, 2026-11-26): the Mosaic GPU kernel,
+# which the op runs on Hopper, and the Triton kernel, which it runs on other GPUs (measured on
+# the same H100; other cards may differ).
 AUTO_BREAK_EVEN = ((8192, 0.29), (16384, 0.62), (32768, 0.80), (65536, 0.85), (131072, 0.90))
-# The Triton kernel elsewhere (H200, 2026-11-26, first kernel benchmark, commit b4d09a6).
-AUTO_BREAK_EVEN_TRITON = ((8192, 0.30), (16384, 0.50), (32768, 0.58), (65536, 0.62),
-                          (131072, 0.68))
+AUTO_BREAK_EVEN_TRITON = ((8192, 0.13), (16384, 0.39), (32768, 0.54), (65536, 0.57),
+                          (131072, 0.66))
 
 
 def auto_max_density(seq_len: int, mosaic: bool = True) -> float | None:

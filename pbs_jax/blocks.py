@@ -118,6 +118,7 @@ def sink_local_window(t: int, target: float) -> int:
   Densities grow with the window in discrete steps, so ties and overshoots are unavoidable;
   the smaller window wins a tie. Pure numpy on the static block count T.
   """
-  counts = np.array([  # computed blocks: min(i + 1, w) recent, plus the sink when outside
-      sum(min(i + 1, w) + (i >= w) for i in range(t)) for w in range(1, t + 1)])
+  w = np.arange(1, t + 1)
+  # Computed blocks: query block i keeps min(i + 1, w) recent blocks, plus the sink when i >= w.
+  counts = w * (w + 1) // 2 + (t - w) * w + (t - w)
   return int(np.argmin(np.abs(counts / causal_block_count(t) - target))) + 1

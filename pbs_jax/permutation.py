@@ -66,6 +66,18 @@ def identity_permutation(batch: int, heads: int, seq_len: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, heads, seq_len))
 
 
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """``[..., N]`` slot → position into position → slot: ``inv[..., perm[..., j]] = j``.
+
+  A scatter of N ints per row (linear; an argsort would be N log N).
+  """
+  n = perm.shape[-1]
+  rows = perm.reshape(-1, n)
+  inv = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], rows].set(
+      jnp.arange(n, dtype=perm.dtype))
+  return inv.reshape(perm.shape)
+
+
 def compute_permutation(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
   """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute."""
   b, n, hq, _ = q.shape

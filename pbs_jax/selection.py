@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pbs_jax.config import PBSConfig
-from pbs_jax.permutation import gather_keys
+from pbs_jax.permutation import gather_keys, inverse_permutation
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -57,9 +57,7 @@ def pooled_permuted_keys(k: jax.Array, perm: jax.Array, block_size: int,
   per_segment = segment_size // block_size
   g = -(-n // segment_size)
   n_pad = g * segment_size
-  slot_of_pos = jnp.zeros((b, hp, n), jnp.int32).at[
-      jnp.arange(b)[:, None, None], jnp.arange(hp)[None, :, None], perm].set(
-          jnp.arange(n, dtype=jnp.int32))
+  slot_of_pos = inverse_permutation(perm.astype(jnp.int32))
   # Padding positions sit in their own slots (zero keys: counted, as the official zero-pad).
   slot_of_pos = jnp.pad(slot_of_pos, ((0, 0), (0, 0), (0, n_pad - n)))
   slot_of_pos = slot_of_pos.at[..., n:].set(jnp.arange(n, n_pad, dtype=jnp.int32))

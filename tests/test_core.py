@@ -211,6 +211,15 @@ def test_fixed_plan_is_causal_in_keys_and_values(n, seed):
   np.testing.assert_array_equal(np.asarray(out1[:, :i + 1]), np.asarray(out2[:, :i + 1]))
 
 
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 17)])
+def test_inverse_permutation_matches_argsort(shape):
+  rng = np.random.default_rng(0)
+  perm = np.stack([rng.permutation(shape[-1]) for _ in range(int(np.prod(shape[:-1])))])
+  perm = perm.reshape(shape).astype(np.int32)
+  np.testing.assert_array_equal(permutation.inverse_permutation(jnp.asarray(perm)),
+                                np.argsort(perm, axis=-1))
+
+
 @hypothesis.given(st.sampled_from([1, 47, 300]), st.sampled_from([(8, 16), (16, 32), (16, 48)]),
                   st.sampled_from(["replicate", "shared"]), st.integers(0, 10_000))
 @SETTINGS

@@ -21,12 +21,19 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
-def test_cli_compares_full_and_pbs(tmp_path, capsys):
+@pytest.fixture
+def tiny_model_and_text(tmp_path):
+    """(GGUF of a tiny random model with a real BPE vocabulary, a text file) as paths."""
     model_path = write_gguf(tmp_path / "tiny.gguf", TINY_WITH_VOCAB,
                             random_hf_weights(TINY_WITH_VOCAB, seed=1), tokens=TOKENS,
                             merges=MERGES, token_types=[3] * 3 + [1] * (len(TOKENS) - 3))
     text_path = tmp_path / "text.txt"
     text_path.write_text("the cat sat on the mat, then the cat ate 42 fish.\n" * 20)
+    return model_path, text_path
+
+
+def test_cli_compares_full_and_pbs(tiny_model_and_text, tmp_path, capsys):
+    model_path, text_path = tiny_model_and_text
     summary = prefill.run([
         str(text_path), "--model", model_path, "--length", "96", "--block-size", "16",
         "--segment-size", "32", "--threshold", "0.5", "--gqa", "shared", "--impl", "reference",
@@ -41,12 +48,8 @@ def test_cli_compares_full_and_pbs(tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["tokens"] == 96
 
 
-def test_cli_dense_layers_keep_those_layers_dense(tmp_path):
-    model_path = write_gguf(tmp_path / "tiny.gguf", TINY_WITH_VOCAB,
-                            random_hf_weights(TINY_WITH_VOCAB, seed=1), tokens=TOKENS,
-                            merges=MERGES, token_types=[3] * 3 + [1] * (len(TOKENS) - 3))
-    text_path = tmp_path / "text.txt"
-    text_path.write_text("the cat sat on the mat, then the cat ate 42 fish.\n" * 20)
+def test_cli_dense_layers_keep_those_layers_dense(tiny_model_and_text):
+    model_path, text_path = tiny_model_and_text
     summary = prefill.run([
         str(text_path), "--model", model_path, "--length", "96", "--block-size", "16",
         "--segment-size", "32", "--threshold", "0.5", "--impl", "reference", "--dense-layers",
