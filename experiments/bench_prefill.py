@@ -32,203 +32,282 @@ from pbs_jax import PBSConfig, blocks
 
 LENGTHS = (8192, 16384, 32768, 65536, 131072)
 # Llama-3.1-8B, threshold 0.9, with permutation: selected / causal blocks (paper Table 5).
-PAPER_DENSITY = {8192: 1205 / 2080, 16384: 4005 / 8256, 32768: 13337 / 32896,
-                 65536: 37632 / 131328, 131072: 114996 / 524800}
+PAPER_DENSITY = {
+    8192: 1205 / 2080,
+    16384: 4005 / 8256,
+    32768: 13337 / 32896,
+    65536: 37632 / 131328,
+    131072: 114996 / 524800,
+}
 
 
 def fixed_density(n: int) -> float:
-  """The paper's Llama-3.1-8B density at N; beyond 128K, the 128K one (density falls with N,
-  so this understates the sparsity there)."""
-  return PAPER_DENSITY[max(x for x in PAPER_DENSITY if x <= n)] if n >= 8192 else 1.0
+    """The paper's Llama-3.1-8B density at N; beyond 128K, the 128K one (density falls with N,
+    so this understates the sparsity there)."""
+    return PAPER_DENSITY[max(x for x in PAPER_DENSITY if x <= n)] if n >= 8192 else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class FixedDensityPBS:
-  """PBS at a fixed block density: the real plan is computed (its cost counts), then a random
-  mask of the given density (own-segment blocks always in) replaces its block selection."""
+    """PBS at a fixed block density: the real plan is computed (its cost counts), then a random
+    mask of the given density (own-segment blocks always in) replaces its block selection."""
 
-  density: float
-  cfg: PBSConfig = PBSConfig()
+    density: float
+    cfg: PBSConfig = PBSConfig()
 
-  def __call__(self, q, k, v):
-    perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
-    t = -(-q.shape[1] // self.cfg.block_size)
-    mask = blocks.fixed_density_mask(jax.random.key(0), (q.shape[0], q.shape[2], t),
-                                     self.density, self.cfg)
-    out = pbs_jax.kernel_attention(q, k, v, perm, blocks.index_lists(mask, self.cfg), self.cfg)
-    return out, jnp.mean(blocks.density(mask))
+    def __call__(self, q, k, v):
+        perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
+        t = -(-q.shape[1] // self.cfg.block_size)
+        mask = blocks.fixed_density_mask(
+            jax.random.key(0), (q.shape[0], q.shape[2], t), self.density, self.cfg
+        )
+        out = pbs_jax.kernel_attention(q, k, v, perm, blocks.index_lists(mask, self.cfg), self.cfg)
+        return out, jnp.mean(blocks.density(mask))
 
 
 def peak_bytes(compiled) -> int:
-  """Compiled memory of one call: arguments + outputs + temporaries (XLA's own accounting)."""
-  m = compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
-             m.alias_size_in_bytes)
+    """Compiled memory of one call: arguments + outputs + temporaries (XLA's own accounting)."""
+    m = compiled.memory_analysis()
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def bench(args, out: pathlib.Path) -> dict:
-  config = llama.LlamaConfig.preset("llama-3.1-8b")
-  model = nnx.jit(lambda: llama.Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
-  mesh = sharding.make_mesh(args.devices) if args.devices > 1 else None
-  # Several GPUs: parameters split by heads, attention run per device on its own heads.
-  graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
-  del model
-  h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
-  cfg = PBSConfig()
-  rows = []
-  for n in args.lengths:
-    tokens = jax.random.randint(jax.random.key(n), (1, n), 0, config.vocab_size)
-    density = fixed_density(n)
-    modes = {"full": llama.FULL_ATTENTION,
-             "pbs_selector": llama.PBSAttention(cfg, impl="auto"),
-             "pbs_fixed": FixedDensityPBS(round(density, 4), cfg)}
-    modes = {name: (sharding.HeadParallel(spec, mesh) if mesh else spec)
-             for name, spec in modes.items() if name in args.modes}
-    row = {"n": n, "fixed_density": density, "devices": args.devices}
-    for name, attention in modes.items():
-      fn = jax.jit(functools.partial(llama.prefill, attention=attention, return_aux=True))
-      try:
-        # Compiled once: its memory analysis is the peak, its first call the warm-up (at 512K
-        # one prefill takes tens of seconds, so no run is spent twice).
-        compiled = fn.lower(graphdef, state, tokens).compile()
-        _, _, aux = compiled(graphdef, state, tokens)
-        row[name] = {
-            "ms": benchutil.time_call(lambda s, t: compiled(graphdef, s, t)[0], state, tokens,
-                                      min_reps=2, budget_s=1.0, warm=True),
-            "density": float(jnp.mean(aux.density)),
-            "peak_gib": peak_bytes(compiled) / 2**30,
+    config = llama.LlamaConfig.preset("llama-3.1-8b")
+    model = nnx.jit(lambda: llama.Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    mesh = sharding.make_mesh(args.devices) if args.devices > 1 else None
+    # Several GPUs: parameters split by heads, attention run per device on its own heads.
+    graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
+    del model
+    h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
+    cfg = PBSConfig()
+    rows = []
+    for n in args.lengths:
+        tokens = jax.random.randint(jax.random.key(n), (1, n), 0, config.vocab_size)
+        density = fixed_density(n)
+        modes = {
+            "full": llama.FULL_ATTENTION,
+            "pbs_selector": llama.PBSAttention(cfg, impl="auto"),
+            "pbs_fixed": FixedDensityPBS(round(density, 4), cfg),
         }
-        del aux  # the last hidden states: 4 GiB at 512K
-      except Exception as err:  # out of memory at the longest lengths is a result, not a crash
-        row[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-        print(f"N={n} {name}: {row[name]['error']}", flush=True)
-        continue
-      print(f"N={n}{gpus(row)} {name}: {row[name]['ms']:.1f} ms, density "
-            f"{row[name]['density']:.3f}, peak {row[name]['peak_gib']:.1f} GiB", flush=True)
-    for name in ("pbs_selector", "pbs_fixed"):
-      if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
-        row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
-        row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
-    if mesh:  # the per-layer split below times one device's ops: only meaningful alone
-      rows.append(row)
-      benchutil.write_json(out / f"{output_name(args)}.json", {"rows": rows})
-      continue
-    # The split, from one layer's attention ops timed alone.
-    q = jax.random.normal(jax.random.key(1), (1, n, h, d), jnp.bfloat16)
-    k = jax.random.normal(jax.random.key(2), (1, n, hk, d), jnp.bfloat16)
-    v = jax.random.normal(jax.random.key(3), (1, n, hk, d), jnp.bfloat16)
-    dense_ms = benchutil.time_call(jax.jit(llama.dense_causal_attention), q, k, v)
-    fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
-    fixed_ms = benchutil.time_call(fixed, q, k, v)
-    plan_ms = benchutil.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
-    rest = row.get("full", {}).get("ms", float("nan")) - layers * dense_ms
-    row["split"] = {"attention_full_ms": layers * dense_ms,
-                    "attention_pbs_fixed_ms": layers * fixed_ms,
-                    "plan_ms": layers * plan_ms, "rest_of_model_ms": rest}
-    rows.append(row)
-    benchutil.write_json(out / f"{output_name(args)}.json", {"rows": rows})  # keep what finished
-    del q, k, v, tokens
-  return {"stamp": benchutil.stamp(), "model": "llama-3.1-8b (random bf16 weights)",
-          "cfg": dataclasses.asdict(cfg), "rows": rows}
+        modes = {
+            name: (sharding.HeadParallel(spec, mesh) if mesh else spec)
+            for name, spec in modes.items()
+            if name in args.modes
+        }
+        row = {"n": n, "fixed_density": density, "devices": args.devices}
+        for name, attention in modes.items():
+            fn = jax.jit(functools.partial(llama.prefill, attention=attention, return_aux=True))
+            try:
+                # Compiled once: its memory analysis is the peak, its first call the warm-up
+                # (at 512K one prefill takes tens of seconds, so no run is spent twice).
+                compiled = fn.lower(graphdef, state, tokens).compile()
+                _, _, aux = compiled(graphdef, state, tokens)
+                row[name] = {
+                    "ms": benchutil.time_call(
+                        lambda s, t: compiled(graphdef, s, t)[0],
+                        state,
+                        tokens,
+                        min_reps=2,
+                        budget_s=1.0,
+                        warm=True,
+                    ),
+                    "density": float(jnp.mean(aux.density)),
+                    "peak_gib": peak_bytes(compiled) / 2**30,
+                }
+                del aux  # the last hidden states: 4 GiB at 512K
+            except (
+                Exception
+            ) as err:  # out of memory at the longest lengths is a result, not a crash
+                row[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                print(f"N={n} {name}: {row[name]['error']}", flush=True)
+                continue
+            print(
+                f"N={n}{gpus(row)} {name}: {row[name]['ms']:.1f} ms, density "
+                f"{row[name]['density']:.3f}, peak {row[name]['peak_gib']:.1f} GiB",
+                flush=True,
+            )
+        for name in ("pbs_selector", "pbs_fixed"):
+            if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
+                row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
+                row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
+        if mesh:  # the per-layer split below times one device's ops: only meaningful alone
+            rows.append(row)
+            benchutil.write_json(out / f"{output_name(args)}.json", {"rows": rows})
+            continue
+        # The split, from one layer's attention ops timed alone.
+        q = jax.random.normal(jax.random.key(1), (1, n, h, d), jnp.bfloat16)
+        k = jax.random.normal(jax.random.key(2), (1, n, hk, d), jnp.bfloat16)
+        v = jax.random.normal(jax.random.key(3), (1, n, hk, d), jnp.bfloat16)
+        dense_ms = benchutil.time_call(jax.jit(llama.dense_causal_attention), q, k, v)
+        fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
+        fixed_ms = benchutil.time_call(fixed, q, k, v)
+        plan_ms = benchutil.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
+        rest = row.get("full", {}).get("ms", float("nan")) - layers * dense_ms
+        row["split"] = {
+            "attention_full_ms": layers * dense_ms,
+            "attention_pbs_fixed_ms": layers * fixed_ms,
+            "plan_ms": layers * plan_ms,
+            "rest_of_model_ms": rest,
+        }
+        rows.append(row)
+        benchutil.write_json(
+            out / f"{output_name(args)}.json", {"rows": rows}
+        )  # keep what finished
+        del q, k, v, tokens
+    return {
+        "stamp": benchutil.stamp(),
+        "model": "llama-3.1-8b (random bf16 weights)",
+        "cfg": dataclasses.asdict(cfg),
+        "rows": rows,
+    }
 
 
 def gpus(row) -> str:
-  """" on 2 × NVIDIA H200" for a multi-GPU row (its own run's card), "" for one GPU."""
-  if row.get("devices", 1) == 1:
-    return ""
-  card = row.get("stamp", {}).get("device", "GPUs")
-  return f" on {row['devices']} × {card}"
+    """ " on 2 × NVIDIA H200" for a multi-GPU row (its own run's card), "" for one GPU."""
+    if row.get("devices", 1) == 1:
+        return ""
+    card = row.get("stamp", {}).get("device", "GPUs")
+    return f" on {row['devices']} × {card}"
 
 
 def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
-  st = payload["stamp"]
-  lines = [f"# Prefill of a Llama-3.1-8B-shaped model — one {st['device']} (rows on several "
-           f"GPUs name theirs), JAX {st['jax']}, "
-           f"{st['date']}", "",
-           "Batch 1, random bf16 weights, jitted prefill (KV cache + last logits), median ms. "
-           "PBS (a): the real selector with impl=\"auto\" (random weights give dense plans, so "
-           "auto falls back to cuDNN). PBS (b): real permutation + selection computed, kernel at "
-           "Llama-3.1-8B's measured density (paper Table 5). Split: one layer's ops timed "
-           "alone × 32. Peak: XLA's compiled memory of the whole prefill.", "",
-           "| N | full ms | PBS (a) ms (density, ×) | PBS (b) ms (density, ×) | attention full / "
-           "PBS (b) ms | plan ms | rest of model ms | peak GiB full / (b) |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in payload["rows"]:
-    if not all("speedup_vs_full" in r.get(m, {}) for m in ("pbs_selector", "pbs_fixed")):
-      def cell(m):
-        x = r.get(m)
-        if x is None:
-          return "not run"
-        if "error" in x:
-          return x["error"][:60] + "…"
-        extra = (f" ({x['density']:.2f}, {x['speedup_vs_full']:.2f}×)"
-                 if "speedup_vs_full" in x and m != "full" else "")
-        return f"{x['ms']:.1f}{extra}"
-      peak = " / ".join(f"{r[m]['peak_gib']:.1f}" for m in ("full", "pbs_fixed")
-                        if "peak_gib" in r.get(m, {}))
-      sp = r.get("split", {})
-      split = (f"{sp['attention_full_ms']:.1f} / {sp['attention_pbs_fixed_ms']:.1f} | "
-               f"{sp['plan_ms']:.1f} | {sp['rest_of_model_ms']:.1f}" if sp else " | | ")
-      lines.append(f"| {r['n']}{gpus(r)} | " + " | ".join(cell(m) for m in
-                                                 ("full", "pbs_selector", "pbs_fixed"))
-                   + f" | {split} | {peak} |")
-      continue
-    a, b, s = r["pbs_selector"], r["pbs_fixed"], r["split"]
-    lines.append(
-        f"| {r['n']}{gpus(r)} | {r['full']['ms']:.1f} | {a['ms']:.1f} ({a['density']:.2f}, "
-        f"{a['speedup_vs_full']:.2f}×) | {b['ms']:.1f} ({b['density']:.2f}, "
-        f"{b['speedup_vs_full']:.2f}×) | {s['attention_full_ms']:.1f} / "
-        f"{s['attention_pbs_fixed_ms']:.1f} | {s['plan_ms']:.1f} | {s['rest_of_model_ms']:.1f} | "
-        f"{r['full']['peak_gib']:.1f} / {b['peak_gib']:.1f} |")
-  if payload.get("note"):
-    lines += ["", payload["note"]]
-  (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    st = payload["stamp"]
+    lines = [
+        f"# Prefill of a Llama-3.1-8B-shaped model — one {st['device']} (rows on several "
+        f"GPUs name theirs), JAX {st['jax']}, "
+        f"{st['date']}",
+        "",
+        "Batch 1, random bf16 weights, jitted prefill (KV cache + last logits), median ms. "
+        'PBS (a): the real selector with impl="auto" (random weights give dense plans, so '
+        "auto falls back to cuDNN). PBS (b): real permutation + selection computed, kernel at "
+        "Llama-3.1-8B's measured density (paper Table 5). Split: one layer's ops timed "
+        "alone × 32. Peak: XLA's compiled memory of the whole prefill.",
+        "",
+        "| N | full ms | PBS (a) ms (density, ×) | PBS (b) ms (density, ×) | attention full / "
+        "PBS (b) ms | plan ms | rest of model ms | peak GiB full / (b) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        if not all("speedup_vs_full" in r.get(m, {}) for m in ("pbs_selector", "pbs_fixed")):
 
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+            def cell(m):
+                x = r.get(m)
+                if x is None:
+                    return "not run"
+                if "error" in x:
+                    return x["error"][:60] + "…"
+                extra = (
+                    f" ({x['density']:.2f}, {x['speedup_vs_full']:.2f}×)"
+                    if "speedup_vs_full" in x and m != "full"
+                    else ""
+                )
+                return f"{x['ms']:.1f}{extra}"
 
-  rows = [r for r in payload["rows"] if "speedup_vs_full" in r.get("pbs_fixed", {})]
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for devices in sorted({r.get("devices", 1) for r in rows}):
-    mine = [r for r in rows if r.get("devices", 1) == devices]
-    ns = [r["n"] for r in mine]
-    label = "" if devices == 1 else f", {devices} GPUs head-parallel"
-    style = {1: "o-", 2: "^-", 4: "D-"}.get(devices, "v-")
-    ax.plot(ns, [r["pbs_fixed"]["speedup_vs_full"] for r in mine], style,
-            label=f"PBS (b): Llama-3.1-8B densities{label}")
-    if any("speedup_vs_full" in r.get("pbs_selector", {}) for r in mine):
-      ax.plot(ns, [r.get("pbs_selector", {}).get("speedup_vs_full", np.nan) for r in mine],
-              "s--", label=f"PBS (a): real selector, random weights{label}")
-  ax.axhline(1.0, color="gray", ls="--", lw=1)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("prompt length N")
-  ax.set_ylabel("prefill speedup vs cuDNN full attention (×)")
-  ax.set_title(f"Llama-3.1-8B-shaped prefill, JAX {st['jax']}, {st['date']}\n"
-               f"one GPU: {st['device']}; several GPUs: cards in the table",
-               fontsize=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / f"{name}.png", dpi=120)
+            peak = " / ".join(
+                f"{r[m]['peak_gib']:.1f}"
+                for m in ("full", "pbs_fixed")
+                if "peak_gib" in r.get(m, {})
+            )
+            sp = r.get("split", {})
+            split = (
+                f"{sp['attention_full_ms']:.1f} / {sp['attention_pbs_fixed_ms']:.1f} | "
+                f"{sp['plan_ms']:.1f} | {sp['rest_of_model_ms']:.1f}"
+                if sp
+                else " | | "
+            )
+            lines.append(
+                f"| {r['n']}{gpus(r)} | "
+                + " | ".join(cell(m) for m in ("full", "pbs_selector", "pbs_fixed"))
+                + f" | {split} | {peak} |"
+            )
+            continue
+        a, b, s = r["pbs_selector"], r["pbs_fixed"], r["split"]
+        lines.append(
+            f"| {r['n']}{gpus(r)} | {r['full']['ms']:.1f} | {a['ms']:.1f} ({a['density']:.2f}, "
+            f"{a['speedup_vs_full']:.2f}×) | {b['ms']:.1f} ({b['density']:.2f}, "
+            f"{b['speedup_vs_full']:.2f}×) | {s['attention_full_ms']:.1f} / "
+            f"{s['attention_pbs_fixed_ms']:.1f} | {s['plan_ms']:.1f} | "
+            f"{s['rest_of_model_ms']:.1f} | "
+            f"{r['full']['peak_gib']:.1f} / {b['peak_gib']:.1f} |"
+        )
+    if payload.get("note"):
+        lines += ["", payload["note"]]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in payload["rows"] if "speedup_vs_full" in r.get("pbs_fixed", {})]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for devices in sorted({r.get("devices", 1) for r in rows}):
+        mine = [r for r in rows if r.get("devices", 1) == devices]
+        ns = [r["n"] for r in mine]
+        label = "" if devices == 1 else f", {devices} GPUs head-parallel"
+        style = {1: "o-", 2: "^-", 4: "D-"}.get(devices, "v-")
+        ax.plot(
+            ns,
+            [r["pbs_fixed"]["speedup_vs_full"] for r in mine],
+            style,
+            label=f"PBS (b): Llama-3.1-8B densities{label}",
+        )
+        if any("speedup_vs_full" in r.get("pbs_selector", {}) for r in mine):
+            ax.plot(
+                ns,
+                [r.get("pbs_selector", {}).get("speedup_vs_full", np.nan) for r in mine],
+                "s--",
+                label=f"PBS (a): real selector, random weights{label}",
+            )
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt length N")
+    ax.set_ylabel("prefill speedup vs cuDNN full attention (×)")
+    ax.set_title(
+        f"Llama-3.1-8B-shaped prefill, JAX {st['jax']}, {st['date']}\n"
+        f"one GPU: {st['device']}; several GPUs: cards in the table",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=120)
 
 
 def add_arguments(parser):
-  parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
-                      help="prompt lengths (default 8K..128K)")
-  parser.add_argument("--devices", type=int, default=1,
-                      help="GPUs for head-parallel prefill (models/sharding.py; default 1)")
-  parser.add_argument("--modes", nargs="+", default=["full", "pbs_selector", "pbs_fixed"],
-                      choices=["full", "pbs_selector", "pbs_fixed"],
-                      help="which prefills to time (default: all three)")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=list(LENGTHS),
+        help="prompt lengths (default 8K..128K)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="GPUs for head-parallel prefill (models/sharding.py; default 1)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["full", "pbs_selector", "pbs_fixed"],
+        choices=["full", "pbs_selector", "pbs_fixed"],
+        help="which prefills to time (default: all three)",
+    )
 
 
 def output_name(args) -> str:
-  return "bench_prefill" if args.devices == 1 else f"bench_prefill_{args.devices}gpu"
+    return "bench_prefill" if args.devices == 1 else f"bench_prefill_{args.devices}gpu"
 
 
 def main(argv=None):
-  benchutil.benchmark_cli(argv, __doc__, output_name, add_arguments, bench, report)
+    benchutil.benchmark_cli(argv, __doc__, output_name, add_arguments, bench, report)
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -14,96 +14,105 @@ import time
 import jax
 
 
-def time_call(fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.5,
-              warm: bool = False) -> float:
-  """Median wall time (ms) of ``fn(*args)`` to completion, after compile and warm-up.
+def time_call(
+    fn, *args, min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.5, warm: bool = False
+) -> float:
+    """Median wall time (ms) of ``fn(*args)`` to completion, after compile and warm-up.
 
-  Each run is synchronised with ``block_until_ready``, so dispatch is included, equally for
-  every contender; repeats adapt to the budget (long calls run ``min_reps`` times). ``warm``:
-  the caller has already run ``fn`` once (compiled and warmed), so no warm-up run is spent —
-  for calls of tens of seconds (a 512K prefill), where each run costs device time.
-  """
-  if not warm:
-    jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  est = time.perf_counter() - t0
-  times = []
-  if est < budget_s / min_reps:  # cheap calls get a second warm-up; long ones need none
-    jax.block_until_ready(fn(*args))
-  else:  # a long warm call is itself one of the timed runs
-    times.append(est)
-  reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6)))) - len(times)
-  for _ in range(reps):
+    Each run is synchronised with ``block_until_ready``, so dispatch is included, equally for
+    every contender; repeats adapt to the budget (long calls run ``min_reps`` times). ``warm``:
+    the caller has already run ``fn`` once (compiled and warmed), so no warm-up run is spent —
+    for calls of tens of seconds (a 512K prefill), where each run costs device time.
+    """
+    if not warm:
+        jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+    est = time.perf_counter() - t0
+    times = []
+    if est < budget_s / min_reps:  # cheap calls get a second warm-up; long ones need none
+        jax.block_until_ready(fn(*args))
+    else:  # a long warm call is itself one of the timed runs
+        times.append(est)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6)))) - len(times)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def rel_err(x, ref) -> float:
-  """Relative L2 error of ``x`` against ``ref``, in float32 (the correctness check of every
-  benchmark, before anything is timed)."""
-  import jax.numpy as jnp
+    """Relative L2 error of ``x`` against ``ref``, in float32 (the correctness check of every
+    benchmark, before anything is timed)."""
+    import jax.numpy as jnp
 
-  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 def stamp() -> dict:
-  """Card, software and date for every results file."""
-  dev = jax.devices()[0]
-  return {
-      "device": getattr(dev, "device_kind", str(dev)),
-      "backend": jax.default_backend(),
-      "jax": jax.__version__,
-      "date": datetime.date.today().isoformat(),
-  }
+    """Card, software and date for every results file."""
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def out_dir(default: str = "out") -> pathlib.Path:
-  path = pathlib.Path(os.environ.get("OUT", default))
-  path.mkdir(parents=True, exist_ok=True)
-  return path
+    path = pathlib.Path(os.environ.get("OUT", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def write_json(path: pathlib.Path, payload: dict) -> None:
-  path.write_text(json.dumps(payload, indent=1, default=float))
+    path.write_text(json.dumps(payload, indent=1, default=float))
 
 
 def merge_payloads(payloads: list[dict]) -> dict:
-  """Several runs of one benchmark as one payload: the first's keys, every run's rows, each row
-  stamped with its own run's card, JAX and date (a multi-GPU run beside a one-GPU run)."""
-  merged = dict(payloads[0])
-  merged["rows"] = [{"stamp": p["stamp"], **row} for p in payloads for row in p["rows"]]
-  merged["note"] = " ".join(p["note"] for p in payloads if p.get("note"))
-  return merged
+    """Several runs of one benchmark as one payload: the first's keys, every run's rows, each row
+    stamped with its own run's card, JAX and date (a multi-GPU run beside a one-GPU run)."""
+    merged = dict(payloads[0])
+    merged["rows"] = [{"stamp": p["stamp"], **row} for p in payloads for row in p["rows"]]
+    merged["note"] = " ".join(p["note"] for p in payloads if p.get("note"))
+    return merged
 
 
 def benchmark_cli(argv, doc: str, name, add_arguments, bench, report) -> None:
-  """The shared command line of a GPU benchmark.
+    """The shared command line of a GPU benchmark.
 
-  ``--report JSON [JSON ...]`` re-renders the markdown and PNG next to the first of earlier
-  results (any machine; several are merged row by row); otherwise ``bench(args, out_dir) ->
-  payload`` runs on the GPU, and its JSON, markdown and PNG land in ``$OUT`` as ``name.*``
-  (``name``: a string, or a function of the parsed arguments).
-  """
-  parser = argparse.ArgumentParser(description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_arguments(parser)
-  parser.add_argument("--report", type=pathlib.Path, nargs="+",
-                      help="only re-render markdown + PNG from these JSONs, next to the first")
-  args = parser.parse_args(argv)
-  if args.report:
-    payloads = [json.loads(path.read_text()) for path in args.report]
-    report(payloads[0] if len(payloads) == 1 else merge_payloads(payloads), args.report[0].parent,
-           args.report[0].stem)
-    return
-  if jax.default_backend() != "gpu":
-    sys.exit(f"{name} times GPU code; no GPU is visible here.")
-  name = name(args) if callable(name) else name
-  out = out_dir()
-  payload = bench(args, out)
-  write_json(out / f"{name}.json", payload)
-  report(payload, out, name)
-  print((out / f"{name}.md").read_text())
+    ``--report JSON [JSON ...]`` re-renders the markdown and PNG next to the first of earlier
+    results (any machine; several are merged row by row); otherwise ``bench(args, out_dir) ->
+    payload`` runs on the GPU, and its JSON, markdown and PNG land in ``$OUT`` as ``name.*``
+    (``name``: a string, or a function of the parsed arguments).
+    """
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    parser.add_argument(
+        "--report",
+        type=pathlib.Path,
+        nargs="+",
+        help="only re-render markdown + PNG from these JSONs, next to the first",
+    )
+    args = parser.parse_args(argv)
+    if args.report:
+        payloads = [json.loads(path.read_text()) for path in args.report]
+        report(
+            payloads[0] if len(payloads) == 1 else merge_payloads(payloads),
+            args.report[0].parent,
+            args.report[0].stem,
+        )
+        return
+    if jax.default_backend() != "gpu":
+        sys.exit(f"{name} times GPU code; no GPU is visible here.")
+    name = name(args) if callable(name) else name
+    out = out_dir()
+    payload = bench(args, out)
+    write_json(out / f"{name}.json", payload)
+    report(payload, out, name)
+    print((out / f"{name}.md").read_text())

@@ -30,115 +30,139 @@ FLAGGED_LAYERS = (0, 17, 18, 20)  # worst attention-output error under permutati
 
 
 def schedules(threshold: float) -> dict[str, object]:
-  pbs = PBSAttention(PBSConfig(threshold=threshold), impl="reference")
-  meanpool = PBSAttention(PBSConfig(threshold=threshold, permute=False), impl="reference")
-  return {
-      f"PBS τ={threshold}": pbs,
-      f"PBS τ={threshold}, layer 0 dense": LayerAttention(pbs, ((0, "full"),)),
-      f"PBS τ={threshold}, layers {','.join(map(str, FLAGGED_LAYERS))} dense":
-          LayerAttention(pbs, tuple((layer, "full") for layer in FLAGGED_LAYERS)),
-      f"MeanPooling τ={threshold}": meanpool,
-  }
+    pbs = PBSAttention(PBSConfig(threshold=threshold), impl="reference")
+    meanpool = PBSAttention(PBSConfig(threshold=threshold, permute=False), impl="reference")
+    return {
+        f"PBS τ={threshold}": pbs,
+        f"PBS τ={threshold}, layer 0 dense": LayerAttention(pbs, ((0, "full"),)),
+        f"PBS τ={threshold}, layers {','.join(map(str, FLAGGED_LAYERS))} dense": LayerAttention(
+            pbs, tuple((layer, "full") for layer in FLAGGED_LAYERS)
+        ),
+        f"MeanPooling τ={threshold}": meanpool,
+    }
 
 
 def run(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-  parser.add_argument("--threshold", type=float, default=0.9)
-  parser.add_argument("--new-tokens", type=int, default=16, help="greedy continuation length")
-  parser.add_argument("--out", type=pathlib.Path, default=accuracy.RESULTS_DIR)
-  args = parser.parse_args(argv)
-  started = time.perf_counter()
-  model, tokenizer = load_pretrained(progress=False)
-  runner = llama_lib.JittedLlama(model)
-  texts = accuracy.load_texts()
-  specs = schedules(args.threshold)
-  rows = []
-  # Full attention runs twice per text: once as the baseline, once judged like the others (its
-  # own row must come out at KL 0 and agreement 1: a check on the metrics).
-  progress = tqdm(total=len(args.lengths) * len(texts) * (2 + len(specs)), desc="prefills")
-  for n in args.lengths:
-    for i, (name, (_, text)) in enumerate(texts.items()):
-      seq = accuracy.build_sequence(tokenizer, name, text, n, per_task=2, seed=1000 * i + n)
-      progress.set_postfix_str(f"{n} tokens, {name}: full")
-      full_logits, full_cont, _ = accuracy.run_forward(runner, seq, "full", args.new_tokens)
-      progress.update()
-      for label, spec in {"full": "full", **specs}.items():
-        progress.set_postfix_str(f"{n} tokens, {name}: {label}")
-        logits, cont, density = accuracy.run_forward(runner, seq, spec, args.new_tokens)
-        m = accuracy.forward_metrics(seq, logits, full_logits, cont, full_cont)
-        rows.append({"n": n, "text": name, "schedule": label, "ppl": m["ppl"], "kl": m["kl"],
-                     "agreement": m["agreement"], "greedy_match": m["greedy_match"],
-                     "density": float(np.mean(np.asarray(density)))})
-        progress.update()
-  progress.close()
-  payload = {"stamp": benchutil.stamp(), "model": "SmolLM2-135M-Instruct (GGUF Q4_1)",
-             "threshold": args.threshold, "flagged_layers": FLAGGED_LAYERS,
-             "seconds": time.perf_counter() - started, "rows": rows}
-  args.out.mkdir(parents=True, exist_ok=True)
-  benchutil.write_json(args.out / "layer_schedule.json", payload)
-  report(payload, args.out)
-  print((args.out / "layer_schedule.md").read_text())
-  return payload
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy continuation length")
+    parser.add_argument("--out", type=pathlib.Path, default=accuracy.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    model, tokenizer = load_pretrained(progress=False)
+    runner = llama_lib.JittedLlama(model)
+    texts = accuracy.load_texts()
+    specs = schedules(args.threshold)
+    rows = []
+    # Full attention runs twice per text: once as the baseline, once judged like the others (its
+    # own row must come out at KL 0 and agreement 1: a check on the metrics).
+    progress = tqdm(total=len(args.lengths) * len(texts) * (2 + len(specs)), desc="prefills")
+    for n in args.lengths:
+        for i, (name, (_, text)) in enumerate(texts.items()):
+            seq = accuracy.build_sequence(tokenizer, name, text, n, per_task=2, seed=1000 * i + n)
+            progress.set_postfix_str(f"{n} tokens, {name}: full")
+            full_logits, full_cont, _ = accuracy.run_forward(runner, seq, "full", args.new_tokens)
+            progress.update()
+            for label, spec in {"full": "full", **specs}.items():
+                progress.set_postfix_str(f"{n} tokens, {name}: {label}")
+                logits, cont, density = accuracy.run_forward(runner, seq, spec, args.new_tokens)
+                m = accuracy.forward_metrics(seq, logits, full_logits, cont, full_cont)
+                rows.append(
+                    {
+                        "n": n,
+                        "text": name,
+                        "schedule": label,
+                        "ppl": m["ppl"],
+                        "kl": m["kl"],
+                        "agreement": m["agreement"],
+                        "greedy_match": m["greedy_match"],
+                        "density": float(np.mean(np.asarray(density))),
+                    }
+                )
+                progress.update()
+    progress.close()
+    payload = {
+        "stamp": benchutil.stamp(),
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1)",
+        "threshold": args.threshold,
+        "flagged_layers": FLAGGED_LAYERS,
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    benchutil.write_json(args.out / "layer_schedule.json", payload)
+    report(payload, args.out)
+    print((args.out / "layer_schedule.md").read_text())
+    return payload
 
 
 def mean_by_length_and_schedule(rows) -> dict:
-  """{(N, schedule): metrics averaged over the texts, plus ppl vs full attention in %}."""
-  keys = ("density", "ppl", "kl", "agreement", "greedy_match")
-  means = {}
-  for n, name in dict.fromkeys((r["n"], r["schedule"]) for r in rows):
-    sel = [r for r in rows if r["n"] == n and r["schedule"] == name]
-    means[n, name] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
-  for (n, name), m in means.items():
-    m["ppl_vs_full"] = 100 * (m["ppl"] / means[n, "full"]["ppl"] - 1)
-  return means
+    """{(N, schedule): metrics averaged over the texts, plus ppl vs full attention in %}."""
+    keys = ("density", "ppl", "kl", "agreement", "greedy_match")
+    means = {}
+    for n, name in dict.fromkeys((r["n"], r["schedule"]) for r in rows):
+        sel = [r for r in rows if r["n"] == n and r["schedule"] == name]
+        means[n, name] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
+    for (n, _), m in means.items():
+        m["ppl_vs_full"] = 100 * (m["ppl"] / means[n, "full"]["ppl"] - 1)
+    return means
 
 
 def report(payload: dict, out: pathlib.Path) -> None:
-  st = payload["stamp"]
-  means = mean_by_length_and_schedule(payload["rows"])
-  order = list(dict.fromkeys(name for _, name in means))
-  lengths = sorted({n for n, _ in means})
-  lines = [f"# Dense layers inside PBS — SmolLM2-135M-Instruct, {st['device']}, JAX {st['jax']}, "
-           f"{st['date']}", "",
-           "Mean over the texts (Debian licences, stdlib sources) at each length; ppl on the last "
-           "quarter of the text; KL(full ‖ sparse) and next-token agreement on the same "
-           "positions; density = computed / causal blocks averaged over layers (a dense layer "
-           "counts 1). Script: `experiments/layer_schedule.py`.", "",
-           "| N | schedule | density | ppl (vs full) | KL | agreement | greedy match |",
-           "|---|---|---|---|---|---|---|"]
-  for n in lengths:
-    for name in order:
-      m = means[n, name]
-      lines.append(f"| {n} | {name} | {m['density']:.3f} | {m['ppl']:.3f} "
-                   f"({m['ppl_vs_full']:+.1f}%) | {m['kl']:.4f} | "
-                   f"{m['agreement']:.3f} | {m['greedy_match']:.2f} |")
-  (out / "layer_schedule.md").write_text("\n".join(lines) + "\n")
+    st = payload["stamp"]
+    means = mean_by_length_and_schedule(payload["rows"])
+    order = list(dict.fromkeys(name for _, name in means))
+    lengths = sorted({n for n, _ in means})
+    lines = [
+        f"# Dense layers inside PBS — SmolLM2-135M-Instruct, {st['device']}, JAX {st['jax']}, "
+        f"{st['date']}",
+        "",
+        "Mean over the texts (Debian licences, stdlib sources) at each length; ppl on the last "
+        "quarter of the text; KL(full ‖ sparse) and next-token agreement on the same "
+        "positions; density = computed / causal blocks averaged over layers (a dense layer "
+        "counts 1). Script: `experiments/layer_schedule.py`.",
+        "",
+        "| N | schedule | density | ppl (vs full) | KL | agreement | greedy match |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in lengths:
+        for name in order:
+            m = means[n, name]
+            lines.append(
+                f"| {n} | {name} | {m['density']:.3f} | {m['ppl']:.3f} "
+                f"({m['ppl_vs_full']:+.1f}%) | {m['kl']:.4f} | "
+                f"{m['agreement']:.3f} | {m['greedy_match']:.2f} |"
+            )
+    (out / "layer_schedule.md").write_text("\n".join(lines) + "\n")
 
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+    import matplotlib
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for i, name in enumerate(o for o in order if o != "full"):
-    pts = [(means[n, name]["density"], means[n, name]["ppl_vs_full"]) for n in lengths]
-    ax.plot(*zip(*pts), "o-", color=f"C{i}", label=name)
-    for (x, y), n in zip(pts, lengths):
-      ax.annotate(f"{n // 1024}K", (x, y), textcoords="offset points", xytext=(4, 4),
-                  fontsize=8)
-  ax.axhline(0, color="gray", ls="--", lw=1)
-  ax.set_xlabel("block density (dense layers count 1)")
-  ax.set_ylabel("perplexity vs full attention (%)")
-  ax.set_title(f"Dense layers inside PBS — SmolLM2-135M, {st['date']}", fontsize=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "layer_schedule.png", dpi=120)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, name in enumerate(o for o in order if o != "full"):
+        pts = [(means[n, name]["density"], means[n, name]["ppl_vs_full"]) for n in lengths]
+        ax.plot(*zip(*pts), "o-", color=f"C{i}", label=name)
+        for (x, y), n in zip(pts, lengths):
+            ax.annotate(
+                f"{n // 1024}K", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
+    ax.axhline(0, color="gray", ls="--", lw=1)
+    ax.set_xlabel("block density (dense layers count 1)")
+    ax.set_ylabel("perplexity vs full attention (%)")
+    ax.set_title(f"Dense layers inside PBS — SmolLM2-135M, {st['date']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "layer_schedule.png", dpi=120)
 
 
 def main(argv=None):
-  run(argv)
+    run(argv)
 
 
 if __name__ == "__main__":
-  main()
+    main()

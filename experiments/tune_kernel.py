@@ -37,7 +37,7 @@ import time
 import traceback
 import warnings
 
-if __package__ in (None, ""):   # `python experiments/tune_kernel.py`
+if __package__ in (None, ""):  # `python experiments/tune_kernel.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
@@ -71,8 +71,10 @@ class Problem:
 def tile_grid(smoke: bool) -> list[TileConfig]:
     if smoke:
         return [TileConfig(64, 32, 4, 2), TileConfig(128, 64, 8, 3)]
-    return [TileConfig(bm, bn, w, s)
-            for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+    return [
+        TileConfig(bm, bn, w, s)
+        for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+    ]
 
 
 def full_density_lists(b, hq, n, block_size=BLOCK_SIZE, segment=SEGMENT):
@@ -123,30 +125,44 @@ def time_fn(fn, args, *, reps: int, trials: int) -> float:
 def make_kernel_fn(p: Problem, tiles: TileConfig, gather_kv: bool, interpret: bool):
     """A kernel call taking (q, k, v). The lists and key_pos are jit *arguments* (built once
     here), not closed-over constants: big constants would be baked into the HLO."""
-    hp = p.hq if gather_kv else p.hk   # replicate when gathering; shared permuted K/V otherwise
+    hp = p.hq if gather_kv else p.hk  # replicate when gathering; shared permuted K/V otherwise
     ids, full, total = full_density_lists(p.b, p.hq, p.n)
     key_pos = jnp.broadcast_to(jnp.arange(p.n, dtype=jnp.int32), (p.b, hp, p.n))
     extra = (key_pos, ids, full, total)
-    jfn = jax.jit(functools.partial(
-        block_sparse_attention, block_size=BLOCK_SIZE, gather_kv=gather_kv, tiles=tiles,
-        interpret=interpret))
+    jfn = jax.jit(
+        functools.partial(
+            block_sparse_attention,
+            block_size=BLOCK_SIZE,
+            gather_kv=gather_kv,
+            tiles=tiles,
+            interpret=interpret,
+        )
+    )
     return (lambda q, k, v: jfn(q, k, v, *extra)), hp
 
 
 def make_dense_fn(interpret: bool):
-    impl = None if interpret else "cudnn"    # no cuDNN on CPU: XLA for the smoke run
-    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=impl))
+    impl = None if interpret else "cudnn"  # no cuDNN on CPU: XLA for the smoke run
+    return jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    )
 
 
 def run_config(p, tiles, gather_kv, inputs, dense_out, dense_s, *, interpret, reps, trials):
-    rec = {"n": p.n, "d": p.d, "hq": p.hq, "hk": p.hk, "dtype": p.dtype,
-           "gather_kv": gather_kv, "tiles": dataclasses.asdict(tiles)}
+    rec = {
+        "n": p.n,
+        "d": p.d,
+        "hq": p.hq,
+        "hk": p.hk,
+        "dtype": p.dtype,
+        "gather_kv": gather_kv,
+        "tiles": dataclasses.asdict(tiles),
+    }
     t0 = time.perf_counter()
     try:
         fn, hp = make_kernel_fn(p, tiles, gather_kv, interpret)
         rec["hp"] = hp
-        out = jax.block_until_ready(fn(*inputs))           # compile + first run
+        out = jax.block_until_ready(fn(*inputs))  # compile + first run
         rec["compile_s"] = round(time.perf_counter() - t0, 2)
         err = rel_err(out, dense_out)
         rec["rel_err_vs_dense"] = err
@@ -159,8 +175,9 @@ def run_config(p, tiles, gather_kv, inputs, dense_out, dense_s, *, interpret, re
         rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         rec["traceback_tail"] = traceback.format_exc()[-800:]
         return rec
-    rec.update(status="ok", ms=sec * 1e3, tflops=p.causal_flops / sec / 1e12,
-               ratio_vs_cudnn=dense_s / sec)
+    rec.update(
+        status="ok", ms=sec * 1e3, tflops=p.causal_flops / sec / 1e12, ratio_vs_cudnn=dense_s / sec
+    )
     return rec
 
 
@@ -170,41 +187,67 @@ def _key(rec):
 
 
 def print_table(records, dense, top):
-    print("\nBest configs (B=1, Hq=32, Hk=8, bf16; TFLOP/s counts causal work; ratio = "
-          "cuDNN time / kernel time):")
-    hdr = f"{'D':>4} {'N':>6} {'gather':>6} {'bm':>4} {'bn':>4} {'w':>2} {'s':>2} " \
-          f"{'ms':>8} {'TFLOP/s':>8} {'vs cuDNN':>8}"
+    print(
+        "\nBest configs (B=1, Hq=32, Hk=8, bf16; TFLOP/s counts causal work; ratio = "
+        "cuDNN time / kernel time):"
+    )
+    hdr = (
+        f"{'D':>4} {'N':>6} {'gather':>6} {'bm':>4} {'bn':>4} {'w':>2} {'s':>2} "
+        f"{'ms':>8} {'TFLOP/s':>8} {'vs cuDNN':>8}"
+    )
     print(hdr)
     groups = {}
     for r in records:
         if r.get("status") == "ok":
             groups.setdefault((r["d"], r["n"], r["gather_kv"]), []).append(r)
-    for (d, n, g) in sorted(groups, key=lambda x: (-x[0], x[1], not x[2])):
+    for d, n, g in sorted(groups, key=lambda x: (-x[0], x[1], not x[2])):
         rs = sorted(groups[(d, n, g)], key=lambda r: r["ms"])[:top]
         for r in rs:
             bm, bn, w, s = _key(r)
-            print(f"{d:>4} {n:>6} {str(g):>6} {bm:>4} {bn:>4} {w:>2} {s:>2} "
-                  f"{r['ms']:>8.3f} {r['tflops']:>8.1f} {r['ratio_vs_cudnn']:>8.2f}")
+            print(
+                f"{d:>4} {n:>6} {str(g):>6} {bm:>4} {bn:>4} {w:>2} {s:>2} "
+                f"{r['ms']:>8.3f} {r['tflops']:>8.1f} {r['ratio_vs_cudnn']:>8.2f}"
+            )
         dk = f"{d}/{n}"
         if dk in dense:
-            print(f"{d:>4} {n:>6} {'cuDNN':>6} {'':>4} {'':>4} {'':>2} {'':>2} "
-                  f"{dense[dk]['ms']:>8.3f} {dense[dk]['tflops']:>8.1f} {1.0:>8.2f}")
+            print(
+                f"{d:>4} {n:>6} {'cuDNN':>6} {'':>4} {'':>4} {'':>2} {'':>2} "
+                f"{dense[dk]['ms']:>8.3f} {dense[dk]['tflops']:>8.1f} {1.0:>8.2f}"
+            )
     bad = [r for r in records if r.get("status") in ("failed", "wrong")]
     if bad:
         print(f"\n{len(bad)} configs failed to compile/run or were wrong, e.g.:")
         for r in bad[:5]:
-            print("  ", _key(r), r["gather_kv"], r["d"], r["n"], r["status"],
-                  r.get("error", r.get("rel_err_vs_dense")))
+            print(
+                "  ",
+                _key(r),
+                r["gather_kv"],
+                r["d"],
+                r["n"],
+                r["status"],
+                r.get("error", r.get("rel_err_vs_dense")),
+            )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shape, CPU interpret mode: checks the script's helpers")
-    ap.add_argument("--budget-s", type=float, default=270.0,
-                    help="stop starting new configs after this many seconds")
-    ap.add_argument("--top", type=int, default=3,
-                    help="configs per (D, gather_kv) carried from N=8192 to N=32768")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shape, CPU interpret mode: checks the script's helpers",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=270.0,
+        help="stop starting new configs after this many seconds",
+    )
+    ap.add_argument(
+        "--top",
+        type=int,
+        default=3,
+        help="configs per (D, gather_kv) carried from N=8192 to N=32768",
+    )
     ap.add_argument("--d", type=int, nargs="*", default=[128, 64])
     ap.add_argument("--n", type=int, nargs="*", default=[8192, 32768])
     args = ap.parse_args(argv)
@@ -237,16 +280,27 @@ def main(argv=None):
             dense_out = jax.block_until_ready(dfn(*inputs))
             dense_s = time_fn(dfn, inputs, reps=reps, trials=trials)
             dense[f"{d}/{p.n}"] = {"ms": dense_s * 1e3, "tflops": p.causal_flops / dense_s / 1e12}
-            print(f"[{time.perf_counter() - start:6.1f}s] D={d} N={p.n}: "
-                  f"{'cuDNN' if not interpret else 'XLA'} {dense_s * 1e3:.3f} ms", flush=True)
+            print(
+                f"[{time.perf_counter() - start:6.1f}s] D={d} N={p.n}: "
+                f"{'cuDNN' if not interpret else 'XLA'} {dense_s * 1e3:.3f} ms",
+                flush=True,
+            )
             for gather_kv in (True, False):
                 if phase == 0:
                     configs = list(grid)
-                else:   # later phases: the best of phase 0 for this (D, gather) + the default
-                    prev = sorted((r for r in records if r["d"] == d and r["n"] ==
-                                   plist[0].n and r["gather_kv"] == gather_kv
-                                   and r.get("status") == "ok"), key=lambda r: r["ms"])
-                    configs = [TileConfig(**r["tiles"]) for r in prev[:args.top]]
+                else:  # later phases: the best of phase 0 for this (D, gather) + the default
+                    prev = sorted(
+                        (
+                            r
+                            for r in records
+                            if r["d"] == d
+                            and r["n"] == plist[0].n
+                            and r["gather_kv"] == gather_kv
+                            and r.get("status") == "ok"
+                        ),
+                        key=lambda r: r["ms"],
+                    )
+                    configs = [TileConfig(**r["tiles"]) for r in prev[: args.top]]
                     default = get_tiles(d, jnp.bfloat16, BLOCK_SIZE, gather_kv)
                     if default not in configs:
                         configs.append(default)
@@ -254,25 +308,53 @@ def main(argv=None):
                     # Phase 0 may use 75% of the budget; the rest is kept for later phases.
                     limit = args.budget_s * (0.75 if phase == 0 and n_phase > 1 else 1.0)
                     if time.perf_counter() - start > limit:
-                        records.append({"n": p.n, "d": d, "gather_kv": gather_kv,
-                                        "tiles": dataclasses.asdict(tiles),
-                                        "status": "skipped (budget)"})
+                        records.append(
+                            {
+                                "n": p.n,
+                                "d": d,
+                                "gather_kv": gather_kv,
+                                "tiles": dataclasses.asdict(tiles),
+                                "status": "skipped (budget)",
+                            }
+                        )
                         continue
-                    rec = run_config(p, tiles, gather_kv, inputs, dense_out, dense_s,
-                                     interpret=interpret, reps=reps, trials=trials)
+                    rec = run_config(
+                        p,
+                        tiles,
+                        gather_kv,
+                        inputs,
+                        dense_out,
+                        dense_s,
+                        interpret=interpret,
+                        reps=reps,
+                        trials=trials,
+                    )
                     records.append(rec)
-                    msg = (f"{rec['ms']:.3f} ms {rec['tflops']:.0f} TFLOP/s "
-                           f"x{rec['ratio_vs_cudnn']:.2f}" if rec["status"] == "ok"
-                           else rec["status"] + " " + str(rec.get("error",
-                                                              rec.get("rel_err_vs_dense"))))
-                    print(f"[{time.perf_counter() - start:6.1f}s] D={d} N={p.n} "
-                          f"gather={gather_kv} {_key(rec)}: {msg}", flush=True)
+                    msg = (
+                        f"{rec['ms']:.3f} ms {rec['tflops']:.0f} TFLOP/s "
+                        f"x{rec['ratio_vs_cudnn']:.2f}"
+                        if rec["status"] == "ok"
+                        else rec["status"]
+                        + " "
+                        + str(rec.get("error", rec.get("rel_err_vs_dense")))
+                    )
+                    print(
+                        f"[{time.perf_counter() - start:6.1f}s] D={d} N={p.n} "
+                        f"gather={gather_kv} {_key(rec)}: {msg}",
+                        flush=True,
+                    )
             del inputs, dense_out
 
-    meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "python": platform.python_version(), "smoke": args.smoke,
-            "block_size": BLOCK_SIZE, "segment": SEGMENT, "dense_impl":
-            "xla" if interpret else "cudnn", "wall_s": time.perf_counter() - start}
+    meta = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "smoke": args.smoke,
+        "block_size": BLOCK_SIZE,
+        "segment": SEGMENT,
+        "dense_impl": "xla" if interpret else "cudnn",
+        "wall_s": time.perf_counter() - start,
+    }
     path = os.path.join(out_dir, "tune_kernel.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "dense": dense, "records": records}, f, indent=1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +83,8 @@ class Llama3RopeScaling:
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             raise ValueError(
                 "rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
-                f"{self.low_freq_factor}, {self.high_freq_factor}")
+                f"{self.low_freq_factor}, {self.high_freq_factor}"
+            )
         if self.original_max_position_embeddings <= 0:
             raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
 
@@ -110,19 +111,29 @@ class LlamaConfig:
     mlp_chunk: int = 16384
 
     def __post_init__(self):
-        for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-                     "ffn_dim", "vocab_size", "max_position_embeddings", "mlp_chunk"):
+        for name in (
+            "num_layers",
+            "d_model",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "ffn_dim",
+            "vocab_size",
+            "max_position_embeddings",
+            "mlp_chunk",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads})")
+                f"({self.num_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
         """A named preset (see ``PRESETS``), optionally with some fields replaced."""
         try:
             config = PRESETS[name]
@@ -130,7 +141,7 @@ class LlamaConfig:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
         return dataclasses.replace(config, **overrides)
 
-    def replace(self, **overrides: Any) -> "LlamaConfig":
+    def replace(self, **overrides: Any) -> LlamaConfig:
         return dataclasses.replace(self, **overrides)
 
     @property
@@ -145,31 +156,77 @@ class LlamaConfig:
 PRESETS: dict[str, LlamaConfig] = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct)
     "smollm2-135m": LlamaConfig(
-        num_layers=30, d_model=576, num_heads=9, num_kv_heads=3, head_dim=64, ffn_dim=1536,
-        vocab_size=49152, rope_theta=100000.0, rms_eps=1e-5, tie_embeddings=True,
-        max_position_embeddings=8192),
+        num_layers=30,
+        d_model=576,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        ffn_dim=1536,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        rms_eps=1e-5,
+        tie_embeddings=True,
+        max_position_embeddings=8192,
+    ),
     # HuggingFaceTB/SmolLM2-360M(-Instruct)
     "smollm2-360m": LlamaConfig(
-        num_layers=32, d_model=960, num_heads=15, num_kv_heads=5, head_dim=64, ffn_dim=2560,
-        vocab_size=49152, rope_theta=100000.0, rms_eps=1e-5, tie_embeddings=True,
-        max_position_embeddings=8192),
+        num_layers=32,
+        d_model=960,
+        num_heads=15,
+        num_kv_heads=5,
+        head_dim=64,
+        ffn_dim=2560,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        rms_eps=1e-5,
+        tie_embeddings=True,
+        max_position_embeddings=8192,
+    ),
     # meta-llama/Llama-3.2-1B(-Instruct)
     "llama-3.2-1b": LlamaConfig(
-        num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, head_dim=64, ffn_dim=8192,
-        vocab_size=128256, rope_theta=500000.0,
-        rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192), rms_eps=1e-5,
-        tie_embeddings=True, max_position_embeddings=131072),
+        num_layers=16,
+        d_model=2048,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        ffn_dim=8192,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rope_scaling=Llama3RopeScaling(32.0, 1.0, 4.0, 8192),
+        rms_eps=1e-5,
+        tie_embeddings=True,
+        max_position_embeddings=131072,
+    ),
     # meta-llama/Llama-3.1-8B(-Instruct)
     "llama-3.1-8b": LlamaConfig(
-        num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128, ffn_dim=14336,
-        vocab_size=128256, rope_theta=500000.0,
-        rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192), rms_eps=1e-5,
-        tie_embeddings=False, max_position_embeddings=131072),
+        num_layers=32,
+        d_model=4096,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        ffn_dim=14336,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192),
+        rms_eps=1e-5,
+        tie_embeddings=False,
+        max_position_embeddings=131072,
+    ),
     # Qwen/Qwen2.5-0.5B(-Instruct): the q/k/v-bias variant.
     "qwen2.5-0.5b": LlamaConfig(
-        num_layers=24, d_model=896, num_heads=14, num_kv_heads=2, head_dim=64, ffn_dim=4864,
-        vocab_size=151936, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=True,
-        qkv_bias=True, max_position_embeddings=32768),
+        num_layers=24,
+        d_model=896,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        ffn_dim=4864,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        rms_eps=1e-6,
+        tie_embeddings=True,
+        qkv_bias=True,
+        max_position_embeddings=32768,
+    ),
 }
 
 
@@ -178,9 +235,10 @@ PRESETS: dict[str, LlamaConfig] = {
 # ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def inverse_frequencies(head_dim: int, theta: float,
-                        scaling: Llama3RopeScaling | None = None) -> np.ndarray:
+@functools.cache
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> np.ndarray:
     """RoPE inverse frequencies [head_dim/2] float32 (cached; arguments are static)."""
     # float32 exactly like HF: 1 / theta ** (arange(0, D, 2) / D).
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
@@ -194,7 +252,8 @@ def inverse_frequencies(head_dim: int, theta: float,
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
     smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
@@ -259,20 +318,26 @@ class LayerAttention:
     def __post_init__(self):
         for spec in (self.default, *(s for _, s in self.overrides)):
             if isinstance(spec, LayerAttention) or not isinstance(
-                    resolve_attention(spec), (str, PBSAttention)):
-                raise TypeError("LayerAttention takes 'full', PBSConfig or PBSAttention specs, "
-                                f"got {spec!r}")
+                resolve_attention(spec), (str, PBSAttention)
+            ):
+                raise TypeError(
+                    f"LayerAttention takes 'full', PBSConfig or PBSAttention specs, got {spec!r}"
+                )
         layers = [layer for layer, _ in self.overrides]
         if len(set(layers)) != len(layers) or any(
-                not isinstance(layer, int) or layer < 0 for layer in layers):
-            raise ValueError(f"LayerAttention.overrides needs distinct layer indices >= 0, got "
-                             f"{layers}")
+            not isinstance(layer, int) or layer < 0 for layer in layers
+        ):
+            raise ValueError(
+                f"LayerAttention.overrides needs distinct layer indices >= 0, got {layers}"
+            )
 
     def branches(self, num_layers: int) -> tuple[tuple, np.ndarray]:
         """(distinct resolved specs, [L] int32 index of each layer's spec)."""
         if any(layer >= num_layers for layer, _ in self.overrides):
-            raise ValueError(f"LayerAttention overrides layers {[l for l, _ in self.overrides]} "
-                             f"but the model has {num_layers}")
+            raise ValueError(
+                f"LayerAttention overrides layers {[l for l, _ in self.overrides]} "
+                f"but the model has {num_layers}"
+            )
         per_layer = [resolve_attention(self.default)] * num_layers
         for layer, spec in self.overrides:
             per_layer[layer] = resolve_attention(spec)
@@ -280,7 +345,7 @@ class LayerAttention:
         return specs, np.array([specs.index(s) for s in per_layer], np.int32)
 
 
-AttentionSpec = Union[str, PBSAttention, LayerAttention, Any]  # … | PBSConfig | callable
+AttentionSpec = str | PBSAttention | LayerAttention | Any  # … | PBSConfig | callable
 
 
 def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
@@ -300,7 +365,8 @@ def resolve_attention(attention: AttentionSpec) -> str | PBSAttention:
         # benchmark at a fixed block density) plugs in without touching the model.
         return attention
     raise TypeError(
-        f"attention must be 'full', a pbs_jax.PBSConfig or a PBSAttention, got {type(attention)}")
+        f"attention must be 'full', a pbs_jax.PBSConfig or a PBSAttention, got {type(attention)}"
+    )
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -314,8 +380,9 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     return dense_attention(q, k, v)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array,
-           attention: str | PBSAttention) -> tuple[jax.Array, jax.Array]:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, attention: str | PBSAttention
+) -> tuple[jax.Array, jax.Array]:
     """Prefill attention by spec: q [B,T,Hq,D], k/v [B,T,Hkv,D] (after RoPE).
 
     Returns (out [B,T,Hq,D] in q.dtype, density: float32 scalar = computed / causal blocks;
@@ -388,8 +455,7 @@ class Attention(nnx.Module):
         self.config = config
 
         def linear(n_in, n_out, bias):
-            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                              rngs=rngs)
+            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
         q_dim = config.num_heads * config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
@@ -428,10 +494,12 @@ class Attention(nnx.Module):
         start = (layer_index, 0, position, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start)
         values = jax.lax.dynamic_update_slice(
-            cache.values, v[None].astype(cache.values.dtype), start)
+            cache.values, v[None].astype(cache.values.dtype), start
+        )
         visible = (jnp.arange(cache.max_len) <= position)[None, None, None, :]  # [1,1,1,S]
         out = jax.nn.dot_product_attention(
-            q, keys[layer_index], values[layer_index], mask=visible, implementation="xla")
+            q, keys[layer_index], values[layer_index], mask=visible, implementation="xla"
+        )
         return self._output(out), KVCache(keys, values)
 
 
@@ -440,8 +508,9 @@ class MLP(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         def linear(n_in, n_out):
-            return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype,
-                              rngs=rngs)
+            return nnx.Linear(
+                n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs
+            )
 
         self.gate_proj = linear(config.d_model, config.ffn_dim)
         self.up_proj = linear(config.d_model, config.ffn_dim)
@@ -491,13 +560,15 @@ class Llama(nnx.Module):
     lm_head.kernel [d,V] unless tie_embeddings.
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, config: LlamaConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None = None
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
-                               param_dtype=dtype, rngs=rngs)
+        self.embed = nnx.Embed(
+            config.vocab_size, config.d_model, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
 
         # One DecoderLayer whose parameters carry a leading layer axis, so the stack runs
         # under lax.scan (compile time independent of depth).
@@ -508,9 +579,18 @@ class Llama(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(config.d_model, config.rms_eps, dtype=dtype)
-        self.lm_head = None if config.tie_embeddings else nnx.Linear(
-            config.d_model, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-            rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=rngs,
+            )
+        )
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -518,10 +598,15 @@ class Llama(nnx.Module):
         """Final norm + output projection: last-layer hidden [..., d] -> logits [..., V] f32."""
         hidden = self.final_norm(hidden)
         if self.lm_head is None:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed.embedding[...],
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head.kernel[...],
-                          preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                "...d,vd->...v",
+                hidden,
+                self.embed.embedding[...],
+                preferred_element_type=jnp.float32,
+            )
+        return jnp.einsum(
+            "...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
+        )
 
     def _prefill_layers(self, tokens, attention, collect_kv: bool):
         """tokens [B,T] -> (hidden [B,T,d], (keys, values) [L,B,T,Hkv,D] or None, density [L])."""
@@ -534,9 +619,11 @@ class Llama(nnx.Module):
             branches = [functools.partial(attend, attention=spec) for spec in specs]
 
             def layer_attention(index):
-                return lambda q, k, v: jax.lax.switch(jnp.asarray(spec_of_layer)[index],
-                                                      branches, q, k, v)
+                return lambda q, k, v: jax.lax.switch(
+                    jnp.asarray(spec_of_layer)[index], branches, q, k, v
+                )
         else:
+
             def layer_attention(index):
                 del index
                 return attention
@@ -548,13 +635,19 @@ class Llama(nnx.Module):
             return hidden, (kv if collect_kv else None, density)
 
         hidden, (kv, densities) = jax.lax.scan(
-            one_layer, self.embed(tokens), (layers_state, jnp.arange(num_layers)))
+            one_layer, self.embed(tokens), (layers_state, jnp.arange(num_layers))
+        )
         return hidden, kv, densities
 
     # -- public, traceable -----------------------------------------------------------------
 
-    def __call__(self, tokens: jax.Array, attention: AttentionSpec = FULL_ATTENTION, *,
-                 return_aux: bool = False):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        return_aux: bool = False,
+    ):
         """tokens [B,T] int -> logits [B,T,V] float32.
 
         With return_aux=True: (logits, density [L] float32), the fraction of causal blocks
@@ -564,8 +657,14 @@ class Llama(nnx.Module):
         logits = self.output_logits(hidden)
         return (logits, densities) if return_aux else logits
 
-    def prefill(self, tokens: jax.Array, attention: AttentionSpec = FULL_ATTENTION, *,
-                max_len: int | None = None, return_aux: bool = False):
+    def prefill(
+        self,
+        tokens: jax.Array,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        max_len: int | None = None,
+        return_aux: bool = False,
+    ):
         """tokens [B,T] -> (last-position logits [B,V] float32, KVCache with S = max_len).
 
         The cache holds keys after RoPE and values, in original token order, for positions
@@ -577,8 +676,7 @@ class Llama(nnx.Module):
         max_len = length if max_len is None else max_len
         if max_len < length:
             raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
-        hidden, (keys, values), densities = self._prefill_layers(tokens, attention,
-                                                                 collect_kv=True)
+        hidden, (keys, values), densities = self._prefill_layers(tokens, attention, collect_kv=True)
         if max_len > length:  # no copy of the whole cache when it is already full-size
             padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
             keys, values = jnp.pad(keys, padding), jnp.pad(values, padding)
@@ -604,7 +702,8 @@ class Llama(nnx.Module):
 
         layer_indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (hidden, cache), _ = jax.lax.scan(
-            one_layer, (self.embed(token[:, None]), cache), (layers_state, layer_indices))
+            one_layer, (self.embed(token[:, None]), cache), (layers_state, layer_indices)
+        )
         return self.output_logits(hidden[:, 0]), cache
 
 
@@ -623,8 +722,9 @@ def forward(graphdef, state, tokens, attention=FULL_ATTENTION, return_aux=False)
 def prefill(graphdef, state, tokens, attention=FULL_ATTENTION, max_len=None, return_aux=False):
     """Jitted ``Llama.prefill``: tokens [B,T] -> (last logits [B,V], KVCache [L,B,max_len,..]
     (, PrefillAux))."""
-    return nnx.merge(graphdef, state).prefill(tokens, attention, max_len=max_len,
-                                              return_aux=return_aux)
+    return nnx.merge(graphdef, state).prefill(
+        tokens, attention, max_len=max_len, return_aux=return_aux
+    )
 
 
 @jax.jit
@@ -662,8 +762,9 @@ def greedy_decode(graphdef, state, last_logits, cache, start_position, num_token
     return jnp.concatenate([first[:, None], rest.T], axis=1), cache
 
 
-def generate(graphdef, state, prompt_tokens, max_new_tokens: int,
-             attention: AttentionSpec = FULL_ATTENTION) -> jax.Array:
+def generate(
+    graphdef, state, prompt_tokens, max_new_tokens: int, attention: AttentionSpec = FULL_ATTENTION
+) -> jax.Array:
     """Greedy generation: prompt [B,T] -> new tokens [B,max_new_tokens] int32.
 
     Prefill with ``attention`` (dense or PBS), then dense decode against the cache. No early
@@ -674,8 +775,9 @@ def generate(graphdef, state, prompt_tokens, max_new_tokens: int,
         return generate(graphdef, state, prompt_tokens[None], max_new_tokens, attention)[0]
     attention = resolve_attention(attention)
     length = prompt_tokens.shape[1]
-    last_logits, cache = prefill(graphdef, state, prompt_tokens, attention,
-                                 max_len=length + max_new_tokens)
+    last_logits, cache = prefill(
+        graphdef, state, prompt_tokens, attention, max_len=length + max_new_tokens
+    )
     tokens, _ = greedy_decode(graphdef, state, last_logits, cache, length, max_new_tokens)
     return tokens
 
@@ -694,27 +796,57 @@ class JittedLlama:
         self.config: LlamaConfig = model.config
         self.graphdef, self.state = nnx.split(model)
 
-    def __call__(self, tokens, attention: AttentionSpec = FULL_ATTENTION, *,
-                 return_aux: bool = False):
-        return forward(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32),
-                       resolve_attention(attention), return_aux)
+    def __call__(
+        self, tokens, attention: AttentionSpec = FULL_ATTENTION, *, return_aux: bool = False
+    ):
+        return forward(
+            self.graphdef,
+            self.state,
+            jnp.asarray(tokens, jnp.int32),
+            resolve_attention(attention),
+            return_aux,
+        )
 
-    def prefill(self, tokens, attention: AttentionSpec = FULL_ATTENTION, *,
-                max_len: int | None = None, return_aux: bool = False):
-        return prefill(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32),
-                       resolve_attention(attention), max_len, return_aux)
+    def prefill(
+        self,
+        tokens,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        max_len: int | None = None,
+        return_aux: bool = False,
+    ):
+        return prefill(
+            self.graphdef,
+            self.state,
+            jnp.asarray(tokens, jnp.int32),
+            resolve_attention(attention),
+            max_len,
+            return_aux,
+        )
 
     def output_logits(self, hidden):
         return output_logits(self.graphdef, self.state, hidden)
 
     def decode_step(self, token, cache: KVCache, position):
-        return decode_step(self.graphdef, self.state, jnp.asarray(token, jnp.int32), cache,
-                           jnp.asarray(position, jnp.int32))
+        return decode_step(
+            self.graphdef,
+            self.state,
+            jnp.asarray(token, jnp.int32),
+            cache,
+            jnp.asarray(position, jnp.int32),
+        )
 
     def greedy_decode(self, last_logits, cache: KVCache, start_position, num_tokens: int):
-        return greedy_decode(self.graphdef, self.state, last_logits, cache,
-                             jnp.asarray(start_position, jnp.int32), num_tokens)
+        return greedy_decode(
+            self.graphdef,
+            self.state,
+            last_logits,
+            cache,
+            jnp.asarray(start_position, jnp.int32),
+            num_tokens,
+        )
 
-    def generate(self, prompt_tokens, max_new_tokens: int,
-                 attention: AttentionSpec = FULL_ATTENTION) -> jax.Array:
+    def generate(
+        self, prompt_tokens, max_new_tokens: int, attention: AttentionSpec = FULL_ATTENTION
+    ) -> jax.Array:
         return generate(self.graphdef, self.state, prompt_tokens, max_new_tokens, attention)

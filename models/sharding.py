@@ -40,62 +40,69 @@ PARAM_SPECS: tuple[tuple[str, P], ...] = (
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D ``("heads",)`` mesh over the first ``num_devices`` devices (default: all)."""
-  devices = jax.devices()
-  num_devices = len(devices) if num_devices is None else num_devices
-  if not 1 <= num_devices <= len(devices):
-    raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
-  return Mesh(np.array(devices[:num_devices]), (AXIS,))
+    """A 1-D ``("heads",)`` mesh over the first ``num_devices`` devices (default: all)."""
+    devices = jax.devices()
+    num_devices = len(devices) if num_devices is None else num_devices
+    if not 1 <= num_devices <= len(devices):
+        raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+    return Mesh(np.array(devices[:num_devices]), (AXIS,))
 
 
 def check_shardable(config: LlamaConfig, mesh: Mesh) -> None:
-  """Raise ``ValueError`` unless every split axis divides evenly over the mesh."""
-  n = mesh.shape[AXIS]
-  for name in ("num_heads", "num_kv_heads", "ffn_dim"):
-    if getattr(config, name) % n:
-      raise ValueError(f"LlamaConfig.{name} ({getattr(config, name)}) must be a multiple of the "
-                       f"{n} devices of the mesh for head-parallel prefill")
+    """Raise ``ValueError`` unless every split axis divides evenly over the mesh."""
+    n = mesh.shape[AXIS]
+    for name in ("num_heads", "num_kv_heads", "ffn_dim"):
+        if getattr(config, name) % n:
+            raise ValueError(
+                f"LlamaConfig.{name} ({getattr(config, name)}) must be a multiple of the "
+                f"{n} devices of the mesh for head-parallel prefill"
+            )
 
 
 def param_spec(path: str) -> P:
-  for pattern, spec in PARAM_SPECS:
-    if re.fullmatch(pattern, path):
-      return spec
-  return P()
+    for pattern, spec in PARAM_SPECS:
+        if re.fullmatch(pattern, path):
+            return spec
+    return P()
 
 
 def shard_model(model: Llama, mesh: Mesh):
-  """Split the model once and place its parameters on the mesh: ``(graphdef, state)``."""
-  check_shardable(model.config, mesh)
-  graphdef, state = nnx.split(model)
+    """Split the model once and place its parameters on the mesh: ``(graphdef, state)``."""
+    check_shardable(model.config, mesh)
+    graphdef, state = nnx.split(model)
 
-  def place(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    name = re.sub(r"/value$", "", name)
-    return jax.device_put(leaf, NamedSharding(mesh, param_spec(name)))
+    def place(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        name = re.sub(r"/value$", "", name)
+        return jax.device_put(leaf, NamedSharding(mesh, param_spec(name)))
 
-  return graphdef, jax.tree_util.tree_map_with_path(place, state)
+    return graphdef, jax.tree_util.tree_map_with_path(place, state)
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadParallel:
-  """Any attention spec ("full", a PBSConfig, a PBSAttention, a callable), run by every device
-  on its own heads: q ``[B, T, Hq, D]`` and k/v ``[B, T, Hkv, D]`` split on the head axis.
+    """Any attention spec ("full", a PBSConfig, a PBSAttention, a callable), run by every device
+    on its own heads: q ``[B, T, Hq, D]`` and k/v ``[B, T, Hkv, D]`` split on the head axis.
 
-  Hashable (a static jit argument), so the model takes it like any other attention spec.
-  Returns (out ``[B, T, Hq, D]`` split the same way, density averaged over devices).
-  """
+    Hashable (a static jit argument), so the model takes it like any other attention spec.
+    Returns (out ``[B, T, Hq, D]`` split the same way, density averaged over devices).
+    """
 
-  attention: Any
-  mesh: Mesh
+    attention: Any
+    mesh: Mesh
 
-  def __call__(self, q, k, v):
-    inner = resolve_attention(self.attention)
+    def __call__(self, q, k, v):
+        inner = resolve_attention(self.attention)
 
-    def local(q, k, v):
-      out, density = attend(q, k, v, inner)
-      return out, jax.lax.pmean(density, AXIS)
+        def local(q, k, v):
+            out, density = attend(q, k, v, inner)
+            return out, jax.lax.pmean(density, AXIS)
 
-    heads = P(None, None, AXIS, None)
-    return jax.shard_map(local, mesh=self.mesh, in_specs=(heads, heads, heads),
-                         out_specs=(heads, P()), check_vma=False)(q, k, v)
+        heads = P(None, None, AXIS, None)
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(heads, heads, heads),
+            out_specs=(heads, P()),
+            check_vma=False,
+        )(q, k, v)

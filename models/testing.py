@@ -21,8 +21,14 @@ import numpy as np
 
 from models.llama import LlamaConfig
 
-__all__ = ["HF_TO_GGUF_LAYER_NAMES", "config_to_hf", "quantize_roundtrip",
-           "random_hf_weights", "write_gguf", "write_safetensors_folder"]
+__all__ = [
+    "HF_TO_GGUF_LAYER_NAMES",
+    "config_to_hf",
+    "quantize_roundtrip",
+    "random_hf_weights",
+    "write_gguf",
+    "write_safetensors_folder",
+]
 
 HF_TO_GGUF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -40,7 +46,9 @@ HF_TO_GGUF_LAYER_NAMES = {
 }
 
 
-def random_hf_weights(config: LlamaConfig, seed: int = 0, scale: float = 0.5) -> dict[str, np.ndarray]:
+def random_hf_weights(
+    config: LlamaConfig, seed: int = 0, scale: float = 0.5
+) -> dict[str, np.ndarray]:
     """HF-named random float32 weights; linears [out, in] ~ N(0, scale^2 / in)."""
     rng = np.random.default_rng(seed)
     c = config
@@ -52,27 +60,34 @@ def random_hf_weights(config: LlamaConfig, seed: int = 0, scale: float = 0.5) ->
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    weights = {"model.embed_tokens.weight": rng.standard_normal((c.vocab_size, c.d_model))
-               .astype(np.float32), "model.norm.weight": norm(c.d_model)}
+    weights = {
+        "model.embed_tokens.weight": rng.standard_normal((c.vocab_size, c.d_model)).astype(
+            np.float32
+        ),
+        "model.norm.weight": norm(c.d_model),
+    }
     if not c.tie_embeddings:
         weights["lm_head.weight"] = linear(c.vocab_size, c.d_model)
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": norm(c.d_model),
-            p + "post_attention_layernorm.weight": norm(c.d_model),
-            p + "self_attn.q_proj.weight": linear(q_dim, c.d_model),
-            p + "self_attn.k_proj.weight": linear(kv_dim, c.d_model),
-            p + "self_attn.v_proj.weight": linear(kv_dim, c.d_model),
-            p + "self_attn.o_proj.weight": linear(c.d_model, q_dim),
-            p + "mlp.gate_proj.weight": linear(c.ffn_dim, c.d_model),
-            p + "mlp.up_proj.weight": linear(c.ffn_dim, c.d_model),
-            p + "mlp.down_proj.weight": linear(c.d_model, c.ffn_dim),
-        })
+        weights.update(
+            {
+                p + "input_layernorm.weight": norm(c.d_model),
+                p + "post_attention_layernorm.weight": norm(c.d_model),
+                p + "self_attn.q_proj.weight": linear(q_dim, c.d_model),
+                p + "self_attn.k_proj.weight": linear(kv_dim, c.d_model),
+                p + "self_attn.v_proj.weight": linear(kv_dim, c.d_model),
+                p + "self_attn.o_proj.weight": linear(c.d_model, q_dim),
+                p + "mlp.gate_proj.weight": linear(c.ffn_dim, c.d_model),
+                p + "mlp.up_proj.weight": linear(c.ffn_dim, c.d_model),
+                p + "mlp.down_proj.weight": linear(c.d_model, c.ffn_dim),
+            }
+        )
         if c.qkv_bias:
             for name, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
-                weights[p + f"self_attn.{name}_proj.bias"] = (
-                    0.1 * rng.standard_normal(n)).astype(np.float32)
+                weights[p + f"self_attn.{name}_proj.bias"] = (0.1 * rng.standard_normal(n)).astype(
+                    np.float32
+                )
     return weights
 
 
@@ -82,26 +97,40 @@ def config_to_hf(config: LlamaConfig) -> dict:
     hf = {
         "architectures": ["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"],
         "model_type": "qwen2" if c.qkv_bias else "llama",
-        "hidden_size": c.d_model, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim, "intermediate_size": c.ffn_dim, "vocab_size": c.vocab_size,
-        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps,
+        "hidden_size": c.d_model,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.ffn_dim,
+        "vocab_size": c.vocab_size,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_eps,
         "tie_word_embeddings": c.tie_embeddings,
-        "max_position_embeddings": c.max_position_embeddings, "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "hidden_act": "silu",
         "rope_scaling": None,
     }
     if c.rope_scaling is not None:
         s = c.rope_scaling
         hf["rope_scaling"] = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
             "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings}
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
     return hf
 
 
-def write_safetensors_folder(folder: str | os.PathLike, config: LlamaConfig,
-                             weights: dict[str, np.ndarray], *, dtype=np.float32,
-                             num_shards: int = 1) -> str:
+def write_safetensors_folder(
+    folder: str | os.PathLike,
+    config: LlamaConfig,
+    weights: dict[str, np.ndarray],
+    *,
+    dtype=np.float32,
+    num_shards: int = 1,
+) -> str:
     """config.json + model(-0000i-of-0000n).safetensors; returns the folder."""
     from safetensors.numpy import save_file
 
@@ -112,16 +141,22 @@ def write_safetensors_folder(folder: str | os.PathLike, config: LlamaConfig,
     names = sorted(weights)
     for shard in range(num_shards):
         part = {n: np.ascontiguousarray(weights[n].astype(dtype)) for n in names[shard::num_shards]}
-        filename = ("model.safetensors" if num_shards == 1
-                    else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors")
+        filename = (
+            "model.safetensors"
+            if num_shards == 1
+            else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        )
         save_file(part, os.path.join(folder, filename))
     return folder
 
 
 def _converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # convert_hf_to_gguf.py, LlamaModel.permute (verbatim logic).
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _llama3_rope_divisors(config: LlamaConfig) -> np.ndarray:
@@ -139,8 +174,9 @@ def _llama3_rope_divisors(config: LlamaConfig) -> np.ndarray:
         elif wavelen > low_freq_wavelen:
             factors.append(s.factor)
         else:
-            smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                      / (s.high_freq_factor - s.low_freq_factor))
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
             factors.append(1 / ((1 - smooth) / s.factor + smooth))
     return np.asarray(factors, np.float32)
 
@@ -154,11 +190,20 @@ def quantize_roundtrip(w: np.ndarray, qtype_name: str) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)
 
 
-def write_gguf(path: str | os.PathLike, config: LlamaConfig, weights: dict[str, np.ndarray], *,
-               qtype: str = "F32", tokens: Sequence[str] | None = None,
-               merges: Sequence[str] | None = None, token_types: Sequence[int] | None = None,
-               pre: str = "smollm", chat_template: str | None = None,
-               bos_id: int = 1, eos_id: int = 2) -> str:
+def write_gguf(
+    path: str | os.PathLike,
+    config: LlamaConfig,
+    weights: dict[str, np.ndarray],
+    *,
+    qtype: str = "F32",
+    tokens: Sequence[str] | None = None,
+    merges: Sequence[str] | None = None,
+    token_types: Sequence[int] | None = None,
+    pre: str = "smollm",
+    chat_template: str | None = None,
+    bos_id: int = 1,
+    eos_id: int = 2,
+) -> str:
     """A llama-arch GGUF of HF-named weights, as convert_hf_to_gguf.py writes it.
 
     qtype: GGML type of the 2-D weights ("F32", "F16", "Q8_0", "Q4_1", ...); 1-D stays F32.

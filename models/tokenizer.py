@@ -22,17 +22,23 @@ __all__ = ["PRE_TOKENIZERS", "Tokenizer", "render_chatml"]
 
 # llama.cpp's llm_tokenizer_bpe regexes (llama-vocab.cpp), by tokenizer.ggml.pre name.
 _GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _regex_then_bytes(regex: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _digits_then_gpt2():
@@ -57,8 +63,15 @@ _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values
 class Tokenizer:
     """encode / decode / apply_chat_template over a ``tokenizers.Tokenizer``."""
 
-    def __init__(self, backend: HFTokenizer, *, bos_id: int | None, eos_id: int | None,
-                 add_bos: bool = False, chat_template: str | None = None):
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ):
         self.backend = backend
         self.bos_id = bos_id
         self.eos_id = eos_id
@@ -68,7 +81,7 @@ class Tokenizer:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
+    def from_gguf(cls, reader) -> Tokenizer:
         """From a ``gguf.GGUFReader`` (tokenizer.ggml.model must be "gpt2": byte-level BPE)."""
 
         def field(key, default=None):
@@ -78,31 +91,45 @@ class Tokenizer:
         kind = field("tokenizer.ggml.model")
         if kind != "gpt2":
             raise NotImplementedError(
-                f"tokenizer.ggml.model {kind!r}: only byte-level BPE ('gpt2') is supported")
+                f"tokenizer.ggml.model {kind!r}: only byte-level BPE ('gpt2') is supported"
+            )
         tokens: list[str] = field("tokenizer.ggml.tokens")
         merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
         token_types = field("tokenizer.ggml.token_type", [1] * len(tokens))
         pre = field("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZERS:
-            warnings.warn(f"unknown tokenizer.ggml.pre {pre!r}; using the GPT-2 split")
+            warnings.warn(
+                f"unknown tokenizer.ggml.pre {pre!r}; using the GPT-2 split", stacklevel=2
+            )
             pre = "gpt2"
 
-        backend = HFTokenizer(models.BPE(
-            vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
-            ignore_merges=pre in ("llama-bpe", "llama3")))
+        backend = HFTokenizer(
+            models.BPE(
+                vocab={token: i for i, token in enumerate(tokens)},
+                merges=merges,
+                ignore_merges=pre in ("llama-bpe", "llama3"),
+            )
+        )
         backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
         backend.decoder = decoders.ByteLevel()
         # Control tokens (<|im_start|>, ...) must be matched whole, never split by BPE.
-        backend.add_special_tokens([
-            AddedToken(tokens[i], special=(t == _CONTROL), normalized=False)
-            for i, t in enumerate(token_types) if t in (_CONTROL, _USER_DEFINED)])
-        return cls(backend, bos_id=field("tokenizer.ggml.bos_token_id"),
-                   eos_id=field("tokenizer.ggml.eos_token_id"),
-                   add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=field("tokenizer.chat_template"))
+        backend.add_special_tokens(
+            [
+                AddedToken(tokens[i], special=(t == _CONTROL), normalized=False)
+                for i, t in enumerate(token_types)
+                if t in (_CONTROL, _USER_DEFINED)
+            ]
+        )
+        return cls(
+            backend,
+            bos_id=field("tokenizer.ggml.bos_token_id"),
+            eos_id=field("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+            chat_template=field("tokenizer.chat_template"),
+        )
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "Tokenizer":
+    def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
         """From an HF folder: tokenizer.json (+ tokenizer_config.json for template/specials)."""
         folder = os.fspath(folder)
         backend = HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
@@ -121,8 +148,13 @@ class Tokenizer:
         template = config.get("chat_template")
         if isinstance(template, list):  # list of named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(backend, bos_id=special_id("bos_token"), eos_id=special_id("eos_token"),
-                   add_bos=bool(config.get("add_bos_token", False)), chat_template=template)
+        return cls(
+            backend,
+            bos_id=special_id("bos_token"),
+            eos_id=special_id("eos_token"),
+            add_bos=bool(config.get("add_bos_token", False)),
+            chat_template=template,
+        )
 
     # -- use --------------------------------------------------------------------------------
 
@@ -139,8 +171,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> str:
         """Renders [{"role", "content"}, ...] with the model's template (text, not ids).
 
         Uses jinja2 when installed (exactly the model's template); otherwise a ChatML
@@ -156,14 +189,20 @@ class Tokenizer:
                 raise NotImplementedError(
                     "rendering this non-ChatML chat template needs jinja2 (pip install jinja2)"
                 ) from None
-            return render_chatml(messages, add_generation_prompt=add_generation_prompt,
-                                 default_system=_default_system_prompt(self.chat_template))
+            return render_chatml(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                default_system=_default_system_prompt(self.chat_template),
+            )
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self.backend.id_to_token(self.eos_id) if self.eos_id is not None else ""
         return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=bos, eos_token=eos)
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos,
+            eos_token=eos,
+        )
 
 
 def _default_system_prompt(template: str) -> str | None:
@@ -173,8 +212,12 @@ def _default_system_prompt(template: str) -> str | None:
     return found.group(1) if found else None
 
 
-def render_chatml(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
-                  default_system: str | None = None) -> str:
+def render_chatml(
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    default_system: str | None = None,
+) -> str:
     """``<|im_start|>role\\ncontent<|im_end|>\\n`` per message (+ the assistant header)."""
     turns = list(messages)
     if default_system is not None and (not turns or turns[0]["role"] != "system"):

@@ -27,8 +27,8 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -82,30 +82,79 @@ PARAM_RULES: tuple[ParamRule, ...] = (
     ParamRule(r"model\.embed_tokens\.weight", r"token_embd\.weight", ("embed", "embedding")),
     ParamRule(r"model\.norm\.weight", r"output_norm\.weight", ("final_norm", "scale")),
     ParamRule(r"lm_head\.weight", r"output\.weight", ("lm_head", "kernel"), _L),
-    ParamRule(_LAYER_HF + r"input_layernorm\.weight", _LAYER_GGUF + r"attn_norm\.weight",
-              ("layers", "attn_norm", "scale")),
-    ParamRule(_LAYER_HF + r"post_attention_layernorm\.weight", _LAYER_GGUF + r"ffn_norm\.weight",
-              ("layers", "mlp_norm", "scale")),
-    ParamRule(_LAYER_HF + r"self_attn\.q_proj\.weight", _LAYER_GGUF + r"attn_q\.weight",
-              ("layers", "attn", "q_proj", "kernel"), _L, rope_rows="q"),
-    ParamRule(_LAYER_HF + r"self_attn\.q_proj\.bias", _LAYER_GGUF + r"attn_q\.bias",
-              ("layers", "attn", "q_proj", "bias"), _I, rope_rows="q"),
-    ParamRule(_LAYER_HF + r"self_attn\.k_proj\.weight", _LAYER_GGUF + r"attn_k\.weight",
-              ("layers", "attn", "k_proj", "kernel"), _L, rope_rows="k"),
-    ParamRule(_LAYER_HF + r"self_attn\.k_proj\.bias", _LAYER_GGUF + r"attn_k\.bias",
-              ("layers", "attn", "k_proj", "bias"), _I, rope_rows="k"),
-    ParamRule(_LAYER_HF + r"self_attn\.v_proj\.weight", _LAYER_GGUF + r"attn_v\.weight",
-              ("layers", "attn", "v_proj", "kernel"), _L),
-    ParamRule(_LAYER_HF + r"self_attn\.v_proj\.bias", _LAYER_GGUF + r"attn_v\.bias",
-              ("layers", "attn", "v_proj", "bias")),
-    ParamRule(_LAYER_HF + r"self_attn\.o_proj\.weight", _LAYER_GGUF + r"attn_output\.weight",
-              ("layers", "attn", "o_proj", "kernel"), _L),
-    ParamRule(_LAYER_HF + r"mlp\.gate_proj\.weight", _LAYER_GGUF + r"ffn_gate\.weight",
-              ("layers", "mlp", "gate_proj", "kernel"), _L),
-    ParamRule(_LAYER_HF + r"mlp\.up_proj\.weight", _LAYER_GGUF + r"ffn_up\.weight",
-              ("layers", "mlp", "up_proj", "kernel"), _L),
-    ParamRule(_LAYER_HF + r"mlp\.down_proj\.weight", _LAYER_GGUF + r"ffn_down\.weight",
-              ("layers", "mlp", "down_proj", "kernel"), _L),
+    ParamRule(
+        _LAYER_HF + r"input_layernorm\.weight",
+        _LAYER_GGUF + r"attn_norm\.weight",
+        ("layers", "attn_norm", "scale"),
+    ),
+    ParamRule(
+        _LAYER_HF + r"post_attention_layernorm\.weight",
+        _LAYER_GGUF + r"ffn_norm\.weight",
+        ("layers", "mlp_norm", "scale"),
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.q_proj\.weight",
+        _LAYER_GGUF + r"attn_q\.weight",
+        ("layers", "attn", "q_proj", "kernel"),
+        _L,
+        rope_rows="q",
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.q_proj\.bias",
+        _LAYER_GGUF + r"attn_q\.bias",
+        ("layers", "attn", "q_proj", "bias"),
+        _I,
+        rope_rows="q",
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.k_proj\.weight",
+        _LAYER_GGUF + r"attn_k\.weight",
+        ("layers", "attn", "k_proj", "kernel"),
+        _L,
+        rope_rows="k",
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.k_proj\.bias",
+        _LAYER_GGUF + r"attn_k\.bias",
+        ("layers", "attn", "k_proj", "bias"),
+        _I,
+        rope_rows="k",
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.v_proj\.weight",
+        _LAYER_GGUF + r"attn_v\.weight",
+        ("layers", "attn", "v_proj", "kernel"),
+        _L,
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.v_proj\.bias",
+        _LAYER_GGUF + r"attn_v\.bias",
+        ("layers", "attn", "v_proj", "bias"),
+    ),
+    ParamRule(
+        _LAYER_HF + r"self_attn\.o_proj\.weight",
+        _LAYER_GGUF + r"attn_output\.weight",
+        ("layers", "attn", "o_proj", "kernel"),
+        _L,
+    ),
+    ParamRule(
+        _LAYER_HF + r"mlp\.gate_proj\.weight",
+        _LAYER_GGUF + r"ffn_gate\.weight",
+        ("layers", "mlp", "gate_proj", "kernel"),
+        _L,
+    ),
+    ParamRule(
+        _LAYER_HF + r"mlp\.up_proj\.weight",
+        _LAYER_GGUF + r"ffn_up\.weight",
+        ("layers", "mlp", "up_proj", "kernel"),
+        _L,
+    ),
+    ParamRule(
+        _LAYER_HF + r"mlp\.down_proj\.weight",
+        _LAYER_GGUF + r"ffn_down\.weight",
+        ("layers", "mlp", "down_proj", "kernel"),
+        _L,
+    ),
 )
 
 # Tensors that carry no parameter: HF's cached RoPE table; GGUF's Llama-3 RoPE divisors
@@ -127,14 +176,20 @@ def gguf_permute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     w: [num_heads * head_dim, ...] (a weight [out, in] or a bias [out]). Used by tests to
     write GGUFs the way the converter does.
     """
-    return (w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def gguf_unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Inverse of ``gguf_permute_rows``: GGUF interleaved-pair rows -> HF rotate-half rows."""
-    return (w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,10 +197,17 @@ def gguf_unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
-def model_from_tensors(config: LlamaConfig, tensors: Iterable[tuple[str, Callable[[], np.ndarray]]],
-                       name_format: str, *, dtype=jnp.float32, unpermute_qk: bool = False,
-                       num_tensors: int | None = None, description: str = "loading",
-                       progress: bool = True) -> Llama:
+def model_from_tensors(
+    config: LlamaConfig,
+    tensors: Iterable[tuple[str, Callable[[], np.ndarray]]],
+    name_format: str,
+    *,
+    dtype=jnp.float32,
+    unpermute_qk: bool = False,
+    num_tensors: int | None = None,
+    description: str = "loading",
+    progress: bool = True,
+) -> Llama:
     """Builds a Llama from (checkpoint name, lazy array) pairs through ``PARAM_RULES``.
 
     name_format: "hf" or "gguf" (which regex column to match). Arrays are in the checkpoint's
@@ -160,14 +222,21 @@ def model_from_tensors(config: LlamaConfig, tensors: Iterable[tuple[str, Callabl
     errors: list[str] = []
     heads = {"q": config.num_heads, "k": config.num_kv_heads}
 
-    for name, read in tqdm(tensors, total=num_tensors, desc=description, unit="tensor",
-                           disable=not progress):
+    for name, read in tqdm(
+        tensors, total=num_tensors, desc=description, unit="tensor", disable=not progress
+    ):
         if _IGNORED[name_format].fullmatch(name):
             continue
         if name_format == "hf" and name == "lm_head.weight" and config.tie_embeddings:
             continue  # some tied checkpoints still store a copy of the embedding
-        match = next(((m, rule) for pattern, rule in _COMPILED_RULES[name_format]
-                      if (m := pattern.fullmatch(name))), None)
+        match = next(
+            (
+                (m, rule)
+                for pattern, rule in _COMPILED_RULES[name_format]
+                if (m := pattern.fullmatch(name))
+            ),
+            None,
+        )
         if match is None:
             errors.append(f"unexpected tensor {name!r}")
             continue
@@ -188,8 +257,10 @@ def model_from_tensors(config: LlamaConfig, tensors: Iterable[tuple[str, Callabl
         if rule.transform is Transform.LINEAR:
             array = array.T
         if array.shape != shape:
-            errors.append(f"tensor {name!r}: shape {array.shape} (after transform), "
-                          f"expected {shape} for {'.'.join(rule.path)}")
+            errors.append(
+                f"tensor {name!r}: shape {array.shape} (after transform), "
+                f"expected {shape} for {'.'.join(rule.path)}"
+            )
             continue
         buffer = buffers.setdefault(rule.path, np.empty(target.shape, np_dtype))
         if layer is None:
@@ -199,7 +270,7 @@ def model_from_tensors(config: LlamaConfig, tensors: Iterable[tuple[str, Callabl
             buffer[layer] = array
             filled.setdefault(rule.path, set()).add(layer)
 
-    for path, leaf in _flatten(shapes):
+    for path, _leaf in _flatten(shapes):
         expected = {-1} if path[0] != "layers" else set(range(config.num_layers))
         missing = expected - filled.get(path, set())
         if missing:
@@ -259,7 +330,8 @@ def config_from_gguf(reader) -> LlamaConfig:
     arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise NotImplementedError(
-            f"GGUF architecture {arch!r} not supported (only {SUPPORTED_GGUF_ARCHITECTURES})")
+            f"GGUF architecture {arch!r} not supported (only {SUPPORTED_GGUF_ARCHITECTURES})"
+        )
     tensors = {t.name: t for t in reader.tensors}
 
     def meta(key, default=KeyError):
@@ -272,8 +344,11 @@ def config_from_gguf(reader) -> LlamaConfig:
 
     d_model = int(meta("embedding_length"))
     num_heads = int(meta("attention.head_count"))
-    head_dim = int(meta("attention.key_length", None) or meta("rope.dimension_count", None)
-                   or d_model // num_heads)
+    head_dim = int(
+        meta("attention.key_length", None)
+        or meta("rope.dimension_count", None)
+        or d_model // num_heads
+    )
     vocab_size = meta("vocab_size", None)
     if vocab_size is None:  # older files: count the tokenizer's tokens / embedding rows
         vocab_size = int(tensors["token_embd.weight"].shape[-1])
@@ -285,11 +360,15 @@ def config_from_gguf(reader) -> LlamaConfig:
     if "rope_freqs.weight" in tensors:
         import gguf
 
-        factors = gguf.quants.dequantize(tensors["rope_freqs.weight"].data,
-                                         tensors["rope_freqs.weight"].tensor_type)
+        factors = gguf.quants.dequantize(
+            tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type
+        )
         rope_scaling = llama3_scaling_from_rope_freqs(
-            np.asarray(factors, np.float32).reshape(-1), head_dim, rope_theta,
-            original_context=meta("rope.scaling.original_context_length", None))
+            np.asarray(factors, np.float32).reshape(-1),
+            head_dim,
+            rope_theta,
+            original_context=meta("rope.scaling.original_context_length", None),
+        )
     return LlamaConfig(
         num_layers=int(meta("block_count")),
         d_model=d_model,
@@ -313,8 +392,9 @@ def _f32_to_float(value) -> float:
     return float(str(np.float32(value)))
 
 
-def llama3_scaling_from_rope_freqs(factors: np.ndarray, head_dim: int, theta: float,
-                                   original_context: int | None = None) -> Llama3RopeScaling:
+def llama3_scaling_from_rope_freqs(
+    factors: np.ndarray, head_dim: int, theta: float, original_context: int | None = None
+) -> Llama3RopeScaling:
     """Recovers Llama-3 RoPE scaling from llama.cpp's per-frequency divisors [D/2].
 
     llama.cpp divides inverse frequency i by factors[i]. ``factor`` is the largest divisor.
@@ -336,8 +416,11 @@ def llama3_scaling_from_rope_freqs(factors: np.ndarray, head_dim: int, theta: fl
         slope, intercept = np.polyfit(inv_freq[between] / (2 * np.pi), smooth, 1)
         if intercept < 0:  # slope = original / (high - low), intercept = -low / (high - low)
             high = 1.0 - 1.0 / intercept
-            candidates.append(Llama3RopeScaling(
-                factor, 1.0, float(np.round(high, 4)), int(round(-slope / intercept))))
+            candidates.append(
+                Llama3RopeScaling(
+                    factor, 1.0, float(np.round(high, 4)), int(round(-slope / intercept))
+                )
+            )
     for scaling in candidates:
         plain = inverse_frequencies(head_dim, float(theta), None)
         scaled = inverse_frequencies(head_dim, float(theta), scaling)
@@ -346,8 +429,9 @@ def llama3_scaling_from_rope_freqs(factors: np.ndarray, head_dim: int, theta: fl
     raise NotImplementedError(f"rope_freqs.weight {factors} is not a Llama-3 RoPE scaling")
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32,
-              progress: bool = True) -> tuple[Llama, LlamaConfig, Any]:
+def load_gguf(
+    path: str | os.PathLike, *, dtype=jnp.float32, progress: bool = True
+) -> tuple[Llama, LlamaConfig, Any]:
     """GGUF file -> (model, config, gguf.GGUFReader). The reader also feeds the tokenizer."""
     import gguf
 
@@ -360,9 +444,15 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32,
 
     tensors = [(t.name, lazy(t)) for t in reader.tensors]
     model = model_from_tensors(
-        config, tensors, "gguf", dtype=dtype, unpermute_qk=(arch == "llama"),
-        num_tensors=len(tensors), description=f"loading {os.path.basename(path)}",
-        progress=progress)
+        config,
+        tensors,
+        "gguf",
+        dtype=dtype,
+        unpermute_qk=(arch == "llama"),
+        num_tensors=len(tensors),
+        description=f"loading {os.path.basename(path)}",
+        progress=progress,
+    )
     return model, config, reader
 
 
@@ -387,9 +477,11 @@ def config_from_hf(hf_config: dict) -> LlamaConfig:
         rope_type = scaling.get("rope_type", scaling.get("type"))
         if rope_type == "llama3":
             rope_scaling = Llama3RopeScaling(
-                float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
+                float(scaling["factor"]),
+                float(scaling.get("low_freq_factor", 1.0)),
                 float(scaling.get("high_freq_factor", 4.0)),
-                int(scaling.get("original_max_position_embeddings", 8192)))
+                int(scaling.get("original_max_position_embeddings", 8192)),
+            )
         elif rope_type != "default":
             raise NotImplementedError(f"rope_scaling type {rope_type!r} not supported")
     return LlamaConfig(
@@ -410,8 +502,15 @@ def config_from_hf(hf_config: dict) -> LlamaConfig:
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
     "BOOL": np.bool_,
 }
 
@@ -438,8 +537,9 @@ def read_safetensors(path: str | os.PathLike) -> list[tuple[str, Callable[[], np
     return [(name, lazy(info)) for name, info in header.items()]
 
 
-def load_safetensors(folder: str | os.PathLike, *, dtype=jnp.float32,
-                     progress: bool = True) -> tuple[Llama, LlamaConfig]:
+def load_safetensors(
+    folder: str | os.PathLike, *, dtype=jnp.float32, progress: bool = True
+) -> tuple[Llama, LlamaConfig]:
     """HF folder (config.json + *.safetensors shards) -> (model, config)."""
     folder = os.fspath(folder)
     with open(os.path.join(folder, "config.json")) as f:
@@ -448,7 +548,13 @@ def load_safetensors(folder: str | os.PathLike, *, dtype=jnp.float32,
     if not shards:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
     tensors = [item for shard in shards for item in read_safetensors(shard)]
-    model = model_from_tensors(config, tensors, "hf", dtype=dtype, num_tensors=len(tensors),
-                               description=f"loading {os.path.basename(folder.rstrip('/'))}",
-                               progress=progress)
+    model = model_from_tensors(
+        config,
+        tensors,
+        "hf",
+        dtype=dtype,
+        num_tensors=len(tensors),
+        description=f"loading {os.path.basename(folder.rstrip('/'))}",
+        progress=progress,
+    )
     return model, config

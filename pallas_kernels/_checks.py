@@ -40,15 +40,17 @@ def _shape(name, x):
         raise ValueError(f"{name} must be an array, got {type(x).__name__}") from None
 
 
-def validate(q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_size: int,
-             sm_scale) -> Dims:
+def validate(
+    q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_size: int, sm_scale
+) -> Dims:
     """Check the kernel contract; raise ValueError naming the argument and the rule."""
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
         raise ValueError(f"block_size must be an int, got {block_size!r}")
     if not _is_pow2(int(block_size)) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    if sm_scale is not None and not (isinstance(sm_scale, (int, float, np.floating))
-                                     and np.isfinite(sm_scale) and sm_scale > 0):
+    if sm_scale is not None and not (
+        isinstance(sm_scale, (int, float, np.floating)) and np.isfinite(sm_scale) and sm_scale > 0
+    ):
         raise ValueError(f"sm_scale must be None or a finite positive float, got {sm_scale!r}")
 
     qs, ks, vs = _shape("q", q), _shape("k", k), _shape("v", v)
@@ -63,14 +65,16 @@ def validate(q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_si
         raise ValueError("q must have a sequence length N >= 1, got N = 0")
     if ks[0] != b or ks[1] != n or ks[3] != d:
         raise ValueError(
-            f"k/v must be [B, N, Hk, D] with B={b}, N={n}, D={d} taken from q {qs}, got {ks}")
+            f"k/v must be [B, N, Hk, D] with B={b}, N={n}, D={d} taken from q {qs}, got {ks}"
+        )
     hk = ks[2]
     if hk == 0 or hq % hk:
         raise ValueError(f"Hq={hq} (q.shape[2]) must be a multiple of Hk={hk} (k.shape[2])")
     if not _is_pow2(d) or d < 16 or d > MAX_HEAD_DIM:
         raise ValueError(
             f"head dim D={d} must be a power of two in [16, {MAX_HEAD_DIM}] (Triton tensor "
-            "shapes are powers of two; pad D yourself otherwise)")
+            "shapes are powers of two; pad D yourself otherwise)"
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.dtype(x.dtype).name not in _FLOAT_DTYPES:
             raise ValueError(f"{name}.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
@@ -89,13 +93,18 @@ def validate(q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_si
     if len(ids) != 4 or ids[:3] != (b, hq, t):
         raise ValueError(
             f"block_ids must be [B, Hq, Tq, Kmax] = [{b}, {hq}, {t}, Kmax] with "
-            f"Tq = ceil(N / block_size) = ceil({n} / {block_size}), got shape {ids}")
+            f"Tq = ceil(N / block_size) = ceil({n} / {block_size}), got shape {ids}"
+        )
     for name, x in (("full_counts", full_counts), ("total_counts", total_counts)):
         s = _shape(name, x)
         if s != (b, hq, t):
             raise ValueError(f"{name} must be [B, Hq, Tq] = [{b}, {hq}, {t}], got shape {s}")
-    for name, x in (("key_pos", key_pos), ("block_ids", block_ids),
-                    ("full_counts", full_counts), ("total_counts", total_counts)):
+    for name, x in (
+        ("key_pos", key_pos),
+        ("block_ids", block_ids),
+        ("full_counts", full_counts),
+        ("total_counts", total_counts),
+    ):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
     return Dims(b, n, hq, hk, hp, d, t, ids[3])

@@ -56,9 +56,19 @@ _M_INIT = -1e20
 
 
 def block_sparse_attention(
-    q, k, v, key_pos, block_ids, full_counts, total_counts, *,
-    block_size: int = 128, gather_kv: bool = True, sm_scale: float | None = None,
-    tiles: TileConfig | None = None, interpret: bool | None = None,
+    q,
+    k,
+    v,
+    key_pos,
+    block_ids,
+    full_counts,
+    total_counts,
+    *,
+    block_size: int = 128,
+    gather_kv: bool = True,
+    sm_scale: float | None = None,
+    tiles: TileConfig | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """Attention of every query over the listed kv blocks only.
 
@@ -90,8 +100,17 @@ def block_sparse_attention(
       ValueError: bad shapes, dtypes, head counts, head dim or tiles (the message names the
         argument and the rule).
     """
-    dims = _checks.validate(q, k, v, key_pos, block_ids, full_counts, total_counts,
-                            block_size=block_size, sm_scale=sm_scale)
+    dims = _checks.validate(
+        q,
+        k,
+        v,
+        key_pos,
+        block_ids,
+        full_counts,
+        total_counts,
+        block_size=block_size,
+        sm_scale=sm_scale,
+    )
     block_size = int(block_size)
     if tiles is None:
         tiles = get_tiles(dims.head_dim, q.dtype, block_size, bool(gather_kv))
@@ -103,27 +122,49 @@ def block_sparse_attention(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     return _block_sparse_attention(
-        q, k, v, key_pos.astype(jnp.int32), block_ids.astype(jnp.int32),
-        full_counts.astype(jnp.int32), total_counts.astype(jnp.int32),
-        block_size=block_size, gather_kv=bool(gather_kv), sm_scale=float(sm_scale),
-        tiles=tiles, interpret=bool(interpret))
+        q,
+        k,
+        v,
+        key_pos.astype(jnp.int32),
+        block_ids.astype(jnp.int32),
+        full_counts.astype(jnp.int32),
+        total_counts.astype(jnp.int32),
+        block_size=block_size,
+        gather_kv=bool(gather_kv),
+        sm_scale=float(sm_scale),
+        tiles=tiles,
+        interpret=bool(interpret),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "gather_kv", "sm_scale", "tiles",
-                                             "interpret"))
-def _block_sparse_attention(q, k, v, key_pos, block_ids, full_counts, total_counts, *,
-                            block_size: int, gather_kv: bool, sm_scale: float,
-                            tiles: TileConfig, interpret: bool):
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "gather_kv", "sm_scale", "tiles", "interpret")
+)
+def _block_sparse_attention(
+    q,
+    k,
+    v,
+    key_pos,
+    block_ids,
+    full_counts,
+    total_counts,
+    *,
+    block_size: int,
+    gather_kv: bool,
+    sm_scale: float,
+    tiles: TileConfig,
+    interpret: bool,
+):
     b, n, hq, d = q.shape
     hk = k.shape[2]
     hp = key_pos.shape[1]
     t = block_ids.shape[2]
     n_pad = t * block_size
     bm, bn = tiles.block_m, tiles.block_n
-    m_per_block = block_size // bm        # programs per logical q block
-    n_q_programs = pl.cdiv(n, bm)         # programs entirely past N are never launched
+    m_per_block = block_size // bm  # programs per logical q block
+    n_q_programs = pl.cdiv(n, bm)  # programs entirely past N are never launched
 
-    if block_ids.shape[3] == 0:           # Kmax == 0: nothing listed; keep a 1-wide dummy row
+    if block_ids.shape[3] == 0:  # Kmax == 0: nothing listed; keep a 1-wide dummy row
         block_ids = jnp.zeros((b, hq, t, 1), jnp.int32)
     kmax = block_ids.shape[3]
     # Counts out of range would make the loops read past the lists: clamp (cheap, [B,Hq,Tq]).
@@ -135,9 +176,17 @@ def _block_sparse_attention(q, k, v, key_pos, block_ids, full_counts, total_coun
         key_pos = jnp.pad(key_pos, ((0, 0), (0, 0), (0, n_pad - n)), constant_values=n - 1)
 
     kernel = functools.partial(
-        _kernel, block_size=block_size, block_m=bm, block_n=bn, seq_len=n, num_blocks=t,
-        n_q_programs=n_q_programs, qk_scale=sm_scale * _LOG2E, gather_kv=gather_kv,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        _kernel,
+        block_size=block_size,
+        block_m=bm,
+        block_n=bn,
+        seq_len=n,
+        num_blocks=t,
+        n_q_programs=n_q_programs,
+        qk_scale=sm_scale * _LOG2E,
+        gather_kv=gather_kv,
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+    )
 
     # Heavy (late) query blocks are launched first: program 0 takes the last q tile. Causal
     # work grows with the q index, so this shortens the tail of the launch.
@@ -145,7 +194,7 @@ def _block_sparse_attention(q, k, v, key_pos, block_ids, full_counts, total_coun
         return n_q_programs - 1 - i
 
     def q_block(i):
-        return lax.div(q_tile(i), m_per_block)   # lax.div, as jax ops do for program-id math
+        return lax.div(q_tile(i), m_per_block)  # lax.div, as jax ops do for program-id math
 
     g_kv, g_p = hq // hk, hq // hp
     in_specs = [
@@ -166,25 +215,41 @@ def _block_sparse_attention(q, k, v, key_pos, block_ids, full_counts, total_coun
         grid=(n_q_programs, b, hq),
         in_specs=in_specs,
         out_specs=out_spec,
-        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=f"pbs_block_sparse_attn_bs{block_size}_m{bm}_n{bn}",
     )(block_ids, full_counts, total_counts, key_pos, q, k, v)
 
 
-def _kernel(ids_ref, full_ref, total_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, *,
-            block_size, block_m, block_n, seq_len, num_blocks, n_q_programs, qk_scale,
-            gather_kv, precision):
+def _kernel(
+    ids_ref,
+    full_ref,
+    total_ref,
+    kp_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    *,
+    block_size,
+    block_m,
+    block_n,
+    seq_len,
+    num_blocks,
+    n_q_programs,
+    qk_scale,
+    gather_kv,
+    precision,
+):
     """One program: `block_m` query rows of one (batch, head).
 
     ids_ref [Kmax], full_ref [], total_ref [], kp_ref [Tq*bs], q_ref [bm, D],
     k_ref/v_ref [N, D], o_ref [bm, D].
     """
     q_tile = n_q_programs - 1 - pl.program_id(0)
-    sub_tiles = block_size // block_n            # static: sub-tiles per logical block
-    ragged_q = seq_len % block_m != 0            # static: last q tile is partial
-    ragged_kv = seq_len % block_size != 0        # static: last kv block has padding slots
+    sub_tiles = block_size // block_n  # static: sub-tiles per logical block
+    ragged_q = seq_len % block_m != 0  # static: last q tile is partial
+    ragged_kv = seq_len % block_size != 0  # static: last kv block has padding slots
     d = q_ref.shape[-1]
 
     q_pos = q_tile * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -210,7 +275,7 @@ def _kernel(ids_ref, full_ref, total_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, *,
             entry, sub = t, 0
         else:
             entry, sub = lax.div(t, sub_tiles), lax.rem(t, sub_tiles)
-        kv_block = jnp.clip(ids_ref[entry], 0, num_blocks - 1)   # memory safety only
+        kv_block = jnp.clip(ids_ref[entry], 0, num_blocks - 1)  # memory safety only
         start = kv_block * block_size + sub * block_n
         return entry, start
 
@@ -218,7 +283,7 @@ def _kernel(ids_ref, full_ref, total_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, *,
         m_prev, l_prev, acc_prev = carry
         entry, start = load_tile(t)
         if gather_kv or masked:
-            kp = kp_ref[pl.ds(start, block_n)]                   # [bn] original key positions
+            kp = kp_ref[pl.ds(start, block_n)]  # [bn] original key positions
         if gather_kv:
             # Data-dependent row gather (as in jax's paged_attention): K/V never permuted.
             k = k_ref[kp, :]
@@ -228,8 +293,9 @@ def _kernel(ids_ref, full_ref, total_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, *,
                 # Slots of the last block may pass N; clamp to a valid row, masked below. (The
                 # unmasked loop never sees that block, but when N < block_n a static slice of
                 # block_n rows would not even fit k_ref, so it takes this path too.)
-                rows = jnp.minimum(start + lax.broadcasted_iota(jnp.int32, (block_n,), 0),
-                                   seq_len - 1)
+                rows = jnp.minimum(
+                    start + lax.broadcasted_iota(jnp.int32, (block_n,), 0), seq_len - 1
+                )
                 k = k_ref[rows, :]
                 v = v_ref[rows, :]
             else:
@@ -237,7 +303,7 @@ def _kernel(ids_ref, full_ref, total_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, *,
                 v = v_ref[pl.ds(start, block_n), :]
 
         s = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32)
-        s = s * qk_scale                                        # [bm, bn], log2 units
+        s = s * qk_scale  # [bm, bn], log2 units
         if masked:
             valid = kp[None, :] <= q_pos[:, None]
             if ragged_kv:
@@ -252,16 +318,19 @@ def _kernel(ids_ref, full_ref, total_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, *,
         p = jnp.exp2(s - m_new[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
         acc = acc_prev * alpha[:, None] + jnp.dot(
-            p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
+            p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+        )
         return m_new, l_new, acc
 
-    carry = (jnp.full((block_m,), _M_INIT, jnp.float32),
-             jnp.zeros((block_m,), jnp.float32),
-             jnp.zeros((block_m, d), jnp.float32))
-    carry = lax.fori_loop(0, full_end * sub_tiles,
-                          functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(full_end * sub_tiles, total * sub_tiles,
-                          functools.partial(step, masked=True), carry)
+    carry = (
+        jnp.full((block_m,), _M_INIT, jnp.float32),
+        jnp.zeros((block_m,), jnp.float32),
+        jnp.zeros((block_m, d), jnp.float32),
+    )
+    carry = lax.fori_loop(0, full_end * sub_tiles, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(
+        full_end * sub_tiles, total * sub_tiles, functools.partial(step, masked=True), carry
+    )
     _, l, acc = carry
     # l == 0 <=> no selected key for this row (total == 0 or all masked): output exact zeros.
     out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)

@@ -47,7 +47,8 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {val!r}")
         if not _is_pow2(self.num_warps) or self.num_warps > 32:
             raise ValueError(
-                f"TileConfig.num_warps must be a power of two in [1, 32], got {self.num_warps!r}")
+                f"TileConfig.num_warps must be a power of two in [1, 32], got {self.num_warps!r}"
+            )
         if not isinstance(self.num_stages, (int, np.integer)) or self.num_stages < 1:
             raise ValueError(f"TileConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
 
@@ -58,7 +59,8 @@ class TileConfig:
             if block_size % val:
                 raise ValueError(
                     f"tiles.{name}={val} must divide block_size={block_size} "
-                    "(each logical block is walked in whole tiles)")
+                    "(each logical block is walked in whole tiles)"
+                )
 
 
 # Keyed by (head_dim, dtype name, gather_kv). Measured by `experiments/tune_kernel.py`
@@ -82,8 +84,9 @@ DEFAULT_TILES: dict[tuple[int, str, bool], TileConfig] = {
 }
 
 
-def get_tiles(head_dim: int, dtype, block_size: int | None = None,
-              gather_kv: bool = True) -> TileConfig:
+def get_tiles(
+    head_dim: int, dtype, block_size: int | None = None, gather_kv: bool = True
+) -> TileConfig:
     """Default tiles for (head_dim, dtype, gather_kv), shrunk to divide `block_size` if given.
 
     Head dims missing from the table fall back to a size-based guess.
@@ -92,10 +95,15 @@ def get_tiles(head_dim: int, dtype, block_size: int | None = None,
     tiles = DEFAULT_TILES.get((int(head_dim), name, bool(gather_kv)))
     if tiles is None:
         small = head_dim <= 64 and name != "float32"
-        tiles = TileConfig(128 if small else 64, 64 if name != "float32" else 32,
-                           num_warps=4, num_stages=2 if head_dim > 128 else 3)
+        tiles = TileConfig(
+            128 if small else 64,
+            64 if name != "float32" else 32,
+            num_warps=4,
+            num_stages=2 if head_dim > 128 else 3,
+        )
     if block_size is not None:
         # Shrink (never grow) to a divisor of block_size; both are powers of two.
-        tiles = dataclasses.replace(tiles, block_m=min(tiles.block_m, block_size),
-                                    block_n=min(tiles.block_n, block_size))
+        tiles = dataclasses.replace(
+            tiles, block_m=min(tiles.block_m, block_size), block_n=min(tiles.block_n, block_size)
+        )
     return tiles

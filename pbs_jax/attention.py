@@ -25,167 +25,205 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # which the op runs on Hopper, and the Triton kernel, which it runs on other GPUs (measured on
 # the same H100; other cards may differ).
 AUTO_BREAK_EVEN = ((8192, 0.29), (16384, 0.62), (32768, 0.80), (65536, 0.85), (131072, 0.90))
-AUTO_BREAK_EVEN_TRITON = ((8192, 0.13), (16384, 0.39), (32768, 0.54), (65536, 0.57),
-                          (131072, 0.66))
+AUTO_BREAK_EVEN_TRITON = ((8192, 0.13), (16384, 0.39), (32768, 0.54), (65536, 0.57), (131072, 0.66))
 
 
 def auto_max_density(seq_len: int, mosaic: bool = True) -> float | None:
-  """Largest density at which ``impl="auto"`` takes the kernel; None: always dense."""
-  table = AUTO_BREAK_EVEN if mosaic else AUTO_BREAK_EVEN_TRITON
-  usable = [d for n, d in table if seq_len >= n]
-  return usable[-1] if usable else None
+    """Largest density at which ``impl="auto"`` takes the kernel; None: always dense."""
+    table = AUTO_BREAK_EVEN if mosaic else AUTO_BREAK_EVEN_TRITON
+    usable = [d for n, d in table if seq_len >= n]
+    return usable[-1] if usable else None
 
 
 class PBSAux(NamedTuple):
-  """What ``return_aux=True`` adds to the output.
+    """What ``return_aux=True`` adds to the output.
 
-  perm: ``[B, Hp, N]`` int32, original position of the key at each slot.
-  block_mask: ``[B, Hq, T, T]`` bool, computed (query block, key-slot block) pairs.
-  density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
-  sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
-    take dense attention instead: short sequences, or a plan too dense to pay).
-  """
+    perm: ``[B, Hp, N]`` int32, original position of the key at each slot.
+    block_mask: ``[B, Hq, T, T]`` bool, computed (query block, key-slot block) pairs.
+    density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
+    sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
+      take dense attention instead: short sequences, or a plan too dense to pay).
+    """
 
-  perm: jax.Array
-  block_mask: jax.Array
-  density: jax.Array
-  sparse: jax.Array
+    perm: jax.Array
+    block_mask: jax.Array
+    density: jax.Array
+    sparse: jax.Array
 
 
 def validate_inputs(q, k, v) -> None:
-  """Raise a clear ``ValueError`` for inputs the op cannot take (before any compute)."""
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have rank 4 [B, N, H, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  b, n, hq, d = q.shape
-  if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
-    raise ValueError(
-        f"q [B, N, Hq, D] = {tuple(q.shape)} and k/v [B, N, Hkv, D] = {tuple(k.shape)} must agree "
-        "on B, N and D (prefill: as many keys as queries)")
-  if n == 0 or b == 0 or d == 0:
-    raise ValueError(f"B, N and D must be positive, got q shape {tuple(q.shape)}")
-  if hq % k.shape[2]:
-    raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[2]})")
+    """Raise a clear ``ValueError`` for inputs the op cannot take (before any compute)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, N, H, D], got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, n, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
+        raise ValueError(
+            f"q [B, N, Hq, D] = {tuple(q.shape)} and k/v [B, N, Hkv, D] = {tuple(k.shape)} "
+            "must agree on B, N and D (prefill: as many keys as queries)"
+        )
+    if n == 0 or b == 0 or d == 0:
+        raise ValueError(f"B, N and D must be positive, got q shape {tuple(q.shape)}")
+    if hq % k.shape[2]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[2]})")
 
 
 def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+    return jax.default_backend() == "gpu"
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Fast dense causal attention, the one rule for where sparsity does not pay.
+    """Fast dense causal attention, the one rule for where sparsity does not pay.
 
-  q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` (GQA native) → ``[B, N, Hq, D]``: cuDNN flash
-  attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise.
-  """
-  cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                      implementation="cudnn" if cudnn else "xla")
+    q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` (GQA native) → ``[B, N, Hq, D]``: cuDNN flash
+    attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise.
+    """
+    cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn" if cudnn else "xla"
+    )
 
 
 def _dense(q, k, v, impl):
-  """Dense causal attention for sequences too short for sparsity to pay (the oracle when
-  ``impl="reference"``)."""
-  if impl == "reference":
-    return reference.dense_causal_attention(q, k, v)
-  return dense_attention(q, k, v)
+    """Dense causal attention for sequences too short for sparsity to pay (the oracle when
+    ``impl="reference"``)."""
+    if impl == "reference":
+        return reference.dense_causal_attention(q, k, v)
+    return dense_attention(q, k, v)
 
 
 def pbs_plan(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> tuple[jax.Array, jax.Array]:
-  """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool."""
-  perm = compute_permutation(q, k, cfg)
-  return perm, select_blocks(q, k, perm, cfg)
+    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool."""
+    perm = compute_permutation(q, k, cfg)
+    return perm, select_blocks(q, k, perm, cfg)
 
 
-def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, perm: jax.Array,
-                     lists: blocks.BlockLists, cfg: PBSConfig) -> jax.Array:
-  """The block-sparse kernel for a plan: ``perm [B, Hp, N]``, lists from ``index_lists``.
+def kernel_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    perm: jax.Array,
+    lists: blocks.BlockLists,
+    cfg: PBSConfig,
+) -> jax.Array:
+    """The block-sparse kernel for a plan: ``perm [B, Hp, N]``, lists from ``index_lists``.
 
-  On Hopper with 16-bit inputs and 128-token blocks: the Mosaic GPU kernel (wgmma + TMA; K/V
-  permuted into slot order once, the own segment read in original order). Elsewhere the
-  Triton kernel (interpret mode on CPU): one permutation per KV head permutes K/V physically
-  (contiguous rows, ~10% faster); one per query head gathers rows by index in the kernel, so
-  K/V are never repeated per query head in device memory.
-  """
-  from pallas_kernels import block_sparse_attention, block_sparse_attention_mgpu, mgpu_supported
+    On Hopper with 16-bit inputs and 128-token blocks: the Mosaic GPU kernel (wgmma + TMA; K/V
+    permuted into slot order once, the own segment read in original order). Elsewhere the
+    Triton kernel (interpret mode on CPU): one permutation per KV head permutes K/V physically
+    (contiguous rows, ~10% faster); one per query head gathers rows by index in the kernel, so
+    K/V are never repeated per query head in device memory.
+    """
+    from pallas_kernels import block_sparse_attention, block_sparse_attention_mgpu, mgpu_supported
 
-  n = q.shape[1]
-  if mgpu_supported(q, cfg.block_size):
-    pad = (-n) % cfg.block_size  # the kernel tiles whole blocks; padded keys are never visible
-    def padded(x):
-      return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+    n = q.shape[1]
+    if mgpu_supported(q, cfg.block_size):
+        pad = (-n) % cfg.block_size  # the kernel tiles whole blocks; padded keys are never visible
 
-    out = block_sparse_attention_mgpu(
-        padded(q), padded(gather_keys(k, perm)), padded(gather_keys(v, perm)), padded(k),
-        padded(v), lists.ids, lists.full_counts, block_size=cfg.block_size,
-        segment_blocks=cfg.mask_segment_size // cfg.block_size)
-    return out[:, :n] if pad else out
-  gather_kv = perm.shape[1] != k.shape[2]
-  if not gather_kv:
-    k, v = gather_keys(k, perm), gather_keys(v, perm)
-  return block_sparse_attention(q, k, v, perm, lists.ids, lists.full_counts, lists.total_counts,
-                                block_size=cfg.block_size, gather_kv=gather_kv)
+        def padded(x):
+            return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+        out = block_sparse_attention_mgpu(
+            padded(q),
+            padded(gather_keys(k, perm)),
+            padded(gather_keys(v, perm)),
+            padded(k),
+            padded(v),
+            lists.ids,
+            lists.full_counts,
+            block_size=cfg.block_size,
+            segment_blocks=cfg.mask_segment_size // cfg.block_size,
+        )
+        return out[:, :n] if pad else out
+    gather_kv = perm.shape[1] != k.shape[2]
+    if not gather_kv:
+        k, v = gather_keys(k, perm), gather_keys(v, perm)
+    return block_sparse_attention(
+        q,
+        k,
+        v,
+        perm,
+        lists.ids,
+        lists.full_counts,
+        lists.total_counts,
+        block_size=cfg.block_size,
+        gather_kv=gather_kv,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "return_aux"))
-def pbs_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: PBSConfig = PBSConfig(), *,
-                  impl: str = "auto", return_aux: bool = False):
-  """Permuted block-sparse causal attention for prefill.
+def pbs_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cfg: PBSConfig = PBSConfig(),
+    *,
+    impl: str = "auto",
+    return_aux: bool = False,
+):
+    """Permuted block-sparse causal attention for prefill.
 
-  Args:
-    q: ``[B, N, Hq, D]`` queries (the layout of ``jax.nn.dot_product_attention``).
-    k, v: ``[B, N, Hkv, D]``, Hq a multiple of Hkv.
-    cfg: static :class:`PBSConfig`.
-    impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
-      mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel, or
-      cuDNN dense attention where sparsity cannot pay: below the break-even length, or a plan
-      denser than the break-even density of ``AUTO_BREAK_EVEN``, decided on device without a
-      host sync).
-      Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
-      as the official code does.
-    return_aux: also return :class:`PBSAux`.
+    Args:
+      q: ``[B, N, Hq, D]`` queries (the layout of ``jax.nn.dot_product_attention``).
+      k, v: ``[B, N, Hkv, D]``, Hq a multiple of Hkv.
+      cfg: static :class:`PBSConfig`.
+      impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
+        mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel, or
+        cuDNN dense attention where sparsity cannot pay: below the break-even length, or a plan
+        denser than the break-even density of ``AUTO_BREAK_EVEN``, decided on device without a
+        host sync).
+        Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
+        as the official code does.
+      return_aux: also return :class:`PBSAux`.
 
-  Returns:
-    ``[B, N, Hq, D]`` in q's dtype, and the aux when asked.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  validate_inputs(q, k, v)
-  b, n, hq, _ = q.shape
-  t = num_blocks(n, cfg.block_size)
+    Returns:
+      ``[B, N, Hq, D]`` in q's dtype, and the aux when asked.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    validate_inputs(q, k, v)
+    b, n, hq, _ = q.shape
+    t = num_blocks(n, cfg.block_size)
 
-  auto_gpu = impl == "auto" and _on_gpu()
-  if n <= cfg.segment_size or (auto_gpu and auto_max_density(n) is None):
-    out = _dense(q, k, v, impl)
-    perm = identity_permutation(b, cfg.num_perm_heads(hq, k.shape[2]), n)
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
-    sparse = jnp.bool_(False)
-    dens = jnp.mean(blocks.density(block_mask))
-  else:
-    perm, block_mask = pbs_plan(q, k, cfg)
-    dens = jnp.mean(blocks.density(block_mask))
-    if impl == "pallas" or auto_gpu:
-      def sparse_path(q, k, v):
-        return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
-
-      if auto_gpu:
-        from pallas_kernels import mgpu_supported
-
-        sparse = dens <= auto_max_density(n, mgpu_supported(q, cfg.block_size))
-        out = jax.lax.cond(sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v)
-      else:
-        sparse = jnp.bool_(True)
-        out = sparse_path(q, k, v)
+    auto_gpu = impl == "auto" and _on_gpu()
+    if n <= cfg.segment_size or (auto_gpu and auto_max_density(n) is None):
+        out = _dense(q, k, v, impl)
+        perm = identity_permutation(b, cfg.num_perm_heads(hq, k.shape[2]), n)
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+        block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
+        sparse = jnp.bool_(False)
+        dens = jnp.mean(blocks.density(block_mask))
     else:
-      sparse = jnp.bool_(True)
-      out = reference.permuted_block_sparse_attention(q, k, v, perm, block_mask, cfg.block_size)
-  if not return_aux:
-    return out
-  return out, PBSAux(perm, block_mask, dens, sparse)
+        perm, block_mask = pbs_plan(q, k, cfg)
+        dens = jnp.mean(blocks.density(block_mask))
+        if impl == "pallas" or auto_gpu:
+
+            def sparse_path(q, k, v):
+                return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
+
+            if auto_gpu:
+                from pallas_kernels import mgpu_supported
+
+                sparse = dens <= auto_max_density(n, mgpu_supported(q, cfg.block_size))
+                out = jax.lax.cond(
+                    sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v
+                )
+            else:
+                sparse = jnp.bool_(True)
+                out = sparse_path(q, k, v)
+        else:
+            sparse = jnp.bool_(True)
+            out = reference.permuted_block_sparse_attention(
+                q, k, v, perm, block_mask, cfg.block_size
+            )
+    if not return_aux:
+        return out
+    return out, PBSAux(perm, block_mask, dens, sparse)

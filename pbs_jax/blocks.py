@@ -17,108 +17,109 @@ from pbs_jax.selection import own_segment_blocks, softmax_domain
 
 
 class BlockLists(NamedTuple):
-  """Compact CSR-like rows of a block mask.
+    """Compact CSR-like rows of a block mask.
 
-  ids: ``[B, H, Tq, Tk]`` int32, per query block the selected key-block ids ascending, then
-    zeros the kernel never reads.
-  full_counts: ``[B, H, Tq]`` int32, ids ``[0, full)`` lie in earlier segments: no token mask.
-  total_counts: ``[B, H, Tq]`` int32, ids ``[full, total)`` lie in the query's own segment:
-    masked on original positions (key_pos > q_pos).
-  """
+    ids: ``[B, H, Tq, Tk]`` int32, per query block the selected key-block ids ascending, then
+      zeros the kernel never reads.
+    full_counts: ``[B, H, Tq]`` int32, ids ``[0, full)`` lie in earlier segments: no token mask.
+    total_counts: ``[B, H, Tq]`` int32, ids ``[full, total)`` lie in the query's own segment:
+      masked on original positions (key_pos > q_pos).
+    """
 
-  ids: jax.Array
-  full_counts: jax.Array
-  total_counts: jax.Array
+    ids: jax.Array
+    full_counts: jax.Array
+    total_counts: jax.Array
 
 
 def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
-  """Compact ``block_mask [B, H, Tq, Tk]`` bool into :class:`BlockLists`.
+    """Compact ``block_mask [B, H, Tq, Tk]`` bool into :class:`BlockLists`.
 
-  Ascending order puts off-segment blocks first: own-segment blocks are the largest causal ids.
-  """
-  t = block_mask.shape[-1]
+    Ascending order puts off-segment blocks first: own-segment blocks are the largest causal ids.
+    """
+    t = block_mask.shape[-1]
 
-  def compact_row(row):  # [Tk] bool → selected ids first (ascending), zeros after
-    slot = jnp.where(row, jnp.cumsum(row, dtype=jnp.int32) - 1, t)
-    return jnp.zeros(t, jnp.int32).at[slot].set(jnp.arange(t, dtype=jnp.int32), mode="drop")
+    def compact_row(row):  # [Tk] bool → selected ids first (ascending), zeros after
+        slot = jnp.where(row, jnp.cumsum(row, dtype=jnp.int32) - 1, t)
+        return jnp.zeros(t, jnp.int32).at[slot].set(jnp.arange(t, dtype=jnp.int32), mode="drop")
 
-  # A cumsum and a scatter per row: linear, where a sort of the mask row would be T log T.
-  ids = jax.vmap(compact_row)(block_mask.reshape(-1, t)).reshape(block_mask.shape)
-  per_segment = cfg.mask_segment_size // cfg.block_size
-  segment_start = (jnp.arange(block_mask.shape[-2]) // per_segment) * per_segment  # [Tq]
-  earlier = jnp.arange(t)[None, :] < segment_start[:, None]  # [Tq, Tk]
-  full = jnp.sum(block_mask & earlier, axis=-1, dtype=jnp.int32)
-  total = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
-  return BlockLists(ids, full, total)
+    # A cumsum and a scatter per row: linear, where a sort of the mask row would be T log T.
+    ids = jax.vmap(compact_row)(block_mask.reshape(-1, t)).reshape(block_mask.shape)
+    per_segment = cfg.mask_segment_size // cfg.block_size
+    segment_start = (jnp.arange(block_mask.shape[-2]) // per_segment) * per_segment  # [Tq]
+    earlier = jnp.arange(t)[None, :] < segment_start[:, None]  # [Tq, Tk]
+    full = jnp.sum(block_mask & earlier, axis=-1, dtype=jnp.int32)
+    total = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
+    return BlockLists(ids, full, total)
 
 
 def causal_block_count(t: int) -> int:
-  """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2."""
-  return t * (t + 1) // 2
+    """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2."""
+    return t * (t + 1) // 2
 
 
 def density(block_mask: jax.Array) -> jax.Array:
-  """Computed blocks / causal blocks, float32 ``[B, H]``.
+    """Computed blocks / causal blocks, float32 ``[B, H]``.
 
-  Own-segment blocks above the block diagonal are computed too (permuted keys cross block
-  boundaries), so keeping every block gives slightly more than 1: 1 + (T/spb)/(T(T+1)/2).
-  """
-  t = block_mask.shape[-1]
-  return jnp.sum(block_mask, axis=(-2, -1), dtype=jnp.float32) / causal_block_count(t)
+    Own-segment blocks above the block diagonal are computed too (permuted keys cross block
+    boundaries), so keeping every block gives slightly more than 1: 1 + (T/spb)/(T(T+1)/2).
+    """
+    t = block_mask.shape[-1]
+    return jnp.sum(block_mask, axis=(-2, -1), dtype=jnp.float32) / causal_block_count(t)
 
 
-def fixed_density_mask(key: jax.Array, shape: tuple[int, int, int], target: float,
-                       cfg: PBSConfig) -> jax.Array:
-  """A random block mask for benchmarks: own-segment blocks plus random earlier-segment blocks.
+def fixed_density_mask(
+    key: jax.Array, shape: tuple[int, int, int], target: float, cfg: PBSConfig
+) -> jax.Array:
+    """A random block mask for benchmarks: own-segment blocks plus random earlier-segment blocks.
 
-  Args:
-    shape: ``(B, H, T)``.
-    target: wanted density; earlier-segment blocks are kept with the probability that gives it
-      in expectation (clipped to [0, 1]).
-  Returns:
-    ``[B, H, T, T]`` bool.
-  """
-  b, h, t = shape
-  own = own_segment_blocks(t, cfg)
-  earlier = softmax_domain(t, cfg) & ~own
-  # Counts from the static block grid in numpy, so this also traces inside jit.
-  spb = cfg.mask_segment_size // cfg.block_size
-  qb, kb = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
-  own_np = qb // spb == kb // spb
-  n_own_causal = int((own_np & (kb <= qb)).sum())  # target 1.0 must keep every earlier block
-  n_earlier = int(((kb <= qb) & ~own_np).sum())
-  keep_p = 1.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own_causal) / n_earlier
-  keep_p = min(max(keep_p, 0.0), 1.0)
-  rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
-  return own | (earlier & rand)
+    Args:
+      shape: ``(B, H, T)``.
+      target: wanted density; earlier-segment blocks are kept with the probability that gives it
+        in expectation (clipped to [0, 1]).
+    Returns:
+      ``[B, H, T, T]`` bool.
+    """
+    b, h, t = shape
+    own = own_segment_blocks(t, cfg)
+    earlier = softmax_domain(t, cfg) & ~own
+    # Counts from the static block grid in numpy, so this also traces inside jit.
+    spb = cfg.mask_segment_size // cfg.block_size
+    qb, kb = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+    own_np = qb // spb == kb // spb
+    n_own_causal = int((own_np & (kb <= qb)).sum())  # target 1.0 must keep every earlier block
+    n_earlier = int(((kb <= qb) & ~own_np).sum())
+    keep_p = 1.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own_causal) / n_earlier
+    keep_p = min(max(keep_p, 0.0), 1.0)
+    rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
+    return own | (earlier & rand)
 
 
 def sink_local_mask(shape: tuple[int, int, int], window: int) -> jax.Array:
-  """The static sink + local-window baseline: key block 0 and the ``window`` most recent key
-  blocks (the diagonal included) of every query block; no permutation, no scoring.
+    """The static sink + local-window baseline: key block 0 and the ``window`` most recent key
+    blocks (the diagonal included) of every query block; no permutation, no scoring.
 
-  Args:
-    shape: ``(B, H, T)``.
-    window: recent key blocks per query block, ``>= 1`` (1 keeps only the diagonal).
-  Returns:
-    ``[B, H, T, T]`` bool over (query block, key block), for identity-permuted keys.
-  """
-  if window < 1:
-    raise ValueError(f"sink_local_mask needs window >= 1 (the diagonal block), got {window}")
-  b, h, t = shape
-  qb = jnp.arange(t)[:, None]
-  kb = jnp.arange(t)[None, :]
-  mask = (kb == 0) | ((kb <= qb) & (kb > qb - window))
-  return jnp.broadcast_to(mask, (b, h, t, t))
+    Args:
+      shape: ``(B, H, T)``.
+      window: recent key blocks per query block, ``>= 1`` (1 keeps only the diagonal).
+    Returns:
+      ``[B, H, T, T]`` bool over (query block, key block), for identity-permuted keys.
+    """
+    if window < 1:
+        raise ValueError(f"sink_local_mask needs window >= 1 (the diagonal block), got {window}")
+    b, h, t = shape
+    qb = jnp.arange(t)[:, None]
+    kb = jnp.arange(t)[None, :]
+    mask = (kb == 0) | ((kb <= qb) & (kb > qb - window))
+    return jnp.broadcast_to(mask, (b, h, t, t))
 
 
 def sink_local_window(t: int, target: float) -> int:
-  """The window (in blocks) whose :func:`sink_local_mask` density is closest to ``target``.
+    """The window (in blocks) whose :func:`sink_local_mask` density is closest to ``target``.
 
-  Densities grow with the window in discrete steps, so ties and overshoots are unavoidable;
-  the smaller window wins a tie. Pure numpy on the static block count T.
-  """
-  w = np.arange(1, t + 1)
-  # Computed blocks: query block i keeps min(i + 1, w) recent blocks, plus the sink when i >= w.
-  counts = w * (w + 1) // 2 + (t - w) * w + (t - w)
-  return int(np.argmin(np.abs(counts / causal_block_count(t) - target))) + 1
+    Densities grow with the window in discrete steps, so ties and overshoots are unavoidable;
+    the smaller window wins a tie. Pure numpy on the static block count T.
+    """
+    w = np.arange(1, t + 1)
+    # Computed blocks: query block i keeps min(i + 1, w) recent blocks, plus the sink when i >= w.
+    counts = w * (w + 1) // 2 + (t - w) * w + (t - w)
+    return int(np.argmin(np.abs(counts / causal_block_count(t) - target))) + 1

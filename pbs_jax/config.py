@@ -10,82 +10,95 @@ SELECTORS = ("meanpool", "antidiagonal")
 
 @dataclasses.dataclass(frozen=True)
 class PBSConfig:
-  """Hyper-parameters of Permuted Block-Sparse attention (paper defaults, arXiv 2510.21270 §4.1).
+    """Hyper-parameters of Permuted Block-Sparse attention (paper defaults, arXiv 2510.21270 §4.1).
 
-  Attributes:
-    block_size: tokens per attention block (both query and key blocks).
-    segment_size: tokens per permutation segment; keys are sorted only inside a segment, so
-      segment order (and therefore causality between segments) is preserved. A positive
-      multiple of ``block_size``.
-    threshold: top-p mass of the mean-pooled block softmax that a query block keeps, in (0, 1].
-      A row whose allowed mass never reaches it keeps every allowed block (the paper's Alg. 2).
-    force_sink: always compute the key block holding original token 0 (the attention sink).
-    permute: sort keys inside segments. ``False`` is the paper's MeanPooling baseline: the same
-      selector over unpermuted keys, forcing the first key block and the diagonal block.
-    gqa: ``"replicate"`` gives every query head its own permutation (the paper's default);
-      ``"shared"`` gives one permutation per KV head, from the scores averaged over its query
-      group (paper App. G): K/V then stay one copy per KV head even when permuted physically.
-    selector: how a block pair is scored before the top-p rule. ``"meanpool"`` (the paper's
-      PBS-Attn and MeanPooling baseline): the softmax of mean-pooled queries against mean-pooled
-      keys. ``"antidiagonal"`` (XAttention's scoring; with ``permute`` the paper's PBS-Attn+):
-      the softmax mass of stride-sampled anti-diagonal q·k products that falls in each block.
-      Either way the same softmax domain, top-p rule and forced blocks apply.
-    antidiagonal_stride: sampling stride of the ``"antidiagonal"`` selector (XAttention uses
-      8 or 16); ``block_size`` must be a multiple of it when that selector is chosen.
-  """
-
-  block_size: int = 128
-  segment_size: int = 256
-  threshold: float = 0.9
-  force_sink: bool = True
-  permute: bool = True
-  gqa: str = "replicate"
-  selector: str = "meanpool"
-  antidiagonal_stride: int = 8
-
-  def __post_init__(self):
-    def _is_int(x):
-      return isinstance(x, int) and not isinstance(x, bool)
-
-    if not _is_int(self.block_size) or self.block_size <= 0:
-      raise ValueError(f"PBSConfig.block_size must be a positive int, got {self.block_size!r}")
-    if not _is_int(self.segment_size) or self.segment_size <= 0:
-      raise ValueError(f"PBSConfig.segment_size must be a positive int, got {self.segment_size!r}")
-    if self.segment_size % self.block_size:
-      raise ValueError(
-          "PBSConfig.segment_size must be a positive multiple of block_size "
-          f"(segments hold whole blocks), got segment_size={self.segment_size}, "
-          f"block_size={self.block_size}")
-    if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-      raise ValueError(f"PBSConfig.threshold must be a number, got {self.threshold!r}")
-    if not 0.0 < float(self.threshold) <= 1.0:
-      raise ValueError(f"PBSConfig.threshold must satisfy 0 < threshold <= 1, got {self.threshold}")
-    if not isinstance(self.force_sink, bool):
-      raise ValueError(f"PBSConfig.force_sink must be a bool, got {self.force_sink!r}")
-    if not isinstance(self.permute, bool):
-      raise ValueError(f"PBSConfig.permute must be a bool, got {self.permute!r}")
-    if self.gqa not in GQA_MODES:
-      raise ValueError(f"PBSConfig.gqa must be one of {GQA_MODES}, got {self.gqa!r}")
-    if self.selector not in SELECTORS:
-      raise ValueError(f"PBSConfig.selector must be one of {SELECTORS}, got {self.selector!r}")
-    if not _is_int(self.antidiagonal_stride) or self.antidiagonal_stride <= 0:
-      raise ValueError("PBSConfig.antidiagonal_stride must be a positive int, got "
-                       f"{self.antidiagonal_stride!r}")
-    if self.selector == "antidiagonal" and self.block_size % self.antidiagonal_stride:
-      raise ValueError(
-          "PBSConfig.block_size must be a multiple of antidiagonal_stride for the antidiagonal "
-          f"selector (whole strides per block), got block_size={self.block_size}, "
-          f"antidiagonal_stride={self.antidiagonal_stride}")
-
-  @property
-  def mask_segment_size(self) -> int:
-    """Span whose blocks are always computed and token-masked on original positions.
-
-    With permutation it is the permutation segment. Without (MeanPooling), keys keep their
-    order, so only the diagonal block needs the token mask and is forced, as in the paper.
+    Attributes:
+      block_size: tokens per attention block (both query and key blocks).
+      segment_size: tokens per permutation segment; keys are sorted only inside a segment, so
+        segment order (and therefore causality between segments) is preserved. A positive
+        multiple of ``block_size``.
+      threshold: top-p mass of the mean-pooled block softmax that a query block keeps, in (0, 1].
+        A row whose allowed mass never reaches it keeps every allowed block (the paper's Alg. 2).
+      force_sink: always compute the key block holding original token 0 (the attention sink).
+      permute: sort keys inside segments. ``False`` is the paper's MeanPooling baseline: the same
+        selector over unpermuted keys, forcing the first key block and the diagonal block.
+      gqa: ``"replicate"`` gives every query head its own permutation (the paper's default);
+        ``"shared"`` gives one permutation per KV head, from the scores averaged over its query
+        group (paper App. G): K/V then stay one copy per KV head even when permuted physically.
+      selector: how a block pair is scored before the top-p rule. ``"meanpool"`` (the paper's
+        PBS-Attn and MeanPooling baseline): the softmax of mean-pooled queries against mean-pooled
+        keys. ``"antidiagonal"`` (XAttention's scoring; with ``permute`` the paper's PBS-Attn+):
+        the softmax mass of stride-sampled anti-diagonal q·k products that falls in each block.
+        Either way the same softmax domain, top-p rule and forced blocks apply.
+      antidiagonal_stride: sampling stride of the ``"antidiagonal"`` selector (XAttention uses
+        8 or 16); ``block_size`` must be a multiple of it when that selector is chosen.
     """
-    return self.segment_size if self.permute else self.block_size
 
-  def num_perm_heads(self, num_q_heads: int, num_kv_heads: int) -> int:
-    """Heads that own a permutation: Hq in replicate mode, Hkv in shared mode."""
-    return num_q_heads if self.gqa == "replicate" else num_kv_heads
+    block_size: int = 128
+    segment_size: int = 256
+    threshold: float = 0.9
+    force_sink: bool = True
+    permute: bool = True
+    gqa: str = "replicate"
+    selector: str = "meanpool"
+    antidiagonal_stride: int = 8
+
+    def __post_init__(self):
+        def _is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not _is_int(self.block_size) or self.block_size <= 0:
+            raise ValueError(
+                f"PBSConfig.block_size must be a positive int, got {self.block_size!r}"
+            )
+        if not _is_int(self.segment_size) or self.segment_size <= 0:
+            raise ValueError(
+                f"PBSConfig.segment_size must be a positive int, got {self.segment_size!r}"
+            )
+        if self.segment_size % self.block_size:
+            raise ValueError(
+                "PBSConfig.segment_size must be a positive multiple of block_size "
+                f"(segments hold whole blocks), got segment_size={self.segment_size}, "
+                f"block_size={self.block_size}"
+            )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"PBSConfig.threshold must be a number, got {self.threshold!r}")
+        if not 0.0 < float(self.threshold) <= 1.0:
+            raise ValueError(
+                f"PBSConfig.threshold must satisfy 0 < threshold <= 1, got {self.threshold}"
+            )
+        if not isinstance(self.force_sink, bool):
+            raise ValueError(f"PBSConfig.force_sink must be a bool, got {self.force_sink!r}")
+        if not isinstance(self.permute, bool):
+            raise ValueError(f"PBSConfig.permute must be a bool, got {self.permute!r}")
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"PBSConfig.gqa must be one of {GQA_MODES}, got {self.gqa!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(
+                f"PBSConfig.selector must be one of {SELECTORS}, got {self.selector!r}"
+            )
+        if not _is_int(self.antidiagonal_stride) or self.antidiagonal_stride <= 0:
+            raise ValueError(
+                "PBSConfig.antidiagonal_stride must be a positive int, got "
+                f"{self.antidiagonal_stride!r}"
+            )
+        if self.selector == "antidiagonal" and self.block_size % self.antidiagonal_stride:
+            raise ValueError(
+                "PBSConfig.block_size must be a multiple of antidiagonal_stride for the "
+                "antidiagonal selector (whole strides per block), got "
+                f"block_size={self.block_size}, "
+                f"antidiagonal_stride={self.antidiagonal_stride}"
+            )
+
+    @property
+    def mask_segment_size(self) -> int:
+        """Span whose blocks are always computed and token-masked on original positions.
+
+        With permutation it is the permutation segment. Without (MeanPooling), keys keep their
+        order, so only the diagonal block needs the token mask and is forced, as in the paper.
+        """
+        return self.segment_size if self.permute else self.block_size
+
+    def num_perm_heads(self, num_q_heads: int, num_kv_heads: int) -> int:
+        """Heads that own a permutation: Hq in replicate mode, Hkv in shared mode."""
+        return num_q_heads if self.gqa == "replicate" else num_kv_heads

@@ -14,86 +14,90 @@ from pbs_jax.config import PBSConfig
 
 
 def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
-  """Importance of every complete-segment key for the last ``block_size`` queries.
+    """Importance of every complete-segment key for the last ``block_size`` queries.
 
-  Args:
-    q: ``[B, N, Hq, D]`` queries.
-    k: ``[B, N, Hkv, D]`` keys, Hq a multiple of Hkv.
-    cfg: static configuration.
+    Args:
+      q: ``[B, N, Hq, D]`` queries.
+      k: ``[B, N, Hkv, D]`` keys, Hq a multiple of Hkv.
+      cfg: static configuration.
 
-  Returns:
-    ``[B, Hp, G*S]`` float32, G = N // segment_size complete segments; Hp = Hq (replicate) or
-    Hkv (shared: the group's per-head scores averaged). Softmax over complete-segment keys only,
-    no causal mask, fp32, averaged over the proxy rows (official semantics).
-  """
-  b, n, hq, d = q.shape
-  hkv = k.shape[2]
-  group = hq // hkv
-  complete = (n // cfg.segment_size) * cfg.segment_size
-  proxy = q[:, max(n - cfg.block_size, 0):]  # [B, P, Hq, D]
-  proxy = proxy.reshape(b, proxy.shape[1], hkv, group, d)
-  keys = k[:, :complete]  # [B, L, Hkv, D]
-  logits = jnp.einsum("bpkgd,blkd->bkgpl", proxy, keys,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-  probs = jax.nn.softmax(logits, axis=-1).mean(axis=-2)  # [B, Hkv, G, L]
-  if cfg.gqa == "shared":
-    return probs.mean(axis=2)
-  return probs.reshape(b, hq, complete)
+    Returns:
+      ``[B, Hp, G*S]`` float32, G = N // segment_size complete segments; Hp = Hq (replicate) or
+      Hkv (shared: the group's per-head scores averaged). Softmax over complete-segment keys only,
+      no causal mask, fp32, averaged over the proxy rows (official semantics).
+    """
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    complete = (n // cfg.segment_size) * cfg.segment_size
+    proxy = q[:, max(n - cfg.block_size, 0) :]  # [B, P, Hq, D]
+    proxy = proxy.reshape(b, proxy.shape[1], hkv, group, d)
+    keys = k[:, :complete]  # [B, L, Hkv, D]
+    logits = jnp.einsum(
+        "bpkgd,blkd->bkgpl", proxy, keys, preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(d))
+    probs = jax.nn.softmax(logits, axis=-1).mean(axis=-2)  # [B, Hkv, G, L]
+    if cfg.gqa == "shared":
+        return probs.mean(axis=2)
+    return probs.reshape(b, hq, complete)
 
 
 def segment_permutation(scores: jax.Array, seq_len: int, cfg: PBSConfig) -> jax.Array:
-  """Sort keys by descending importance inside each complete segment.
+    """Sort keys by descending importance inside each complete segment.
 
-  Args:
-    scores: ``[B, Hp, G*S]`` from :func:`key_importance`.
-    seq_len: N, the full key length; slots ``[G*S, N)`` (the remainder) stay in place.
+    Args:
+      scores: ``[B, Hp, G*S]`` from :func:`key_importance`.
+      seq_len: N, the full key length; slots ``[G*S, N)`` (the remainder) stay in place.
 
-  Returns:
-    ``perm [B, Hp, N]`` int32: ``perm[b, h, j]`` is the original position of the key at slot j.
-    Each segment's slice is a bijection of its own range.
-  """
-  b, hp, complete = scores.shape
-  s = cfg.segment_size
-  g = complete // s
-  order = jnp.argsort(scores.reshape(b, hp, g, s), axis=-1, descending=True, stable=True)
-  sorted_complete = (order + (jnp.arange(g) * s)[:, None]).reshape(b, hp, complete)
-  remainder = jnp.broadcast_to(jnp.arange(complete, seq_len), (b, hp, seq_len - complete))
-  return jnp.concatenate([sorted_complete, remainder], axis=-1).astype(jnp.int32)
+    Returns:
+      ``perm [B, Hp, N]`` int32: ``perm[b, h, j]`` is the original position of the key at slot j.
+      Each segment's slice is a bijection of its own range.
+    """
+    b, hp, complete = scores.shape
+    s = cfg.segment_size
+    g = complete // s
+    order = jnp.argsort(scores.reshape(b, hp, g, s), axis=-1, descending=True, stable=True)
+    sorted_complete = (order + (jnp.arange(g) * s)[:, None]).reshape(b, hp, complete)
+    remainder = jnp.broadcast_to(jnp.arange(complete, seq_len), (b, hp, seq_len - complete))
+    return jnp.concatenate([sorted_complete, remainder], axis=-1).astype(jnp.int32)
 
 
 def identity_permutation(batch: int, heads: int, seq_len: int) -> jax.Array:
-  """``[B, H, N]`` int32 identity (the MeanPooling baseline and the dense fallback)."""
-  return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, heads, seq_len))
+    """``[B, H, N]`` int32 identity (the MeanPooling baseline and the dense fallback)."""
+    return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, heads, seq_len))
 
 
 def inverse_permutation(perm: jax.Array) -> jax.Array:
-  """``[..., N]`` slot → position into position → slot: ``inv[..., perm[..., j]] = j``.
+    """``[..., N]`` slot → position into position → slot: ``inv[..., perm[..., j]] = j``.
 
-  A scatter of N ints per row (linear; an argsort would be N log N).
-  """
-  n = perm.shape[-1]
-  rows = perm.reshape(-1, n)
-  inv = jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], rows].set(
-      jnp.arange(n, dtype=perm.dtype))
-  return inv.reshape(perm.shape)
+    A scatter of N ints per row (linear; an argsort would be N log N).
+    """
+    n = perm.shape[-1]
+    rows = perm.reshape(-1, n)
+    inv = (
+        jnp.zeros_like(rows)
+        .at[jnp.arange(rows.shape[0])[:, None], rows]
+        .set(jnp.arange(n, dtype=perm.dtype))
+    )
+    return inv.reshape(perm.shape)
 
 
 def compute_permutation(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
-  """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute."""
-  b, n, hq, _ = q.shape
-  hp = cfg.num_perm_heads(hq, k.shape[2])
-  if not cfg.permute or n < cfg.segment_size:
-    return identity_permutation(b, hp, n)
-  return segment_permutation(key_importance(q, k, cfg), n, cfg)
+    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute."""
+    b, n, hq, _ = q.shape
+    hp = cfg.num_perm_heads(hq, k.shape[2])
+    if not cfg.permute or n < cfg.segment_size:
+        return identity_permutation(b, hp, n)
+    return segment_permutation(key_importance(q, k, cfg), n, cfg)
 
 
 def gather_keys(x: jax.Array, perm: jax.Array) -> jax.Array:
-  """Rows of ``x [B, N, Hkv, D]`` in permuted order for every permutation head.
+    """Rows of ``x [B, N, Hkv, D]`` in permuted order for every permutation head.
 
-  Returns ``[B, N, Hp, D]``: slot j of head p is ``x[b, perm[b, p, j], p // (Hp // Hkv)]``.
-  Used by the selector (pooled keys) and the reference; the kernel gathers in place instead.
-  """
-  b, n, hkv, d = x.shape
-  hp = perm.shape[1]
-  kv_head = jnp.arange(hp) // (hp // hkv)  # [Hp]
-  return x[jnp.arange(b)[:, None, None], perm.transpose(0, 2, 1), kv_head[None, None, :]]
+    Returns ``[B, N, Hp, D]``: slot j of head p is ``x[b, perm[b, p, j], p // (Hp // Hkv)]``.
+    Used by the selector (pooled keys) and the reference; the kernel gathers in place instead.
+    """
+    b, n, hkv, d = x.shape
+    hp = perm.shape[1]
+    kv_head = jnp.arange(hp) // (hp // hkv)  # [Hp]
+    return x[jnp.arange(b)[:, None, None], perm.transpose(0, 2, 1), kv_head[None, None, :]]

@@ -11,45 +11,57 @@ import jax.numpy as jnp
 
 from pbs_jax.permutation import gather_keys
 
-def _masked_attention(q, k, v, allowed):
-  """q ``[B, N, Hq, D]``, k/v ``[B, N, Hk, D]``, allowed ``[B|1, Hq|1, N, N]`` bool → out.
 
-  fp32 throughout (inputs upcast); JAX's own XLA attention does the masked softmax (it fuses
-  the N² passes better than a hand-written einsum chain on CPU). Rows with no
-  allowed key give zeros, as the official reference does for empty rows.
-  """
-  out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                     v.astype(jnp.float32), mask=allowed, implementation="xla")
-  has_key = jnp.broadcast_to(allowed, (q.shape[0], q.shape[2]) + allowed.shape[2:]).any(-1)
-  return jnp.where(has_key.transpose(0, 2, 1)[..., None], out, 0.0).astype(q.dtype)
+def _masked_attention(q, k, v, allowed):
+    """q ``[B, N, Hq, D]``, k/v ``[B, N, Hk, D]``, allowed ``[B|1, Hq|1, N, N]`` bool → out.
+
+    fp32 throughout (inputs upcast); JAX's own XLA attention does the masked softmax (it fuses
+    the N² passes better than a hand-written einsum chain on CPU). Rows with no
+    allowed key give zeros, as the official reference does for empty rows.
+    """
+    out = jax.nn.dot_product_attention(
+        q.astype(jnp.float32),
+        k.astype(jnp.float32),
+        v.astype(jnp.float32),
+        mask=allowed,
+        implementation="xla",
+    )
+    has_key = jnp.broadcast_to(allowed, (q.shape[0], q.shape[2]) + allowed.shape[2:]).any(-1)
+    return jnp.where(has_key.transpose(0, 2, 1)[..., None], out, 0.0).astype(q.dtype)
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Plain causal attention. q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``."""
-  n = q.shape[1]
-  causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
-  return _masked_attention(q, k, v, causal[None, None])
+    """Plain causal attention. q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``."""
+    n = q.shape[1]
+    causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+    return _masked_attention(q, k, v, causal[None, None])
 
 
-def permuted_block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, perm: jax.Array,
-                                    block_mask: jax.Array, block_size: int) -> jax.Array:
-  """Masked dense attention over the permuted keys: the exact meaning of PBS attention.
+def permuted_block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    perm: jax.Array,
+    block_mask: jax.Array,
+    block_size: int,
+) -> jax.Array:
+    """Masked dense attention over the permuted keys: the exact meaning of PBS attention.
 
-  Args:
-    q: ``[B, N, Hq, D]`` queries in original order.
-    k, v: ``[B, N, Hkv, D]`` in original order; permuted here by ``perm``.
-    perm: ``[B, Hp, N]`` original position of the key at each slot.
-    block_mask: ``[B, Hq, T, T]`` bool over (query block, key-slot block).
-  Returns:
-    ``[B, N, Hq, D]`` in q's dtype. Query i attends slot j iff j's block is selected for i's
-    block and the key's original position ``perm[j] <= i`` (a no-op outside the own segment).
-  """
-  b, n, hq, _ = q.shape
-  hp = perm.shape[1]
-  k_perm = gather_keys(k, perm)
-  v_perm = gather_keys(v, perm)
-  token_blocks = jnp.repeat(jnp.repeat(block_mask, block_size, axis=-2), block_size, axis=-1)
-  token_blocks = token_blocks[..., :n, :n]  # [B, Hq, N, N]
-  key_pos = jnp.repeat(perm, hq // hp, axis=1)  # [B, Hq, N]
-  causal = key_pos[:, :, None, :] <= jnp.arange(n)[None, None, :, None]
-  return _masked_attention(q, k_perm, v_perm, token_blocks & causal)
+    Args:
+      q: ``[B, N, Hq, D]`` queries in original order.
+      k, v: ``[B, N, Hkv, D]`` in original order; permuted here by ``perm``.
+      perm: ``[B, Hp, N]`` original position of the key at each slot.
+      block_mask: ``[B, Hq, T, T]`` bool over (query block, key-slot block).
+    Returns:
+      ``[B, N, Hq, D]`` in q's dtype. Query i attends slot j iff j's block is selected for i's
+      block and the key's original position ``perm[j] <= i`` (a no-op outside the own segment).
+    """
+    b, n, hq, _ = q.shape
+    hp = perm.shape[1]
+    k_perm = gather_keys(k, perm)
+    v_perm = gather_keys(v, perm)
+    token_blocks = jnp.repeat(jnp.repeat(block_mask, block_size, axis=-2), block_size, axis=-1)
+    token_blocks = token_blocks[..., :n, :n]  # [B, Hq, N, N]
+    key_pos = jnp.repeat(perm, hq // hp, axis=1)  # [B, Hq, N]
+    causal = key_pos[:, :, None, :] <= jnp.arange(n)[None, None, :, None]
+    return _masked_attention(q, k_perm, v_perm, token_blocks & causal)

@@ -24,172 +24,176 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
-  return -(-seq_len // block_size)
+    return -(-seq_len // block_size)
 
 
 def mean_pool_blocks(x: jax.Array, block_size: int) -> jax.Array:
-  """``[B, N, H, D]`` → ``[B, T, H, D]`` float32 block means; zero padding of a partial last
-  block is counted in its mean (official semantics)."""
-  b, n, h, d = x.shape
-  t = num_blocks(n, block_size)
-  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, t * block_size - n), (0, 0), (0, 0)))
-  return x.reshape(b, t, block_size, h, d).mean(axis=2)
+    """``[B, N, H, D]`` → ``[B, T, H, D]`` float32 block means; zero padding of a partial last
+    block is counted in its mean (official semantics)."""
+    b, n, h, d = x.shape
+    t = num_blocks(n, block_size)
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, t * block_size - n), (0, 0), (0, 0)))
+    return x.reshape(b, t, block_size, h, d).mean(axis=2)
 
 
-def pooled_permuted_keys(k: jax.Array, perm: jax.Array, block_size: int,
-                         segment_size: int) -> jax.Array:
-  """Block means of the permuted keys without materialising them.
+def pooled_permuted_keys(
+    k: jax.Array, perm: jax.Array, block_size: int, segment_size: int
+) -> jax.Array:
+    """Block means of the permuted keys without materialising them.
 
-  Blocks never straddle a segment, so block t of head p holds the keys whose slot falls in t:
-  invert the permutation (a scatter of N ints per head), one-hot each position's block inside
-  its own segment, and contract with the unpermuted keys segment by segment. This reads K once
-  instead of writing and re-reading an ``[B, N, Hp, D]`` permuted copy.
+    Blocks never straddle a segment, so block t of head p holds the keys whose slot falls in t:
+    invert the permutation (a scatter of N ints per head), one-hot each position's block inside
+    its own segment, and contract with the unpermuted keys segment by segment. This reads K once
+    instead of writing and re-reading an ``[B, N, Hp, D]`` permuted copy.
 
-  Args:
-    k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]``, Hp a multiple of Hkv,
-      slots permuted only within segments of ``segment_size`` (a multiple of block_size).
-  Returns:
-    ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean.
-  """
-  b, n, hkv, d = k.shape
-  hp = perm.shape[1]
-  t = num_blocks(n, block_size)
-  per_segment = segment_size // block_size
-  g = -(-n // segment_size)
-  n_pad = g * segment_size
-  slot_of_pos = inverse_permutation(perm.astype(jnp.int32))
-  # Padding positions sit in their own slots (zero keys: counted, as the official zero-pad).
-  slot_of_pos = jnp.pad(slot_of_pos, ((0, 0), (0, 0), (0, n_pad - n)))
-  slot_of_pos = slot_of_pos.at[..., n:].set(jnp.arange(n, n_pad, dtype=jnp.int32))
-  local_block = (slot_of_pos // block_size) % per_segment  # block index inside the segment
-  one_hot = jax.nn.one_hot(local_block, per_segment, dtype=jnp.float32)  # [B, Hp, Np, spb]
-  one_hot = one_hot.reshape(b, hkv, hp // hkv, g, segment_size, per_segment)
-  kg = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_pad - n), (0, 0), (0, 0)))
-  kg = kg.reshape(b, g, segment_size, hkv, d)
-  summed = jnp.einsum("bkrgsj,bgskd->bgjkrd", one_hot, kg,
-                      precision=jax.lax.Precision.HIGHEST)  # [B, G, spb, Hkv, r, D]
-  return summed.reshape(b, g * per_segment, hp, d)[:, :t] / block_size
+    Args:
+      k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]``, Hp a multiple of Hkv,
+        slots permuted only within segments of ``segment_size`` (a multiple of block_size).
+    Returns:
+      ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean.
+    """
+    b, n, hkv, d = k.shape
+    hp = perm.shape[1]
+    t = num_blocks(n, block_size)
+    per_segment = segment_size // block_size
+    g = -(-n // segment_size)
+    n_pad = g * segment_size
+    slot_of_pos = inverse_permutation(perm.astype(jnp.int32))
+    # Padding positions sit in their own slots (zero keys: counted, as the official zero-pad).
+    slot_of_pos = jnp.pad(slot_of_pos, ((0, 0), (0, 0), (0, n_pad - n)))
+    slot_of_pos = slot_of_pos.at[..., n:].set(jnp.arange(n, n_pad, dtype=jnp.int32))
+    local_block = (slot_of_pos // block_size) % per_segment  # block index inside the segment
+    one_hot = jax.nn.one_hot(local_block, per_segment, dtype=jnp.float32)  # [B, Hp, Np, spb]
+    one_hot = one_hot.reshape(b, hkv, hp // hkv, g, segment_size, per_segment)
+    kg = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_pad - n), (0, 0), (0, 0)))
+    kg = kg.reshape(b, g, segment_size, hkv, d)
+    summed = jnp.einsum(
+        "bkrgsj,bgskd->bgjkrd", one_hot, kg, precision=jax.lax.Precision.HIGHEST
+    )  # [B, G, spb, Hkv, r, D]
+    return summed.reshape(b, g * per_segment, hp, d)[:, :t] / block_size
 
 
-def pooled_block_logits(q: jax.Array, k: jax.Array, perm: jax.Array, block_size: int,
-                        segment_size: int) -> jax.Array:
-  """Scaled dot products of pooled query blocks and pooled permuted key blocks.
+def pooled_block_logits(
+    q: jax.Array, k: jax.Array, perm: jax.Array, block_size: int, segment_size: int
+) -> jax.Array:
+    """Scaled dot products of pooled query blocks and pooled permuted key blocks.
 
-  Args:
-    q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
-  Returns:
-    ``[B, Hq, T, T]`` float32.
-  """
-  b, _, hq, d = q.shape
-  hp = perm.shape[1]
-  pq = mean_pool_blocks(q, block_size)
-  pk = pooled_permuted_keys(k, perm, block_size, segment_size)
-  t = pq.shape[1]
-  pq = pq.reshape(b, t, hp, hq // hp, d)
-  logits = jnp.einsum("bqpgd,bkpd->bpgqk", pq, pk, precision=jax.lax.Precision.HIGHEST)
-  return logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
+    Args:
+      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+    Returns:
+      ``[B, Hq, T, T]`` float32.
+    """
+    b, _, hq, d = q.shape
+    hp = perm.shape[1]
+    pq = mean_pool_blocks(q, block_size)
+    pk = pooled_permuted_keys(k, perm, block_size, segment_size)
+    t = pq.shape[1]
+    pq = pq.reshape(b, t, hp, hq // hp, d)
+    logits = jnp.einsum("bqpgd,bkpd->bpgqk", pq, pk, precision=jax.lax.Precision.HIGHEST)
+    return logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
 
 
 def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
-  """``[T, T]`` bool: the key blocks that compete in the block softmax of each query block.
+    """``[T, T]`` bool: the key blocks that compete in the block softmax of each query block.
 
-  With permutation: blocks of strictly earlier segments (own-segment blocks are computed anyway,
-  so they are left out of the competition). Without (MeanPooling baseline): every causal block,
-  the diagonal included, as the official baseline does.
-  """
-  qb = jnp.arange(t)[:, None]
-  kb = jnp.arange(t)[None, :]
-  if cfg.permute:
-    per_segment = cfg.segment_size // cfg.block_size
-    return kb // per_segment < qb // per_segment
-  return kb <= qb
+    With permutation: blocks of strictly earlier segments (own-segment blocks are computed anyway,
+    so they are left out of the competition). Without (MeanPooling baseline): every causal block,
+    the diagonal included, as the official baseline does.
+    """
+    qb = jnp.arange(t)[:, None]
+    kb = jnp.arange(t)[None, :]
+    if cfg.permute:
+        per_segment = cfg.segment_size // cfg.block_size
+        return kb // per_segment < qb // per_segment
+    return kb <= qb
 
 
 def own_segment_blocks(t: int, cfg: PBSConfig) -> jax.Array:
-  """``[T, T]`` bool: blocks always computed and masked token by token on original positions.
+    """``[T, T]`` bool: blocks always computed and masked token by token on original positions.
 
-  Every block of the query block's own segment (``cfg.mask_segment_size``), including blocks
-  above the block diagonal: permuted keys cross block boundaries inside a segment.
-  """
-  per_segment = cfg.mask_segment_size // cfg.block_size
-  qb = jnp.arange(t)[:, None]
-  kb = jnp.arange(t)[None, :]
-  return kb // per_segment == qb // per_segment
+    Every block of the query block's own segment (``cfg.mask_segment_size``), including blocks
+    above the block diagonal: permuted keys cross block boundaries inside a segment.
+    """
+    per_segment = cfg.mask_segment_size // cfg.block_size
+    qb = jnp.arange(t)[:, None]
+    kb = jnp.arange(t)[None, :]
+    return kb // per_segment == qb // per_segment
 
 
 def top_p_blocks(probs: jax.Array, allowed: jax.Array, threshold: float) -> jax.Array:
-  """Smallest set of highest-probability blocks whose cumulative mass reaches ``threshold``.
+    """Smallest set of highest-probability blocks whose cumulative mass reaches ``threshold``.
 
-  Args:
-    probs: ``[..., T]`` float32 row-softmax over the allowed blocks (0 elsewhere).
-    allowed: ``[..., T]`` bool (broadcastable).
-  Returns:
-    ``[..., T]`` bool. Sorted position p is kept iff the mass before it is < threshold
-    (cumulative ≥ threshold inclusive, as the official code). A row whose mass never reaches
-    the threshold keeps all its allowed blocks (the paper's Alg. 2: k = min({…} ∪ {i})).
-    ``threshold >= 1`` keeps every allowed block outright, so fp rounding of the row sum cannot
-    drop one (the official code's integer-1 path). Blocks tied with the last kept value are
-    all kept (the official sort breaks such ties arbitrarily).
-  """
-  if threshold >= 1.0:
-    return jnp.broadcast_to(allowed, probs.shape)
-  # One sort: the kept sorted positions form a prefix; its last value is the cut-off.
-  sorted_probs = -jnp.sort(-probs, axis=-1)
-  mass = jnp.cumsum(sorted_probs, axis=-1)
-  mass_before = jnp.concatenate([jnp.zeros_like(mass[..., :1]), mass[..., :-1]], axis=-1)
-  keep_count = jnp.sum(mass_before < threshold, axis=-1, keepdims=True)
-  cutoff = jnp.take_along_axis(sorted_probs, keep_count - 1, axis=-1)
-  return allowed & (probs >= cutoff)
+    Args:
+      probs: ``[..., T]`` float32 row-softmax over the allowed blocks (0 elsewhere).
+      allowed: ``[..., T]`` bool (broadcastable).
+    Returns:
+      ``[..., T]`` bool. Sorted position p is kept iff the mass before it is < threshold
+      (cumulative ≥ threshold inclusive, as the official code). A row whose mass never reaches
+      the threshold keeps all its allowed blocks (the paper's Alg. 2: k = min({…} ∪ {i})).
+      ``threshold >= 1`` keeps every allowed block outright, so fp rounding of the row sum cannot
+      drop one (the official code's integer-1 path). Blocks tied with the last kept value are
+      all kept (the official sort breaks such ties arbitrarily).
+    """
+    if threshold >= 1.0:
+        return jnp.broadcast_to(allowed, probs.shape)
+    # One sort: the kept sorted positions form a prefix; its last value is the cut-off.
+    sorted_probs = -jnp.sort(-probs, axis=-1)
+    mass = jnp.cumsum(sorted_probs, axis=-1)
+    mass_before = jnp.concatenate([jnp.zeros_like(mass[..., :1]), mass[..., :-1]], axis=-1)
+    keep_count = jnp.sum(mass_before < threshold, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_probs, keep_count - 1, axis=-1)
+    return allowed & (probs >= cutoff)
 
 
 def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
-  """``[B, Hq, 1, T]`` bool: the key block whose slots hold original token 0, per query head."""
-  b, hp, n = perm.shape
-  t = num_blocks(n, block_size)
-  slot_of_token0 = jnp.argmax(perm == 0, axis=-1)  # [B, Hp]
-  sink = jax.nn.one_hot(slot_of_token0 // block_size, t, dtype=jnp.bool_)  # [B, Hp, T]
-  return jnp.repeat(sink, num_q_heads // hp, axis=1)[:, :, None, :]
+    """``[B, Hq, 1, T]`` bool: the key block whose slots hold original token 0, per query head."""
+    b, hp, n = perm.shape
+    t = num_blocks(n, block_size)
+    slot_of_token0 = jnp.argmax(perm == 0, axis=-1)  # [B, Hp]
+    sink = jax.nn.one_hot(slot_of_token0 // block_size, t, dtype=jnp.bool_)  # [B, Hp, T]
+    return jnp.repeat(sink, num_q_heads // hp, axis=1)[:, :, None, :]
 
 
-def meanpool_block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
-                                 cfg: PBSConfig) -> jax.Array:
-  """The MeanPooling selector's block distribution (paper Alg. 2, step 3).
+def meanpool_block_probabilities(
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig
+) -> jax.Array:
+    """The MeanPooling selector's block distribution (paper Alg. 2, step 3).
 
-  Args:
-    q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
-  Returns:
-    ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits over the
-    allowed key blocks; 0 elsewhere and on rows with nothing allowed.
-  """
-  t = num_blocks(q.shape[1], cfg.block_size)
-  logits = pooled_block_logits(q, k, perm, cfg.block_size, cfg.segment_size)
-  allowed = softmax_domain(t, cfg)
-  probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
-  # Rows with nothing allowed (the first segment's query blocks) are all -inf: NaN → select none.
-  return jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
+    Args:
+      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+    Returns:
+      ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits over the
+      allowed key blocks; 0 elsewhere and on rows with nothing allowed.
+    """
+    t = num_blocks(q.shape[1], cfg.block_size)
+    logits = pooled_block_logits(q, k, perm, cfg.block_size, cfg.segment_size)
+    allowed = softmax_domain(t, cfg)
+    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    # Rows with nothing allowed (the first segment's query blocks) are all -inf: NaN → select none.
+    return jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
 
 
 def antidiagonal_logits(q: jax.Array, k_slots: jax.Array, stride: int) -> jax.Array:
-  """XAttention's strided anti-diagonal scores.
+    """XAttention's strided anti-diagonal scores.
 
-  Strided query row r holds positions ``[r·s, r·s + s)`` and strided key column c slots
-  ``[c·s, c·s + s)``; their score sums the s products on the anti-diagonal of that s × s tile:
-  ``Σ_m q[r·s + s−1−m] · k[c·s + m] / (√D · s)``.
+    Strided query row r holds positions ``[r·s, r·s + s)`` and strided key column c slots
+    ``[c·s, c·s + s)``; their score sums the s products on the anti-diagonal of that s × s tile:
+    ``Σ_m q[r·s + s−1−m] · k[c·s + m] / (√D · s)``.
 
-  Args:
-    q: ``[B, Nq, Hq, D]`` (rows from position 0 of this slice); k_slots: ``[B, N, Hp, D]`` keys
-      in slot order (query head h reads head ``h // (Hq // Hp)``); Nq and N multiples of
-      ``stride``.
-  Returns:
-    ``[B, Hq, Nq/s, N/s]`` float32.
-  """
-  b, nq, hq, d = q.shape
-  n, hp = k_slots.shape[1], k_slots.shape[2]
-  rows, cols = nq // stride, n // stride
-  q_reversed = q.astype(jnp.float32).reshape(b, rows, stride, hp, hq // hp, d)[:, :, ::-1]
-  k_strided = k_slots.astype(jnp.float32).reshape(b, cols, stride, hp, d)
-  logits = jnp.einsum("brmpgd,bcmpd->bpgrc", q_reversed, k_strided, precision=_HI)
-  return logits.reshape(b, hq, rows, cols) / (jnp.sqrt(jnp.float32(d)) * stride)
+    Args:
+      q: ``[B, Nq, Hq, D]`` (rows from position 0 of this slice); k_slots: ``[B, N, Hp, D]`` keys
+        in slot order (query head h reads head ``h // (Hq // Hp)``); Nq and N multiples of
+        ``stride``.
+    Returns:
+      ``[B, Hq, Nq/s, N/s]`` float32.
+    """
+    b, nq, hq, d = q.shape
+    n, hp = k_slots.shape[1], k_slots.shape[2]
+    rows, cols = nq // stride, n // stride
+    q_reversed = q.astype(jnp.float32).reshape(b, rows, stride, hp, hq // hp, d)[:, :, ::-1]
+    k_strided = k_slots.astype(jnp.float32).reshape(b, cols, stride, hp, d)
+    logits = jnp.einsum("brmpgd,bcmpd->bpgrc", q_reversed, k_strided, precision=_HI)
+    return logits.reshape(b, hq, rows, cols) / (jnp.sqrt(jnp.float32(d)) * stride)
 
 
 # The anti-diagonal scores of one chunk of query blocks stay under this many bytes: the whole
@@ -197,53 +201,61 @@ def antidiagonal_logits(q: jax.Array, k_slots: jax.Array, stride: int) -> jax.Ar
 ANTIDIAGONAL_CHUNK_BYTES = 1 << 28
 
 
-def antidiagonal_block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
-                                     cfg: PBSConfig) -> jax.Array:
-  """The anti-diagonal selector's block distribution (XAttention scoring, over permuted keys).
+def antidiagonal_block_probabilities(
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig
+) -> jax.Array:
+    """The anti-diagonal selector's block distribution (XAttention scoring, over permuted keys).
 
-  Each strided query row takes a softmax of :func:`antidiagonal_logits` over the strided keys
-  of the allowed blocks (:func:`softmax_domain`), causal at stride granularity (column ≤ row,
-  as XAttention) and without padding; the mass falling in each key block is summed over the
-  block's strided rows and renormalised per query block.
+    Each strided query row takes a softmax of :func:`antidiagonal_logits` over the strided keys
+    of the allowed blocks (:func:`softmax_domain`), causal at stride granularity (column ≤ row,
+    as XAttention) and without padding; the mass falling in each key block is summed over the
+    block's strided rows and renormalised per query block.
 
-  Args:
-    q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
-  Returns:
-    ``[B, Hq, T, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
-  """
-  b, n, hq, _ = q.shape
-  stride, block = cfg.antidiagonal_stride, cfg.block_size
-  t = num_blocks(n, block)
-  per_block = block // stride
-  # Query blocks are scored a chunk at a time (rows are independent softmaxes), so only one
-  # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
-  row_bytes = b * hq * per_block * t * per_block * 4
-  chunk = int(max(1, min(t, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
-  num_chunks = -(-t // chunk)
-  q = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - n), (0, 0), (0, 0)))
-  k_slots = jnp.pad(gather_keys(k, perm).astype(jnp.float32),
-                    ((0, 0), (0, t * block - n), (0, 0), (0, 0)))
-  columns = jnp.arange(t * per_block)
-  real_columns = columns * stride < n  # strided columns holding at least one real token
-  allowed = jnp.pad(softmax_domain(t, cfg), ((0, num_chunks * chunk - t), (0, 0)))
+    Args:
+      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+    Returns:
+      ``[B, Hq, T, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
+    """
+    b, n, hq, _ = q.shape
+    stride, block = cfg.antidiagonal_stride, cfg.block_size
+    t = num_blocks(n, block)
+    per_block = block // stride
+    # Query blocks are scored a chunk at a time (rows are independent softmaxes), so only one
+    # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
+    row_bytes = b * hq * per_block * t * per_block * 4
+    chunk = int(max(1, min(t, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
+    num_chunks = -(-t // chunk)
+    q = jnp.pad(
+        q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - n), (0, 0), (0, 0))
+    )
+    k_slots = jnp.pad(
+        gather_keys(k, perm).astype(jnp.float32), ((0, 0), (0, t * block - n), (0, 0), (0, 0))
+    )
+    columns = jnp.arange(t * per_block)
+    real_columns = columns * stride < n  # strided columns holding at least one real token
+    allowed = jnp.pad(softmax_domain(t, cfg), ((0, num_chunks * chunk - t), (0, 0)))
 
-  def chunk_mass(c):  # → [B, Hq, chunk, T]
-    q_chunk = jax.lax.dynamic_slice_in_dim(q, c * chunk * block, chunk * block, axis=1)
-    logits = antidiagonal_logits(q_chunk, k_slots, stride)
-    rows = c * chunk * per_block + jnp.arange(chunk * per_block)
-    blocks_allowed = jnp.repeat(jnp.repeat(
-        jax.lax.dynamic_slice_in_dim(allowed, c * chunk, chunk, axis=0), per_block, 0),
-        per_block, 1)
-    domain = blocks_allowed & (columns[None, :] <= rows[:, None]) & real_columns[None, :]
-    probs = jax.nn.softmax(jnp.where(domain, logits, -jnp.inf), axis=-1)
-    real_rows = rows * stride < n
-    probs = jnp.where(domain.any(axis=-1, keepdims=True) & real_rows[:, None], probs, 0.0)
-    return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
+    def chunk_mass(c):  # → [B, Hq, chunk, T]
+        q_chunk = jax.lax.dynamic_slice_in_dim(q, c * chunk * block, chunk * block, axis=1)
+        logits = antidiagonal_logits(q_chunk, k_slots, stride)
+        rows = c * chunk * per_block + jnp.arange(chunk * per_block)
+        blocks_allowed = jnp.repeat(
+            jnp.repeat(
+                jax.lax.dynamic_slice_in_dim(allowed, c * chunk, chunk, axis=0), per_block, 0
+            ),
+            per_block,
+            1,
+        )
+        domain = blocks_allowed & (columns[None, :] <= rows[:, None]) & real_columns[None, :]
+        probs = jax.nn.softmax(jnp.where(domain, logits, -jnp.inf), axis=-1)
+        real_rows = rows * stride < n
+        probs = jnp.where(domain.any(axis=-1, keepdims=True) & real_rows[:, None], probs, 0.0)
+        return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
 
-  mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
-  mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :t]
-  total = mass.sum(axis=-1, keepdims=True)
-  return mass / jnp.where(total > 0, total, 1.0)
+    mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
+    mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :t]
+    total = mass.sum(axis=-1, keepdims=True)
+    return mass / jnp.where(total > 0, total, 1.0)
 
 
 BLOCK_SCORERS = {
@@ -252,47 +264,46 @@ BLOCK_SCORERS = {
 }
 
 
-def block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array,
-                        cfg: PBSConfig) -> jax.Array:
-  """``[B, Hq, T, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain)."""
-  return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
+def block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+    """``[B, Hq, T, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain)."""
+    return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
 
 
 def forced_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Array:
-  """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
+    """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
 
-  Every block of the query's own segment (:func:`own_segment_blocks`) and, with
-  ``cfg.force_sink``, the key block holding original token 0.
-  """
-  t = num_blocks(perm.shape[-1], cfg.block_size)
-  forced = own_segment_blocks(t, cfg)[None, None]
-  if cfg.force_sink:
-    forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
-  return forced
+    Every block of the query's own segment (:func:`own_segment_blocks`) and, with
+    ``cfg.force_sink``, the key block holding original token 0.
+    """
+    t = num_blocks(perm.shape[-1], cfg.block_size)
+    forced = own_segment_blocks(t, cfg)[None, None]
+    if cfg.force_sink:
+        forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
+    return forced
 
 
 def select_from_probabilities(probs: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
-  """The top-p rule plus the forced blocks, shared by every selector.
+    """The top-p rule plus the forced blocks, shared by every selector.
 
-  Args:
-    probs: ``[B, Hq, T, T]`` float32 from :func:`block_probabilities`.
-    perm: ``[B, Hp, N]`` original position of each slot.
-  Returns:
-    ``block_mask [B, Hq, T, T]`` bool.
-  """
-  t = probs.shape[-1]
-  mask = top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold))
-  return mask | forced_blocks(perm, probs.shape[1], cfg)
+    Args:
+      probs: ``[B, Hq, T, T]`` float32 from :func:`block_probabilities`.
+      perm: ``[B, Hp, N]`` original position of each slot.
+    Returns:
+      ``block_mask [B, Hq, T, T]`` bool.
+    """
+    t = probs.shape[-1]
+    mask = top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold))
+    return mask | forced_blocks(perm, probs.shape[1], cfg)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
-  """The PBS block mask of ``cfg.selector``.
+    """The PBS block mask of ``cfg.selector``.
 
-  Args:
-    q: ``[B, N, Hq, D]`` queries (original order).
-    k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
-    perm: ``[B, Hp, N]`` original position of each slot.
-  Returns:
-    ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
-  """
-  return select_from_probabilities(block_probabilities(q, k, perm, cfg), perm, cfg)
+    Args:
+      q: ``[B, N, Hq, D]`` queries (original order).
+      k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
+      perm: ``[B, Hp, N]`` original position of each slot.
+    Returns:
+      ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
+    """
+    return select_from_probabilities(block_probabilities(q, k, perm, cfg), perm, cfg)

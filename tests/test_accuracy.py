@@ -18,18 +18,29 @@ def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit):
         accuracy.main(["--help"])
     text = capsys.readouterr().out
-    for option in ("--quick", "--out", "--lengths", "--thresholds", "--sweep-thresholds",
-                   "--bracket-lengths", "--coverage-query-blocks", "--new-tokens"):
+    for option in (
+        "--quick",
+        "--out",
+        "--lengths",
+        "--thresholds",
+        "--sweep-thresholds",
+        "--bracket-lengths",
+        "--coverage-query-blocks",
+        "--new-tokens",
+    ):
         assert option in text
 
 
 def test_layer_coverage_matches_brute_force():
     n, hq, hkv, d = 640, 4, 2, 16
     q, k, v = make_qkv(3, 1, n, hq, hkv, d)
-    plan = accuracy.CoveragePlan(accuracy.sampled_query_rows(n, 128, 3),
-                                 (accuracy.METHOD_BY_KEY["pbs"],
-                                  accuracy.METHOD_BY_KEY["antidiagonal"]),
-                                 (0.5, 1.0), (1, 3), error_thresholds=(0.5, 1.0))
+    plan = accuracy.CoveragePlan(
+        accuracy.sampled_query_rows(n, 128, 3),
+        (accuracy.METHOD_BY_KEY["pbs"], accuracy.METHOD_BY_KEY["antidiagonal"]),
+        (0.5, 1.0),
+        (1, 3),
+        error_thresholds=(0.5, 1.0),
+    )
     assert plan.rows == tuple(range(0, 128)) + tuple(range(256, 384)) + tuple(range(512, 640))
     coverage, density, error = (np.asarray(x) for x in accuracy.layer_coverage(q, k, v, plan))
     assert coverage.shape == density.shape == (2 * 2 + 2, hq) and error.shape == (2 * 2, hq)
@@ -44,25 +55,29 @@ def test_layer_coverage_matches_brute_force():
             slot_block = np.argsort(perm[h // (hq // perm.shape[0])]) // 128  # by position
             total, diff, norm = 0.0, 0.0, 0.0
             for i in rows:
-                w = np.exp(qn[i, h] @ kh[:i + 1].T / np.sqrt(d))
+                w = np.exp(qn[i, h] @ kh[: i + 1].T / np.sqrt(d))
                 w /= w.sum()
-                kept = np.where(mask[h, i // 128, slot_block[:i + 1]], w, 0.0)
+                kept = np.where(mask[h, i // 128, slot_block[: i + 1]], w, 0.0)
                 total += kept.sum()
-                diff += np.sum((kept / kept.sum() @ vh[:i + 1] - w @ vh[:i + 1]) ** 2)
-                norm += np.sum((w @ vh[:i + 1]) ** 2)
+                diff += np.sum((kept / kept.sum() @ vh[: i + 1] - w @ vh[: i + 1]) ** 2)
+                norm += np.sum((w @ vh[: i + 1]) ** 2)
             coverages.append(total / len(rows))
             errors.append(np.sqrt(diff / norm))
         return np.array(coverages), np.array(errors)
 
-    for index, (key, tau) in enumerate([("pbs", 0.5), ("pbs", 1.0), ("antidiagonal", 0.5),
-                                        ("antidiagonal", 1.0)]):
-        perm, mask = (np.asarray(x)[0] for x in pbs_jax.pbs_plan(
-            q, k, accuracy.METHOD_BY_KEY[key].config(tau)))
+    for index, (key, tau) in enumerate(
+        [("pbs", 0.5), ("pbs", 1.0), ("antidiagonal", 0.5), ("antidiagonal", 1.0)]
+    ):
+        perm, mask = (
+            np.asarray(x)[0]
+            for x in pbs_jax.pbs_plan(q, k, accuracy.METHOD_BY_KEY[key].config(tau))
+        )
         want_coverage, want_error = brute(mask, perm)
         np.testing.assert_allclose(coverage[index], want_coverage, rtol=1e-4)
         np.testing.assert_allclose(error[index], want_error, rtol=1e-3, atol=1e-6)
-        np.testing.assert_allclose(density[index], np.asarray(pbs_jax.density(mask[None]))[0],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            density[index], np.asarray(pbs_jax.density(mask[None]))[0], rtol=1e-6
+        )
     np.testing.assert_allclose(coverage[1], 1.0, atol=1e-5)  # τ = 1 keeps every causal block
     np.testing.assert_allclose(error[1], 0.0, atol=1e-5)
     assert np.all(error[0] > 1e-4)
@@ -83,14 +98,20 @@ def test_interpolate():
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     summary = accuracy.main(["--quick", "--out", str(tmp_path)])
-    for suffix in (".json", ".md", "_coverage_density.png", "_density_by_layer.png",
-                   "_vs_density.png", "_block_map.png"):
+    for suffix in (
+        ".json",
+        ".md",
+        "_coverage_density.png",
+        "_density_by_layer.png",
+        "_vs_density.png",
+        "_block_map.png",
+    ):
         assert (tmp_path / f"accuracy_quick{suffix}").stat().st_size > 1000
     saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
     assert saved["device"].startswith("CPU") and saved["jax"] == jax.__version__
     assert saved["date"] and saved["quick"] is True
 
-    (n, result), = summary["lengths"].items()
+    ((n, result),) = summary["lengths"].items()
     assert n == "1024" and all(s["tokens"] == 1024 for s in result["sequences"])
     cov = result["coverage"]
     taus = cov["thresholds"]
@@ -127,8 +148,7 @@ def test_layer_schedule_study_runs_on_the_real_model(tmp_path):
     as its own baseline (KL 0, agreement 1), the rest judged against it, and its files."""
     from experiments import layer_schedule
 
-    payload = layer_schedule.run(["--lengths", "1024", "--new-tokens", "2", "--out",
-                                  str(tmp_path)])
+    payload = layer_schedule.run(["--lengths", "1024", "--new-tokens", "2", "--out", str(tmp_path)])
     rows = payload["rows"]
     schedules = {r["schedule"] for r in rows}
     assert schedules == {"full", *layer_schedule.schedules(0.9)}

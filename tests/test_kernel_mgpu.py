@@ -16,137 +16,188 @@ import numpy as np
 import pytest
 
 import pbs_jax
-from pallas_kernels import block_sparse_attention_mgpu, block_sparse_attention_reference
-from pallas_kernels import mgpu_supported
+from pallas_kernels import (
+    block_sparse_attention_mgpu,
+    block_sparse_attention_reference,
+    mgpu_supported,
+)
 from pbs_jax import PBSConfig
 from tests.conftest import make_qkv, rel_err
 from tests.test_kernel import make_case, permute_kv
 
 hopper = pytest.mark.skipif(
     not mgpu_supported(jnp.zeros((1, 1, 1, 64), jnp.bfloat16), 128),
-    reason="the Mosaic GPU kernel needs a Hopper GPU")
+    reason="the Mosaic GPU kernel needs a Hopper GPU",
+)
 
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
 @hopper
-@pytest.mark.parametrize("n,d,hq,hk,hp,dtype", [
-    (256, 64, 1, 1, 1, jnp.bfloat16),
-    (1024, 64, 4, 2, 4, jnp.bfloat16),     # GQA 2, one permutation per query head
-    (1024, 128, 4, 2, 2, jnp.float16),     # one permutation per KV head
-    (2048, 128, 8, 2, 8, jnp.bfloat16),
-    (1536, 64, 3, 1, 3, jnp.bfloat16),     # GQA 3, odd segment count
-])
+@pytest.mark.parametrize(
+    "n,d,hq,hk,hp,dtype",
+    [
+        (256, 64, 1, 1, 1, jnp.bfloat16),
+        (1024, 64, 4, 2, 4, jnp.bfloat16),  # GQA 2, one permutation per query head
+        (1024, 128, 4, 2, 2, jnp.float16),  # one permutation per KV head
+        (2048, 128, 8, 2, 8, jnp.bfloat16),
+        (1536, 64, 3, 1, 3, jnp.bfloat16),  # GQA 3, odd segment count
+    ],
+)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_matches_reference(n, d, hq, hk, hp, dtype, density):
-  c = make_case(n, n=n, d=d, hq=hq, hk=hk, hp=hp, block_size=128, dtype=dtype,
-                density=density)
-  ref = block_sparse_attention_reference(*c.args(), block_size=128)
-  out = block_sparse_attention_mgpu(
-      c.q, permute_kv(c.k, c.key_pos), permute_kv(c.v, c.key_pos), c.k, c.v,
-      jnp.asarray(c.ids), jnp.asarray(c.full), block_size=128, segment_blocks=2)
-  assert out.shape == c.q.shape and out.dtype == c.q.dtype
-  assert rel_err(out, ref) < TOL[dtype]
+    c = make_case(n, n=n, d=d, hq=hq, hk=hk, hp=hp, block_size=128, dtype=dtype, density=density)
+    ref = block_sparse_attention_reference(*c.args(), block_size=128)
+    out = block_sparse_attention_mgpu(
+        c.q,
+        permute_kv(c.k, c.key_pos),
+        permute_kv(c.v, c.key_pos),
+        c.k,
+        c.v,
+        jnp.asarray(c.ids),
+        jnp.asarray(c.full),
+        block_size=128,
+        segment_blocks=2,
+    )
+    assert out.shape == c.q.shape and out.dtype == c.q.dtype
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @hopper
 def test_unlisted_blocks_are_never_read():
-  """NaN in every permuted block that no list names, and in the original K/V outside the own
-  segments actually used, must not reach the output."""
-  c = make_case(3, n=1024, d=64, hq=2, hk=1, hp=2, block_size=128, dtype=jnp.bfloat16,
-                density=0.3)
-  kp, vp = permute_kv(c.k, c.key_pos), permute_kv(c.v, c.key_pos)
-  listed = np.zeros((2, 8), bool)
-  for h in range(2):
-    for qb in range(8):
-      listed[h, c.ids[0, h, qb, :c.full[0, h, qb]]] = True
-  poison = np.repeat(~listed, 128, axis=1).T[None, :, :, None]  # [1, N, Hp, 1]
-  kp = jnp.where(poison, jnp.nan, kp).astype(kp.dtype)
-  vp = jnp.where(poison, jnp.nan, vp).astype(vp.dtype)
-  out = block_sparse_attention_mgpu(c.q, kp, vp, c.k, c.v, jnp.asarray(c.ids),
-                                    jnp.asarray(c.full), block_size=128, segment_blocks=2)
-  assert bool(jnp.isfinite(out).all())
-  assert rel_err(out, block_sparse_attention_reference(*c.args(), block_size=128)) < 2e-2
+    """NaN in every permuted block that no list names, and in the original K/V outside the own
+    segments actually used, must not reach the output."""
+    c = make_case(
+        3, n=1024, d=64, hq=2, hk=1, hp=2, block_size=128, dtype=jnp.bfloat16, density=0.3
+    )
+    kp, vp = permute_kv(c.k, c.key_pos), permute_kv(c.v, c.key_pos)
+    listed = np.zeros((2, 8), bool)
+    for h in range(2):
+        for qb in range(8):
+            listed[h, c.ids[0, h, qb, : c.full[0, h, qb]]] = True
+    poison = np.repeat(~listed, 128, axis=1).T[None, :, :, None]  # [1, N, Hp, 1]
+    kp = jnp.where(poison, jnp.nan, kp).astype(kp.dtype)
+    vp = jnp.where(poison, jnp.nan, vp).astype(vp.dtype)
+    out = block_sparse_attention_mgpu(
+        c.q,
+        kp,
+        vp,
+        c.k,
+        c.v,
+        jnp.asarray(c.ids),
+        jnp.asarray(c.full),
+        block_size=128,
+        segment_blocks=2,
+    )
+    assert bool(jnp.isfinite(out).all())
+    assert rel_err(out, block_sparse_attention_reference(*c.args(), block_size=128)) < 2e-2
 
 
 @hopper
 @pytest.mark.parametrize("n", [300, 700, 1000, 2048])
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_op_on_hopper_equals_reference_op(n, gqa):
-  """pbs_attention(impl="pallas") takes this kernel on Hopper (ragged N padded)."""
-  cfg = PBSConfig(gqa=gqa)
-  q, k, v = make_qkv(n, 1, n, 8, 2, 64, jnp.bfloat16)
-  out = pbs_jax.pbs_attention(q, k, v, cfg, impl="pallas")
-  ref = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
-  assert rel_err(out, ref) < 2e-2
+    """pbs_attention(impl="pallas") takes this kernel on Hopper (ragged N padded)."""
+    cfg = PBSConfig(gqa=gqa)
+    q, k, v = make_qkv(n, 1, n, 8, 2, 64, jnp.bfloat16)
+    out = pbs_jax.pbs_attention(q, k, v, cfg, impl="pallas")
+    ref = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
+    assert rel_err(out, ref) < 2e-2
 
 
 @hopper
 def test_dense_lists_equal_cudnn():
-  q, k, v = make_qkv(0, 1, 4096, 8, 2, 128, jnp.bfloat16)
-  t = 32
-  ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, 8, t, t))
-  off = jnp.broadcast_to((jnp.arange(t, dtype=jnp.int32) // 2) * 2, (1, 8, t))
-  out = block_sparse_attention_mgpu(q, k, v, k, v, ids, off, block_size=128, segment_blocks=2)
-  ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  assert rel_err(out, ref) < 1e-3
+    q, k, v = make_qkv(0, 1, 4096, 8, 2, 128, jnp.bfloat16)
+    t = 32
+    ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, 8, t, t))
+    off = jnp.broadcast_to((jnp.arange(t, dtype=jnp.int32) // 2) * 2, (1, 8, t))
+    out = block_sparse_attention_mgpu(q, k, v, k, v, ids, off, block_size=128, segment_blocks=2)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    assert rel_err(out, ref) < 1e-3
 
 
 @pytest.mark.parametrize("n", [640, 700])
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_own_segment_in_original_order_is_the_token_mask(n, gqa):
-  """The contract between the planner and this kernel, in float64 on any machine: with the
-  op's real permutation and lists, the own-segment keys seen through the permuted slots with
-  the token mask (key_pos <= q_pos) give the same attention as the segment's keys in original
-  order with a plain causal mask (what the kernel reads), and list entries [0, full) are
-  exactly the earlier-segment blocks (what it reads from the permuted keys)."""
-  cfg = PBSConfig(block_size=32, segment_size=128, gqa=gqa)
-  hq, hk, d = 4, 2, 16
-  qj, kj, vj = make_qkv(n, 1, n, hq, hk, d, jnp.float32)
-  perm, mask = pbs_jax.pbs_plan(qj, kj, cfg)
-  lists = pbs_jax.index_lists(mask, cfg)
-  perm, ids, full, total = (np.asarray(x) for x in (perm, lists.ids, lists.full_counts,
-                                                    lists.total_counts))
-  q, k, v = (np.asarray(x, np.float64) for x in (qj, kj, vj))
-  bs, seg = cfg.block_size, cfg.segment_size
-  for h in range(hq):
-    p, kv = h // (hq // perm.shape[1]), h // (hq // hk)
-    for i in range(0, n, 7):
-      qb, own_start = i // bs, (i // seg) * seg
-      listed = ids[0, h, qb, :total[0, h, qb]]
-      assert all(blk * bs < own_start for blk in listed[:full[0, h, qb]])
-      assert all(blk * bs >= own_start for blk in listed[full[0, h, qb]:])
-      slots = [j for blk in listed for j in range(blk * bs, min(blk * bs + bs, n))]
-      via_slots = [int(perm[0, p, j]) for j in slots
-                   if perm[0, p, j] < own_start or perm[0, p, j] <= i]
-      via_order = [int(perm[0, p, j]) for j in slots if j < own_start] + list(
-          range(own_start, i + 1))
-      assert sorted(via_slots) == sorted(via_order)
-      outs = []
-      for keys in (via_slots, via_order):
-        logits = k[0, keys, kv] @ q[0, i, h] / np.sqrt(d)
-        w = np.exp(logits - logits.max())
-        outs.append((w / w.sum()) @ v[0, keys, kv])
-      np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    """The contract between the planner and this kernel, in float64 on any machine: with the
+    op's real permutation and lists, the own-segment keys seen through the permuted slots with
+    the token mask (key_pos <= q_pos) give the same attention as the segment's keys in original
+    order with a plain causal mask (what the kernel reads), and list entries [0, full) are
+    exactly the earlier-segment blocks (what it reads from the permuted keys)."""
+    cfg = PBSConfig(block_size=32, segment_size=128, gqa=gqa)
+    hq, hk, d = 4, 2, 16
+    qj, kj, vj = make_qkv(n, 1, n, hq, hk, d, jnp.float32)
+    perm, mask = pbs_jax.pbs_plan(qj, kj, cfg)
+    lists = pbs_jax.index_lists(mask, cfg)
+    perm, ids, full, total = (
+        np.asarray(x) for x in (perm, lists.ids, lists.full_counts, lists.total_counts)
+    )
+    q, k, v = (np.asarray(x, np.float64) for x in (qj, kj, vj))
+    bs, seg = cfg.block_size, cfg.segment_size
+    for h in range(hq):
+        p, kv = h // (hq // perm.shape[1]), h // (hq // hk)
+        for i in range(0, n, 7):
+            qb, own_start = i // bs, (i // seg) * seg
+            listed = ids[0, h, qb, : total[0, h, qb]]
+            assert all(blk * bs < own_start for blk in listed[: full[0, h, qb]])
+            assert all(blk * bs >= own_start for blk in listed[full[0, h, qb] :])
+            slots = [j for blk in listed for j in range(blk * bs, min(blk * bs + bs, n))]
+            via_slots = [
+                int(perm[0, p, j]) for j in slots if perm[0, p, j] < own_start or perm[0, p, j] <= i
+            ]
+            via_order = [int(perm[0, p, j]) for j in slots if j < own_start] + list(
+                range(own_start, i + 1)
+            )
+            assert sorted(via_slots) == sorted(via_order)
+            outs = []
+            for keys in (via_slots, via_order):
+                logits = k[0, keys, kv] @ q[0, i, h] / np.sqrt(d)
+                w = np.exp(logits - logits.max())
+                outs.append((w / w.sum()) @ v[0, keys, kv])
+            np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda a: {**a, "q": a["q"].astype(jnp.float32)}, "16-bit dtype"),
-    (lambda a: {**a, "k": a["k"][:, :128]}, "k_perm/v_perm must be"),
-    (lambda a: {**a, "k_perm": a["k_perm"][:, :, :1].repeat(3, axis=2),
-                "v_perm": a["v_perm"][:, :, :1].repeat(3, axis=2)}, "dividing Hq"),
-    (lambda a: {**a, "off_counts": a["off_counts"][:, :, :1]}, "off_counts"),
-    (lambda a: {**a, "q": a["q"][:, :200], "k_perm": a["k_perm"][:, :200],
-                "v_perm": a["v_perm"][:, :200], "k": a["k"][:, :200], "v": a["v"][:, :200]},
-     "multiple of block_size"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: {**a, "q": a["q"].astype(jnp.float32)}, "16-bit dtype"),
+        (lambda a: {**a, "k": a["k"][:, :128]}, "k_perm/v_perm must be"),
+        (
+            lambda a: {
+                **a,
+                "k_perm": a["k_perm"][:, :, :1].repeat(3, axis=2),
+                "v_perm": a["v_perm"][:, :, :1].repeat(3, axis=2),
+            },
+            "dividing Hq",
+        ),
+        (lambda a: {**a, "off_counts": a["off_counts"][:, :, :1]}, "off_counts"),
+        (
+            lambda a: {
+                **a,
+                "q": a["q"][:, :200],
+                "k_perm": a["k_perm"][:, :200],
+                "v_perm": a["v_perm"][:, :200],
+                "k": a["k"][:, :200],
+                "v": a["v"][:, :200],
+            },
+            "multiple of block_size",
+        ),
+    ],
+)
 def test_bad_inputs_raise(mutate, match):
-  """Shape and dtype errors are raised before any lowering, on any machine."""
-  x = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
-  good = {"q": x, "k_perm": x, "v_perm": x, "k": x[:, :, :2], "v": x[:, :, :2],
-          "block_ids": jnp.zeros((1, 4, 2, 2), jnp.int32),
-          "off_counts": jnp.zeros((1, 4, 2), jnp.int32)}
-  a = mutate(good)
-  with pytest.raises(ValueError, match=match):
-    block_sparse_attention_mgpu(a["q"], a["k_perm"], a["v_perm"], a["k"], a["v"],
-                                a["block_ids"], a["off_counts"])
+    """Shape and dtype errors are raised before any lowering, on any machine."""
+    x = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    good = {
+        "q": x,
+        "k_perm": x,
+        "v_perm": x,
+        "k": x[:, :, :2],
+        "v": x[:, :, :2],
+        "block_ids": jnp.zeros((1, 4, 2, 2), jnp.int32),
+        "off_counts": jnp.zeros((1, 4, 2), jnp.int32),
+    }
+    a = mutate(good)
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention_mgpu(
+            a["q"], a["k_perm"], a["v_perm"], a["k"], a["v"], a["block_ids"], a["off_counts"]
+        )

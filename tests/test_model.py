@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import (JittedLlama, LayerAttention, Llama, Llama3RopeScaling, LlamaConfig,
-                    PBSAttention, PRESETS)
+from models import (
+    PRESETS,
+    JittedLlama,
+    LayerAttention,
+    Llama,
+    Llama3RopeScaling,
+    LlamaConfig,
+    PBSAttention,
+)
 from models.testing import random_hf_weights, write_safetensors_folder
 from models.weights import load_safetensors
 from pbs_jax import PBSConfig
@@ -27,9 +34,18 @@ def full_precision_matmuls():
         yield
 
 
-TINY = LlamaConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                   ffn_dim=128, vocab_size=101, rope_theta=10000.0, rms_eps=1e-5,
-                   max_position_embeddings=256)
+TINY = LlamaConfig(
+    num_layers=2,
+    d_model=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=101,
+    rope_theta=10000.0,
+    rms_eps=1e-5,
+    max_position_embeddings=256,
+)
 
 
 # ----------------------------------------------------------------------------------------
@@ -51,14 +67,16 @@ def numpy_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
         elif wavelen > s.original_max_position_embeddings / s.low_freq_factor:
             out.append(f / s.factor)
         else:
-            smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                      / (s.high_freq_factor - s.low_freq_factor))
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
             out.append((1 - smooth) * f / s.factor + smooth * f)
     return np.asarray(out)
 
 
-def numpy_forward(weights: dict[str, np.ndarray], config: LlamaConfig,
-                  tokens: np.ndarray) -> np.ndarray:
+def numpy_forward(
+    weights: dict[str, np.ndarray], config: LlamaConfig, tokens: np.ndarray
+) -> np.ndarray:
     """tokens [B,T] -> logits [B,T,V], float64, causal, GQA by repeating K/V heads."""
     c = config
     w = {k: v.astype(np.float64) for k, v in weights.items()}
@@ -88,7 +106,11 @@ def numpy_forward(weights: dict[str, np.ndarray], config: LlamaConfig,
             return y.reshape(batch, length, heads, c.head_dim)
 
         h = rms_norm(x, w[p + "input_layernorm.weight"])
-        q, k, v = proj("q", h, c.num_heads), proj("k", h, c.num_kv_heads), proj("v", h, c.num_kv_heads)
+        q, k, v = (
+            proj("q", h, c.num_heads),
+            proj("k", h, c.num_kv_heads),
+            proj("v", h, c.num_kv_heads),
+        )
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
@@ -109,8 +131,9 @@ def numpy_forward(weights: dict[str, np.ndarray], config: LlamaConfig,
 
 def load_random(tmp_path, config, seed=0, dtype=jnp.float32):
     weights = random_hf_weights(config, seed)
-    model, _ = load_safetensors(write_safetensors_folder(tmp_path / "ckpt", config, weights),
-                                dtype=dtype, progress=False)
+    model, _ = load_safetensors(
+        write_safetensors_folder(tmp_path / "ckpt", config, weights), dtype=dtype, progress=False
+    )
     return model, weights
 
 
@@ -127,7 +150,9 @@ VARIANTS = {
     "mha": TINY.replace(num_kv_heads=4),
     "mqa-untied": TINY.replace(num_kv_heads=1, tie_embeddings=False),
     "qkv-bias-tied": TINY.replace(qkv_bias=True, tie_embeddings=True),
-    "llama3-rope": TINY.replace(rope_theta=500000.0, rope_scaling=Llama3RopeScaling(4.0, 1.0, 4.0, 64)),
+    "llama3-rope": TINY.replace(
+        rope_theta=500000.0, rope_scaling=Llama3RopeScaling(4.0, 1.0, 4.0, 64)
+    ),
     "head-dim-not-d/h": TINY.replace(head_dim=24),
 }
 
@@ -153,8 +178,9 @@ def test_chunked_mlp_matches_numpy(tmp_path):
     assert chunked.layers.mlp_chunk == 16
     tokens = random_tokens(TINY, (2, 40))
     logits = JittedLlama(chunked)(tokens)
-    np.testing.assert_allclose(np.asarray(logits), numpy_forward(weights, TINY, tokens),
-                               rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(logits), numpy_forward(weights, TINY, tokens), rtol=2e-4, atol=2e-4
+    )
 
 
 def test_bfloat16_close_to_numpy(tmp_path):
@@ -172,10 +198,12 @@ def test_bfloat16_close_to_numpy(tmp_path):
 def test_module_call_equals_jitted_and_rope_scaling_changes_long_positions():
     model = Llama(TINY, rngs=nnx.Rngs(1))
     tokens = random_tokens(TINY, (1, 24))
-    np.testing.assert_allclose(model(jnp.asarray(tokens)), JittedLlama(model)(tokens),
-                               rtol=1e-5, atol=1e-5)
-    scaled = Llama(TINY.replace(rope_scaling=Llama3RopeScaling(4.0, 1.0, 4.0, 16)),
-                   rngs=nnx.Rngs(1))
+    np.testing.assert_allclose(
+        model(jnp.asarray(tokens)), JittedLlama(model)(tokens), rtol=1e-5, atol=1e-5
+    )
+    scaled = Llama(
+        TINY.replace(rope_scaling=Llama3RopeScaling(4.0, 1.0, 4.0, 16)), rngs=nnx.Rngs(1)
+    )
     assert not np.allclose(model(jnp.asarray(tokens)), scaled(jnp.asarray(tokens)), atol=1e-3)
 
 
@@ -194,8 +222,9 @@ def test_prefill_then_decode_equals_full_forward(tmp_path, variant):
     full = np.asarray(runner(tokens))
 
     last, cache = runner.prefill(tokens[:, :prompt_len], max_len=max_len)
-    chex.assert_shape(cache.keys, (config.num_layers, 2, max_len, config.num_kv_heads,
-                                   config.head_dim))
+    chex.assert_shape(
+        cache.keys, (config.num_layers, 2, max_len, config.num_kv_heads, config.head_dim)
+    )
     np.testing.assert_allclose(last, full[:, prompt_len - 1], rtol=1e-4, atol=1e-4)
     for position in range(prompt_len, tokens.shape[1]):  # teacher-forced decode
         logits, cache = runner.decode_step(tokens[:, position], cache, position)
@@ -285,10 +314,19 @@ def test_attention_spec_validation():
 
 def test_presets_and_validation():
     smol = LlamaConfig.preset("smollm2-135m")
-    assert (smol.num_layers, smol.d_model, smol.num_heads, smol.num_kv_heads, smol.head_dim,
-            smol.ffn_dim, smol.vocab_size, smol.rope_theta, smol.rms_eps, smol.tie_embeddings,
-            smol.max_position_embeddings) == (30, 576, 9, 3, 64, 1536, 49152, 100000.0, 1e-5,
-                                              True, 8192)
+    assert (
+        smol.num_layers,
+        smol.d_model,
+        smol.num_heads,
+        smol.num_kv_heads,
+        smol.head_dim,
+        smol.ffn_dim,
+        smol.vocab_size,
+        smol.rope_theta,
+        smol.rms_eps,
+        smol.tie_embeddings,
+        smol.max_position_embeddings,
+    ) == (30, 576, 9, 3, 64, 1536, 49152, 100000.0, 1e-5, True, 8192)
     assert 134e6 < smol.num_params < 135e6
     assert 1.2e9 < PRESETS["llama-3.2-1b"].num_params < 1.3e9
     assert 7.9e9 < PRESETS["llama-3.1-8b"].num_params < 8.1e9
@@ -321,15 +359,16 @@ def test_layer_attention_switches_per_layer(tmp_path):
     assert float(density[0]) == 1.0 and float(density[1]) < 1.0 and float(density[2]) < 1.0
     _, cache = runner.prefill(tokens, schedule, max_len=128)
     for layer in (0, 1):
-        np.testing.assert_allclose(cache.keys[layer], dense_cache.keys[layer], rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(cache.keys[layer], dense_cache.keys[layer], rtol=1e-5, atol=1e-5)
     assert not np.allclose(cache.keys[2], dense_cache.keys[2], rtol=1e-3, atol=1e-3)
 
     everything_full = LayerAttention(sparse, tuple((i, "full") for i in range(3)))
-    np.testing.assert_allclose(runner(tokens, everything_full), runner(tokens, "full"),
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(runner(tokens, LayerAttention(sparse)), runner(tokens, sparse),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        runner(tokens, everything_full), runner(tokens, "full"), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        runner(tokens, LayerAttention(sparse)), runner(tokens, sparse), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_layer_attention_validation():

@@ -15,18 +15,34 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         prefill.main(["--help"])
     text = capsys.readouterr().out
-    for option in ("--length", "--model", "--threshold", "--block-size", "--segment-size",
-                   "--gqa", "--no-permute", "--dense-layers", "--new-tokens", "--impl",
-                   "--repeats", "--warmup"):
+    for option in (
+        "--length",
+        "--model",
+        "--threshold",
+        "--block-size",
+        "--segment-size",
+        "--gqa",
+        "--no-permute",
+        "--dense-layers",
+        "--new-tokens",
+        "--impl",
+        "--repeats",
+        "--warmup",
+    ):
         assert option in text
 
 
 @pytest.fixture
 def tiny_model_and_text(tmp_path):
     """(GGUF of a tiny random model with a real BPE vocabulary, a text file) as paths."""
-    model_path = write_gguf(tmp_path / "tiny.gguf", TINY_WITH_VOCAB,
-                            random_hf_weights(TINY_WITH_VOCAB, seed=1), tokens=TOKENS,
-                            merges=MERGES, token_types=[3] * 3 + [1] * (len(TOKENS) - 3))
+    model_path = write_gguf(
+        tmp_path / "tiny.gguf",
+        TINY_WITH_VOCAB,
+        random_hf_weights(TINY_WITH_VOCAB, seed=1),
+        tokens=TOKENS,
+        merges=MERGES,
+        token_types=[3] * 3 + [1] * (len(TOKENS) - 3),
+    )
     text_path = tmp_path / "text.txt"
     text_path.write_text("the cat sat on the mat, then the cat ate 42 fish.\n" * 20)
     return model_path, text_path
@@ -34,10 +50,31 @@ def tiny_model_and_text(tmp_path):
 
 def test_cli_compares_full_and_pbs(tiny_model_and_text, tmp_path, capsys):
     model_path, text_path = tiny_model_and_text
-    summary = prefill.run([
-        str(text_path), "--model", model_path, "--length", "96", "--block-size", "16",
-        "--segment-size", "32", "--threshold", "0.5", "--gqa", "shared", "--impl", "reference",
-        "--new-tokens", "4", "--warmup", "0", "--json", str(tmp_path / "out.json")])
+    summary = prefill.run(
+        [
+            str(text_path),
+            "--model",
+            model_path,
+            "--length",
+            "96",
+            "--block-size",
+            "16",
+            "--segment-size",
+            "32",
+            "--threshold",
+            "0.5",
+            "--gqa",
+            "shared",
+            "--impl",
+            "reference",
+            "--new-tokens",
+            "4",
+            "--warmup",
+            "0",
+            "--json",
+            str(tmp_path / "out.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "next-token agreement" in out and "per-layer density (PBS)" in out
     assert summary["tokens"] == 96 and summary["pbs"]["gqa"] == "shared"
@@ -50,10 +87,29 @@ def test_cli_compares_full_and_pbs(tiny_model_and_text, tmp_path, capsys):
 
 def test_cli_dense_layers_keep_those_layers_dense(tiny_model_and_text):
     model_path, text_path = tiny_model_and_text
-    summary = prefill.run([
-        str(text_path), "--model", model_path, "--length", "96", "--block-size", "16",
-        "--segment-size", "32", "--threshold", "0.5", "--impl", "reference", "--dense-layers",
-        "0", "--new-tokens", "0", "--warmup", "0"])
+    summary = prefill.run(
+        [
+            str(text_path),
+            "--model",
+            model_path,
+            "--length",
+            "96",
+            "--block-size",
+            "16",
+            "--segment-size",
+            "32",
+            "--threshold",
+            "0.5",
+            "--impl",
+            "reference",
+            "--dense-layers",
+            "0",
+            "--new-tokens",
+            "0",
+            "--warmup",
+            "0",
+        ]
+    )
     density = summary["density_per_layer"]
     assert summary["dense_layers"] == [0] and density[0] == 1.0
     assert all(d < 1.0 for d in density[1:])

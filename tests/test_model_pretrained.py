@@ -45,8 +45,7 @@ def test_smollm2_perplexity_greedy_text_and_pbs(smollm2):
     assert "Paris" in completion
 
     # PBS on the same 512 tokens: sparse, and still predicting nearly the same next tokens.
-    pbs = PBSAttention(PBSConfig(block_size=64, segment_size=128, threshold=0.9),
-                       impl="reference")
+    pbs = PBSAttention(PBSConfig(block_size=64, segment_size=128, threshold=0.9), impl="reference")
     pbs_logits, density = runner(ids[None, :-1], pbs, return_aux=True)
     agreement = float(np.mean(np.argmax(pbs_logits, -1) == np.argmax(logits, -1)))
     print(f"PBS mean density {float(density.mean()):.3f}, next-token agreement {agreement:.3f}")

@@ -20,7 +20,8 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,18 @@ def test_smollm2_tokenizer_round_trips(smollm2_tokenizer):
 
 def test_smollm2_chat_template(smollm2_tokenizer):
     text = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}])
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-                    "Hugging Face<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert smollm2_tokenizer.apply_chat_template(with_system, add_generation_prompt=False) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
     assert render_chatml([{"role": "user", "content": "x"}], add_generation_prompt=False) == (
-        "<|im_start|>user\nx<|im_end|>\n")
+        "<|im_start|>user\nx<|im_end|>\n"
+    )
 
 
 # A tiny byte-level BPE: 3 control tokens, the 256 byte symbols, 5 merges.
@@ -73,9 +78,15 @@ TINY_WITH_VOCAB = TINY.replace(vocab_size=len(TOKENS))
 
 def test_tiny_gguf_and_folder_load_pretrained(tmp_path):
     weights = random_hf_weights(TINY_WITH_VOCAB, seed=9)
-    path = write_gguf(tmp_path / "tiny.gguf", TINY_WITH_VOCAB, weights, tokens=TOKENS,
-                      merges=MERGES, token_types=[3] * 3 + [1] * (len(TOKENS) - 3),
-                      chat_template=CHATML_TEMPLATE)
+    path = write_gguf(
+        tmp_path / "tiny.gguf",
+        TINY_WITH_VOCAB,
+        weights,
+        tokens=TOKENS,
+        merges=MERGES,
+        token_types=[3] * 3 + [1] * (len(TOKENS) - 3),
+        chat_template=CHATML_TEMPLATE,
+    )
     model, tok = load_pretrained(path, progress=False)
     assert model.config == TINY_WITH_VOCAB
     the_cat = tok.encode("the cat")
@@ -83,21 +94,29 @@ def test_tiny_gguf_and_folder_load_pretrained(tmp_path):
     assert tok.encode("<|im_end|>the") == [2, TOKENS.index("the")]
     assert tok.decode(tok.encode("a théorème, 42!")) == "a théorème, 42!"
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]).startswith(
-        "<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\nx")
+        "<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\nx"
+    )
 
     # The same model as an HF folder: tokenizer.json + tokenizer_config.json.
     folder = write_safetensors_folder(tmp_path / "hf", TINY_WITH_VOCAB, weights)
     tok.backend.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                   "chat_template": CHATML_TEMPLATE}, f)
+        json.dump(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "chat_template": CHATML_TEMPLATE,
+            },
+            f,
+        )
     folder_model, folder_tok = load_pretrained(folder, progress=False)
     assert (folder_tok.bos_id, folder_tok.eos_id) == (1, 2)
     for text in ["the cat", "<|im_start|>the cat<|im_end|>", "naïve 123"]:
         assert folder_tok.encode(text) == tok.encode(text)
     tokens = np.asarray([the_cat * 4], np.int32)
-    np.testing.assert_allclose(JittedLlama(folder_model)(tokens), JittedLlama(model)(tokens),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        JittedLlama(folder_model)(tokens), JittedLlama(model)(tokens), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_missing_checkpoint_errors(tmp_path):
