@@ -127,7 +127,7 @@ def bench_length(n, args, cfg):
     q = jax.random.normal(kq, (b, n, h, d), jnp.bfloat16)
     k = jax.random.normal(kk, (b, n, hk, d), jnp.bfloat16)
     v = jax.random.normal(kv, (b, n, hk, d), jnp.bfloat16)
-    t = selection.num_blocks(n, cfg.block_size)
+    t = pbs_jax.num_blocks(n, cfg.block_size)
     row = {"n": n}
     row["cudnn_ms"] = benchutil.time_call(cudnn, q, k, v)
     row["cudnn_tflops"] = causal_tflops(b, h, n, d, row["cudnn_ms"])

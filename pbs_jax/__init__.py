@@ -13,14 +13,22 @@ from pbs_jax.attention import (
 )
 from pbs_jax.blocks import (
     BlockLists,
-    causal_block_count,
     density,
     fixed_density_mask,
     index_lists,
     sink_local_mask,
     sink_local_window,
 )
-from pbs_jax.config import SELECTORS, PBSConfig
+from pbs_jax.config import GQA_MODES, SELECTORS, PBSConfig
+from pbs_jax.grid import (
+    causal_block_count,
+    computed_causal_blocks,
+    earlier_segment_blocks,
+    num_blocks,
+    own_segment_blocks,
+    segment_blocks,
+    softmax_domain,
+)
 from pbs_jax.permutation import (
     compute_permutation,
     gather_keys,
@@ -29,7 +37,7 @@ from pbs_jax.permutation import (
     key_importance,
     segment_permutation,
 )
-from pbs_jax.reference import dense_causal_attention, permuted_block_sparse_attention
+from pbs_jax.reference import exact_causal_attention, permuted_block_sparse_attention
 from pbs_jax.selection import block_probabilities, select_blocks, select_from_probabilities
 
 __all__ = [
@@ -44,7 +52,14 @@ __all__ = [
     "causal_block_count",
     "compute_permutation",
     "dense_attention",
-    "dense_causal_attention",
+    "exact_causal_attention",
+    "computed_causal_blocks",
+    "earlier_segment_blocks",
+    "num_blocks",
+    "own_segment_blocks",
+    "segment_blocks",
+    "softmax_domain",
+    "GQA_MODES",
     "density",
     "fixed_density_mask",
     "gather_keys",

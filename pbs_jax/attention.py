@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 from pbs_jax import blocks, reference
 from pbs_jax.config import PBSConfig
+from pbs_jax.grid import num_blocks, segment_blocks
 from pbs_jax.permutation import compute_permutation, gather_keys, identity_permutation
-from pbs_jax.selection import num_blocks, select_blocks
+from pbs_jax.selection import select_blocks
 
 IMPLS = ("auto", "reference", "pallas")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -96,7 +97,7 @@ def _dense(q, k, v, impl):
     """Dense causal attention for sequences too short for sparsity to pay (the oracle when
     ``impl="reference"``)."""
     if impl == "reference":
-        return reference.dense_causal_attention(q, k, v)
+        return reference.exact_causal_attention(q, k, v)
     return dense_attention(q, k, v)
 
 
@@ -140,7 +141,7 @@ def kernel_attention(
             lists.ids,
             lists.full_counts,
             block_size=cfg.block_size,
-            segment_blocks=cfg.mask_segment_size // cfg.block_size,
+            segment_blocks=segment_blocks(cfg),
         )
         return out[:, :n] if pad else out
     gather_kv = perm.shape[1] != k.shape[2]

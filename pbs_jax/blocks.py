@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pbs_jax import grid
 from pbs_jax.config import PBSConfig
-from pbs_jax.selection import own_segment_blocks, softmax_domain
 
 
 class BlockLists(NamedTuple):
@@ -44,27 +44,22 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
 
     # A cumsum and a scatter per row: linear, where a sort of the mask row would be T log T.
     ids = jax.vmap(compact_row)(block_mask.reshape(-1, t)).reshape(block_mask.shape)
-    per_segment = cfg.mask_segment_size // cfg.block_size
-    segment_start = (jnp.arange(block_mask.shape[-2]) // per_segment) * per_segment  # [Tq]
-    earlier = jnp.arange(t)[None, :] < segment_start[:, None]  # [Tq, Tk]
-    full = jnp.sum(block_mask & earlier, axis=-1, dtype=jnp.int32)
+    full = jnp.sum(block_mask & grid.earlier_segment_blocks(t, cfg), axis=-1, dtype=jnp.int32)
     total = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
     return BlockLists(ids, full, total)
 
 
-def causal_block_count(t: int) -> int:
-    """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2."""
-    return t * (t + 1) // 2
-
-
 def density(block_mask: jax.Array) -> jax.Array:
-    """Computed blocks / causal blocks, float32 ``[B, H]``.
+    """Computed blocks / causal blocks, float32 ``[B, H]``: dense attention is exactly 1.
 
-    Own-segment blocks above the block diagonal are computed too (permuted keys cross block
-    boundaries), so keeping every block gives slightly more than 1: 1 + (T/spb)/(T(T+1)/2).
+    Counts what a causal kernel computes (:func:`grid.computed_causal_blocks`): the selected
+    earlier-segment blocks plus the own segment's causal blocks. The official kernel also runs
+    the own-segment blocks above the diagonal on permuted keys; that extra
+    ``(T / blocks per segment) / (T (T + 1) / 2)`` is not work our kernels do.
     """
     t = block_mask.shape[-1]
-    return jnp.sum(block_mask, axis=(-2, -1), dtype=jnp.float32) / causal_block_count(t)
+    computed = grid.computed_causal_blocks(block_mask)
+    return jnp.sum(computed, axis=(-2, -1), dtype=jnp.float32) / grid.causal_block_count(t)
 
 
 def fixed_density_mask(
@@ -80,15 +75,13 @@ def fixed_density_mask(
       ``[B, H, T, T]`` bool.
     """
     b, h, t = shape
-    own = own_segment_blocks(t, cfg)
-    earlier = softmax_domain(t, cfg) & ~own
-    # Counts from the static block grid in numpy, so this also traces inside jit.
-    spb = cfg.mask_segment_size // cfg.block_size
-    qb, kb = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
-    own_np = qb // spb == kb // spb
-    n_own_causal = int((own_np & (kb <= qb)).sum())  # target 1.0 must keep every earlier block
-    n_earlier = int(((kb <= qb) & ~own_np).sum())
-    keep_p = 1.0 if n_earlier == 0 else (target * causal_block_count(t) - n_own_causal) / n_earlier
+    own = grid.own_segment_blocks(t, cfg)
+    earlier = grid.earlier_segment_blocks(t, cfg)
+    # Counts of the static block grid (concrete even under jit: they depend on T alone).
+    with jax.ensure_compile_time_eval():
+        n_earlier = int(grid.earlier_segment_blocks(t, cfg).sum())
+    causal = grid.causal_block_count(t)
+    keep_p = 1.0 if n_earlier == 0 else (target * causal - (causal - n_earlier)) / n_earlier
     keep_p = min(max(keep_p, 0.0), 1.0)
     rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
     return own | (earlier & rand)
@@ -107,8 +100,7 @@ def sink_local_mask(shape: tuple[int, int, int], window: int) -> jax.Array:
     if window < 1:
         raise ValueError(f"sink_local_mask needs window >= 1 (the diagonal block), got {window}")
     b, h, t = shape
-    qb = jnp.arange(t)[:, None]
-    kb = jnp.arange(t)[None, :]
+    qb, kb = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     mask = (kb == 0) | ((kb <= qb) & (kb > qb - window))
     return jnp.broadcast_to(mask, (b, h, t, t))
 
@@ -122,4 +114,4 @@ def sink_local_window(t: int, target: float) -> int:
     w = np.arange(1, t + 1)
     # Computed blocks: query block i keeps min(i + 1, w) recent blocks, plus the sink when i >= w.
     counts = w * (w + 1) // 2 + (t - w) * w + (t - w)
-    return int(np.argmin(np.abs(counts / causal_block_count(t) - target))) + 1
+    return int(np.argmin(np.abs(counts / grid.causal_block_count(t) - target))) + 1

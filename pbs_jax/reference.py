@@ -30,8 +30,10 @@ def _masked_attention(q, k, v, allowed):
     return jnp.where(has_key.transpose(0, 2, 1)[..., None], out, 0.0).astype(q.dtype)
 
 
-def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Plain causal attention. q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``."""
+def exact_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The exact causal-attention oracle (fp32, O(N²)); the fast path is ``dense_attention``.
+
+    q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``."""
     n = q.shape[1]
     causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
     return _masked_attention(q, k, v, causal[None, None])

@@ -18,13 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from pbs_jax.config import PBSConfig
+from pbs_jax.grid import num_blocks, own_segment_blocks, softmax_domain
 from pbs_jax.permutation import gather_keys, inverse_permutation
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-def num_blocks(seq_len: int, block_size: int) -> int:
-    return -(-seq_len // block_size)
 
 
 def mean_pool_blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -56,7 +53,7 @@ def pooled_permuted_keys(
     hp = perm.shape[1]
     t = num_blocks(n, block_size)
     per_segment = segment_size // block_size
-    g = -(-n // segment_size)
+    g = num_blocks(n, segment_size)
     n_pad = g * segment_size
     slot_of_pos = inverse_permutation(perm.astype(jnp.int32))
     # Padding positions sit in their own slots (zero keys: counted, as the official zero-pad).
@@ -91,33 +88,6 @@ def pooled_block_logits(
     pq = pq.reshape(b, t, hp, hq // hp, d)
     logits = jnp.einsum("bqpgd,bkpd->bpgqk", pq, pk, precision=jax.lax.Precision.HIGHEST)
     return logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
-
-
-def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
-    """``[T, T]`` bool: the key blocks that compete in the block softmax of each query block.
-
-    With permutation: blocks of strictly earlier segments (own-segment blocks are computed anyway,
-    so they are left out of the competition). Without (MeanPooling baseline): every causal block,
-    the diagonal included, as the official baseline does.
-    """
-    qb = jnp.arange(t)[:, None]
-    kb = jnp.arange(t)[None, :]
-    if cfg.permute:
-        per_segment = cfg.segment_size // cfg.block_size
-        return kb // per_segment < qb // per_segment
-    return kb <= qb
-
-
-def own_segment_blocks(t: int, cfg: PBSConfig) -> jax.Array:
-    """``[T, T]`` bool: blocks always computed and masked token by token on original positions.
-
-    Every block of the query block's own segment (``cfg.mask_segment_size``), including blocks
-    above the block diagonal: permuted keys cross block boundaries inside a segment.
-    """
-    per_segment = cfg.mask_segment_size // cfg.block_size
-    qb = jnp.arange(t)[:, None]
-    kb = jnp.arange(t)[None, :]
-    return kb // per_segment == qb // per_segment
 
 
 def top_p_blocks(probs: jax.Array, allowed: jax.Array, threshold: float) -> jax.Array:
@@ -224,7 +194,7 @@ def antidiagonal_block_probabilities(
     # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
     row_bytes = b * hq * per_block * t * per_block * 4
     chunk = int(max(1, min(t, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
-    num_chunks = -(-t // chunk)
+    num_chunks = num_blocks(t, chunk)
     q = jnp.pad(
         q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - n), (0, 0), (0, 0))
     )

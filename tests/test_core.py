@@ -55,7 +55,8 @@ def test_hand_worked_block_mask(force_sink):
     late = [1, 1, 1, 1] if force_sink else [1, 0, 1, 1]  # the sink adds block 1
     expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], late, late], bool)
     np.testing.assert_array_equal(np.asarray(aux.block_mask)[0, 0], expected)
-    np.testing.assert_allclose(float(aux.density), expected.sum() / 10.0)
+    # Density counts causal work only (own-segment blocks above the diagonal are skipped).
+    np.testing.assert_allclose(float(aux.density), np.tril(expected).sum() / 10.0)
 
 
 def test_hand_worked_output():
@@ -164,7 +165,7 @@ def test_threshold_one_is_dense_causal(hq, hk, gqa):
     q, k, v = make_qkv(hq + hk, 1, 150, hq, hk, 16)
     cfg = PBSConfig(block_size=16, segment_size=32, threshold=1.0, gqa=gqa)
     out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
-    assert rel_err(out, reference.dense_causal_attention(q, k, v)) < 1e-5
+    assert rel_err(out, reference.exact_causal_attention(q, k, v)) < 1e-5
     ref_out, _, _ = oracle_pbs(q, k, v, 16, 32, 1.0, gqa=gqa)
     assert rel_err(out, ref_out) < 1e-5
 
@@ -189,7 +190,7 @@ def test_kv_permutation_invariance(n, blocks_, seed):
     t = -(-n // bs)
     every_block = jnp.ones((1, 2, t, t), bool)
     out = reference.permuted_block_sparse_attention(q, k, v, perm, every_block, bs)
-    assert rel_err(out, reference.dense_causal_attention(q, k, v)) < 1e-5
+    assert rel_err(out, reference.exact_causal_attention(q, k, v)) < 1e-5
 
 
 @hypothesis.given(st.sampled_from([40, 121, 200]), st.integers(0, 10_000))
@@ -350,6 +351,17 @@ def test_density_counts_blocks():
     np.testing.assert_allclose(np.asarray(blocks.density(mask)), [[4 / 10]])
 
 
+def test_density_of_dense_is_exactly_one():
+    """Every block kept (own-segment blocks above the diagonal included) is density 1, not more:
+    a causal kernel computes the own segment's causal blocks only."""
+    cfg = PBSConfig(block_size=2, segment_size=4)
+    mask = jnp.ones((1, 1, 5, 5), bool)
+    assert float(blocks.density(mask)[0, 0]) == 1.0
+    # Own causal blocks: q0 {0}, q1 {0, 1}, q2 {2}, q3 {2, 3}, q4 {4}.
+    own = mask & pbs_jax.own_segment_blocks(5, cfg)
+    np.testing.assert_allclose(float(blocks.density(own)[0, 0]), 7 / 15)
+
+
 def test_fixed_density_mask_hits_its_target():
     cfg = PBSConfig(block_size=128, segment_size=256)
     mask = blocks.fixed_density_mask(jax.random.key(1), (1, 8, 256), 0.2, cfg)
@@ -381,7 +393,7 @@ def test_dtypes(dtype):
     chex.assert_type(out, dtype)
     chex.assert_shape(out, (1, 200, 4, 16))
     assert np.isfinite(np.asarray(out, np.float32)).all()
-    ref = reference.dense_causal_attention(
+    ref = reference.exact_causal_attention(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     )
     assert rel_err(out, ref) < (1e-5 if dtype == jnp.float32 else 1e-2)

@@ -1,0 +1,87 @@
+"""The block grid: one home for every rule about blocks and segments.
+
+A sequence of N tokens is cut into T = ceil(N / block_size) blocks, both for queries and for
+key slots; ``cfg.mask_segment_size`` groups blocks into segments (the permutation segment, or a
+single block without permutation). Every piece of the op and every study asks these functions,
+never re-derives them:
+
+- :func:`num_blocks` — T;
+- :func:`segment_blocks` — blocks per masked segment;
+- :func:`own_segment_blocks` — the blocks always computed and token-masked;
+- :func:`earlier_segment_blocks` — blocks of strictly earlier segments (never masked);
+- :func:`softmax_domain` — the key blocks competing in a query block's top-p;
+- :func:`causal_block_count` / :func:`computed_causal_blocks` — what density divides by and counts.
+
+All masks are ``[T, T]`` bool over (query block, key-slot block).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pbs_jax.config import PBSConfig
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """T = ceil(N / block_size): blocks per sequence (a partial last block counts)."""
+    return pl.cdiv(seq_len, block_size)
+
+
+def segment_blocks(cfg: PBSConfig) -> int:
+    """Blocks per masked segment: ``mask_segment_size // block_size``."""
+    return cfg.mask_segment_size // cfg.block_size
+
+
+def _block_grid(t: int) -> tuple[jax.Array, jax.Array]:
+    return jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+
+
+def own_segment_blocks(t: int, cfg: PBSConfig) -> jax.Array:
+    """``[T, T]`` bool: blocks always computed and masked token by token on original positions.
+
+    Every block of the query block's own segment (``cfg.mask_segment_size``), including blocks
+    above the block diagonal: permuted keys cross block boundaries inside a segment.
+    """
+    per_segment = segment_blocks(cfg)
+    qb, kb = _block_grid(t)
+    return kb // per_segment == qb // per_segment
+
+
+def earlier_segment_blocks(t: int, cfg: PBSConfig) -> jax.Array:
+    """``[T, T]`` bool: key blocks of strictly earlier (masked) segments: causal without a mask."""
+    per_segment = segment_blocks(cfg)
+    qb, kb = _block_grid(t)
+    return kb // per_segment < qb // per_segment
+
+
+def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
+    """``[T, T]`` bool: the key blocks that compete in the block softmax of each query block.
+
+    With permutation: blocks of strictly earlier segments (own-segment blocks are computed anyway,
+    so they are left out of the competition). Without (MeanPooling baseline): every causal block,
+    the diagonal included, as the official baseline does.
+    """
+    if cfg.permute:
+        return earlier_segment_blocks(t, cfg)
+    qb, kb = _block_grid(t)
+    return kb <= qb
+
+
+def causal_block_count(t: int) -> int:
+    """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2."""
+    return t * (t + 1) // 2
+
+
+def computed_causal_blocks(block_mask: jax.Array) -> jax.Array:
+    """``block_mask [..., T, T]`` → the blocks a causal kernel computes for it, ``[..., T, T]``.
+
+    Own-segment blocks above the block diagonal hold permuted keys, but a kernel that reads the
+    own segment in original order (the Mosaic kernel; any causal flash kernel) computes exactly
+    the own segment's causal blocks: the same key set. So the work is the mask restricted to the
+    causal triangle, and keeping every block is a density of exactly 1.
+    """
+    t = block_mask.shape[-1]
+    qb, kb = _block_grid(t)
+    return block_mask & (kb <= qb)
