@@ -12,9 +12,15 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_HEAD_DIM = 256
+# The Mosaic GPU kernel: two 64-row wgmma warpgroups per 128-row block; SMEM holds the Q tiles
+# and a 2-slot K/V ring, which fits D 64 or 128.
+MGPU_BLOCK_SIZE = 128
+MGPU_HEAD_DIMS = (64, 128)
+MGPU_DTYPES = ("bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +94,7 @@ def validate(
     if hp == 0 or hq % hp:
         raise ValueError(f"Hq={hq} must be a multiple of Hp={hp} (key_pos.shape[1])")
 
-    t = -(-n // block_size)
+    t = pl.cdiv(n, block_size)
     ids = _shape("block_ids", block_ids)
     if len(ids) != 4 or ids[:3] != (b, hq, t):
         raise ValueError(
@@ -108,3 +114,69 @@ def validate(
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
     return Dims(b, n, hq, hk, hp, d, t, ids[3])
+
+
+def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size: int) -> None:
+    """Check the Mosaic GPU kernel's contract; raise ValueError naming the argument and rule."""
+    shapes = {
+        name: _shape(name, x)
+        for name, x in (
+            ("q", q),
+            ("k_perm", k_perm),
+            ("v_perm", v_perm),
+            ("k", k),
+            ("v", v),
+            ("block_ids", block_ids),
+            ("off_counts", off_counts),
+        )
+    }
+    if len(shapes["q"]) != 4:
+        raise ValueError(f"q must have rank 4 [B, N, Hq, D], got shape {shapes['q']}")
+    b, n, hq, d = shapes["q"]
+    if block_size != MGPU_BLOCK_SIZE or n == 0 or n % block_size:
+        raise ValueError(
+            f"N ({n}) must be a positive multiple of block_size ({block_size}) and block_size "
+            f"must be {MGPU_BLOCK_SIZE}"
+        )
+    if d not in MGPU_HEAD_DIMS:
+        raise ValueError(
+            f"head dim must be one of {MGPU_HEAD_DIMS} (SMEM holds Q and a 2-slot K/V ring), "
+            f"got {d}"
+        )
+    dtypes = [jnp.dtype(x.dtype).name for x in (q, k_perm, v_perm, k, v)]
+    if dtypes[0] not in MGPU_DTYPES or len(set(dtypes)) != 1:
+        raise ValueError(
+            f"q, k_perm, v_perm, k and v must share one 16-bit dtype {MGPU_DTYPES}, got {dtypes}"
+        )
+    kp, kk = shapes["k_perm"], shapes["k"]
+    if (
+        len(kp) != 4
+        or len(kk) != 4
+        or shapes["v_perm"] != kp
+        or shapes["v"] != kk
+        or kp[:2] != (b, n)
+        or kk[:2] != (b, n)
+        or kp[3] != d
+        or kk[3] != d
+        or kp[2] == 0
+        or kk[2] == 0
+        or hq % kp[2]
+        or hq % kk[2]
+    ):
+        raise ValueError(
+            "k_perm/v_perm must be [B, N, Hp, D] and k/v [B, N, Hkv, D] with Hp and Hkv "
+            f"dividing Hq; got q {shapes['q']}, k_perm {kp}, k {kk}"
+        )
+    t = n // block_size
+    if len(shapes["block_ids"]) != 4 or shapes["block_ids"][:3] != (b, hq, t):
+        raise ValueError(
+            f"block_ids must be [B, Hq, T, Kmax] = [{b}, {hq}, {t}, Kmax], got "
+            f"{shapes['block_ids']}"
+        )
+    if shapes["off_counts"] != (b, hq, t):
+        raise ValueError(
+            f"off_counts must be [B, Hq, T] = [{b}, {hq}, {t}], got {shapes['off_counts']}"
+        )
+    for name, x in (("block_ids", block_ids), ("off_counts", off_counts)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")

@@ -20,11 +20,12 @@ with TMA, addressed from the block list. Online softmax in fp32, base 2. Launch 
 blocks fastest, heavy (late, long-list) blocks first, so the programs resident at one time are
 the query blocks of one head and share its K/V blocks in L2.
 
-Needs sm_90 (wgmma), N a multiple of 128 (`pbs_jax.kernel_attention` pads), D 64 or 128 (SMEM:
-the Q tiles and a 2-slot K/V ring), 16-bit inputs. The kernel tests need Hopper
-(tests/test_kernel_mgpu.py); its input validation and the planner contract it relies on are
-tested on any machine. The Triton kernel stays the portable path; both sit behind
-`pbs_jax.kernel_attention`.
+Needs sm_90 (wgmma), N a multiple of 128 (`pallas_kernels.planned_attention` pads), D 64 or 128
+(SMEM: the Q tiles and a 2-slot K/V ring), 16-bit inputs (`_checks.validate_mgpu`). Its contract
+has a pure-jnp reference, `pallas_kernels.reference.block_sparse_attention_mgpu_reference`,
+tested against the Triton kernel's on any machine; the kernel itself needs Hopper
+(tests/test_kernel_mgpu.py). The Triton kernel stays the portable path; both sit behind
+`pallas_kernels.planned_attention`.
 """
 
 from __future__ import annotations
@@ -38,18 +39,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _checks
+
 __all__ = ["block_sparse_attention_mgpu", "mgpu_supported"]
 
 _LOG2E = math.log2(math.e)
 _ROWS_PER_WG = 64  # wgmma's M
 _COMPUTE_WGS = 2
+assert _COMPUTE_WGS * _ROWS_PER_WG == _checks.MGPU_BLOCK_SIZE
 
 
 def mgpu_supported(q: jax.Array, block_size: int) -> bool:
     """Whether this kernel can run ``q`` here: a Hopper GPU, 16-bit, D 64 or 128, block 128."""
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
-    if q.shape[-1] not in (64, 128) or block_size != _COMPUTE_WGS * _ROWS_PER_WG:
+    if q.shape[-1] not in _checks.MGPU_HEAD_DIMS or block_size != _checks.MGPU_BLOCK_SIZE:
         return False
     cap = getattr(jax.devices()[0], "compute_capability", "0")
     return str(cap).startswith("9")
@@ -96,41 +100,7 @@ def block_sparse_attention_mgpu(
     b, n, hq, d = q.shape
     hp, hkv = k_perm.shape[2], k.shape[2]
     t = n // block_size
-    if n % block_size or block_size != _COMPUTE_WGS * _ROWS_PER_WG:
-        raise ValueError(
-            f"N ({n}) must be a multiple of block_size ({block_size}) and block_size "
-            f"must be {_COMPUTE_WGS * _ROWS_PER_WG}"
-        )
-    if d not in (64, 128):
-        raise ValueError(
-            f"head dim must be 64 or 128 (SMEM holds Q and a 2-slot K/V ring), got {d}"
-        )
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or any(
-        x.dtype != q.dtype for x in (k_perm, v_perm, k, v)
-    ):
-        raise ValueError(
-            "q, k_perm, v_perm, k and v must share one 16-bit dtype, got "
-            f"{[str(x.dtype) for x in (q, k_perm, v_perm, k, v)]}"
-        )
-    if (
-        k_perm.shape != v_perm.shape
-        or k.shape != v.shape
-        or k_perm.shape[:2] != (b, n)
-        or k.shape[:2] != (b, n)
-        or k.shape[3] != d
-        or k_perm.shape[3] != d
-        or hq % hp
-        or hq % hkv
-    ):
-        raise ValueError(
-            f"k_perm/v_perm must be [B, N, Hp, D] and k/v [B, N, Hkv, D] with Hp and "
-            f"Hkv dividing Hq; got q {q.shape}, k_perm {k_perm.shape}, k {k.shape}"
-        )
-    if block_ids.shape[:3] != (b, hq, t) or off_counts.shape != (b, hq, t):
-        raise ValueError(
-            f"block_ids must be [B, Hq, T, Kmax] and off_counts [B, Hq, T] with T = "
-            f"{t}; got {block_ids.shape} and {off_counts.shape}"
-        )
+    _checks.validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, block_size=block_size)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _LOG2E
     dtype = q.dtype
     rows = _ROWS_PER_WG

@@ -1,4 +1,5 @@
-"""Pure-jnp oracle for `block_sparse_attention` (same signature, same semantics).
+"""Pure-jnp oracles of the kernels' contracts: `block_sparse_attention` (Triton) and
+`block_sparse_attention_mgpu` (Mosaic GPU), each with its kernel's signature and semantics.
 
 It expands the block lists into a dense [B, Hq, N, N] boolean over (query row, key slot),
 applies the token mask, and runs an fp32 softmax. O(B * Hq * N^2) memory: for tests and small
@@ -16,7 +17,7 @@ from jax import lax
 
 from pallas_kernels import _checks
 
-__all__ = ["block_sparse_attention_reference"]
+__all__ = ["block_sparse_attention_reference", "block_sparse_attention_mgpu_reference"]
 
 
 def block_sparse_attention_reference(
@@ -115,4 +116,54 @@ def _reference(
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(row_any, denom, 1.0)  # empty row -> zeros
     out = jnp.einsum("bhij,bjhd->bihd", p, vh, precision=lax.Precision.HIGHEST)
+    return out.astype(q.dtype)
+
+
+def block_sparse_attention_mgpu_reference(
+    q,
+    k_perm,
+    v_perm,
+    k,
+    v,
+    block_ids,
+    off_counts,
+    *,
+    block_size: int = 128,
+    segment_blocks: int = 2,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Dense reference of the Mosaic GPU kernel's contract (same signature, any dtype, any N).
+
+    Query row i of block qb = i // block_size attends (1) every slot of the listed blocks
+    ``block_ids[b, h, qb, :off_counts]`` of ``k_perm``/``v_perm`` (slot order, no mask) and
+    (2) the keys ``[own_start, i]`` of ``k``/``v`` in *original* order, own_start the first token
+    of qb's segment of ``segment_blocks`` blocks (a plain causal mask). Query head h reads
+    permuted head ``h // (Hq // Hp)`` and original head ``h // (Hq // Hkv)``.
+
+    Shapes: q [B, N, Hq, D]; k_perm, v_perm [B, N, Hp, D]; k, v [B, N, Hkv, D];
+    block_ids [B, Hq, T, Kmax]; off_counts [B, Hq, T]. Returns [B, N, Hq, D] in q's dtype.
+    """
+    b, n, hq, d = q.shape
+    hp, hkv = k_perm.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    t = block_ids.shape[2]
+    blk = jnp.arange(n) // block_size
+    # Listed earlier blocks over slots: [B, Hq, T, Tk] → rows and slots [B, Hq, N, N].
+    e = jnp.arange(block_ids.shape[3])
+    listed = (block_ids[..., None] == jnp.arange(t)) & (e < off_counts[..., None])[..., None]
+    listed = jnp.any(listed, axis=3)[:, :, blk][:, :, :, blk]
+    rows = jnp.arange(n)[:, None]
+    own_start = (blk // segment_blocks * segment_blocks * block_size)[:, None]
+    own = (jnp.arange(n)[None, :] >= own_start) & (jnp.arange(n)[None, :] <= rows)  # [N, N]
+
+    def heads(x, h_src):  # [B, N, H_src, D] → [B, N, Hq, D] f32
+        return x[:, :, jnp.arange(hq) // (hq // h_src)].astype(jnp.float32)
+
+    qf = q.astype(jnp.float32)
+    kk = jnp.concatenate([heads(k_perm, hp), heads(k, hkv)], axis=1)  # [B, 2N, Hq, D]
+    vv = jnp.concatenate([heads(v_perm, hp), heads(v, hkv)], axis=1)
+    allowed = jnp.concatenate([listed, jnp.broadcast_to(own, listed.shape)], axis=-1)
+    logits = jnp.einsum("bihd,bjhd->bhij", qf, kk, precision=lax.Precision.HIGHEST) * scale
+    p = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)  # every row sees itself
+    out = jnp.einsum("bhij,bjhd->bihd", p, vv, precision=lax.Precision.HIGHEST)
     return out.astype(q.dtype)

@@ -8,7 +8,6 @@ an independent float64 numpy oracle written here (loops over heads and query row
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import chex
 import hypothesis
@@ -25,155 +24,9 @@ from pallas_kernels import (
     block_sparse_attention_reference,
     get_tiles,
 )
+from tests.conftest import make_case, numpy_oracle, permute_kv, rel_err, tol
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Pallas Triton backend is deprecated.*")
-
-GARBAGE = (-1, 10**6, -(2**31), 2**31 - 1)
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Case:
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    key_pos: np.ndarray  # [B, Hp, N]
-    ids: np.ndarray  # [B, Hq, T, Kmax]
-    full: np.ndarray  # [B, Hq, T]
-    total: np.ndarray  # [B, Hq, T]
-    block_size: int
-
-    def args(self, k=None, v=None):
-        return (
-            self.q,
-            self.k if k is None else k,
-            self.v if v is None else v,
-            jnp.asarray(self.key_pos),
-            jnp.asarray(self.ids),
-            jnp.asarray(self.full),
-            jnp.asarray(self.total),
-        )
-
-
-def segment_key_pos(rng, b, hp, n, seg):
-    """PBS-like key positions: a random permutation inside each complete segment, the
-    remainder left in place (slot j of an incomplete tail segment holds key j)."""
-    kp = np.tile(np.arange(n, dtype=np.int32), (b, hp, 1))
-    for bi in range(b):
-        for p in range(hp):
-            for s0 in range(0, n - seg + 1, seg):
-                kp[bi, p, s0 : s0 + seg] = s0 + rng.permutation(seg)
-    return kp
-
-
-def random_lists(rng, b, hq, t, seg_blocks, density, extra=2):
-    """Random PBS-like lists: a random subset of the causal off-segment blocks (unmasked part),
-    then every block of the query's own segment (masked part). Entries past `total` are
-    garbage."""
-    kmax = t + extra
-    ids = np.empty((b, hq, t, kmax), np.int64)
-    full = np.zeros((b, hq, t), np.int32)
-    total = np.zeros((b, hq, t), np.int32)
-    for bi in range(b):
-        for h in range(hq):
-            for qb in range(t):
-                s0 = (qb // seg_blocks) * seg_blocks
-                off = [kb for kb in range(s0) if rng.random() < density]
-                own = list(range(s0, min(s0 + seg_blocks, t)))
-                row = off + own
-                full[bi, h, qb], total[bi, h, qb] = len(off), len(row)
-                ids[bi, h, qb] = rng.choice(GARBAGE, size=kmax)
-                ids[bi, h, qb, : len(row)] = row
-    return ids.astype(np.int32), full, total
-
-
-def make_case(
-    seed,
-    *,
-    n,
-    d,
-    hq=2,
-    hk=2,
-    hp=2,
-    b=1,
-    block_size=32,
-    dtype=jnp.float32,
-    seg_blocks=2,
-    density=0.5,
-):
-    rng = np.random.default_rng(seed)
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (b, n, hq, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (b, n, hk, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, n, hk, d), jnp.float32).astype(dtype)
-    t = -(-n // block_size)
-    kp = segment_key_pos(rng, b, hp, n, seg_blocks * block_size)
-    ids, full, total = random_lists(rng, b, hq, t, seg_blocks, density)
-    return Case(q, k, v, kp, ids, full, total, block_size)
-
-
-def permute_kv(x, key_pos):
-    """[B, N, Hk, D] -> [B, N, Hp, D] with slot j of head p = row key_pos[b, p, j] of head
-    p // (Hp // Hk) (the caller-side permutation that gather_kv=False expects)."""
-    b, n, hk, d = x.shape
-    hp = key_pos.shape[1]
-    src = x[:, :, np.arange(hp) // (hp // hk)] if hp >= hk else None
-    assert src is not None, "test helper expects Hp >= Hk"
-    idx = jnp.swapaxes(jnp.asarray(key_pos), 1, 2)[..., None]
-    return jnp.take_along_axis(src, idx, axis=1)
-
-
-# --------------------------------------------------------------------------------------------
-# Independent float64 oracle
-# --------------------------------------------------------------------------------------------
-
-
-def numpy_oracle(case: Case, *, gather_kv=True, k=None, v=None, sm_scale=None):
-    q = np.asarray(case.q, np.float64)
-    k = np.asarray(case.k if k is None else k, np.float64)
-    v = np.asarray(case.v if v is None else v, np.float64)
-    b, n, hq, d = q.shape
-    hk, hp = k.shape[2], case.key_pos.shape[1]
-    bs = case.block_size
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    out = np.zeros_like(q)
-    for bi in range(b):
-        for h in range(hq):
-            kp = case.key_pos[bi, h // (hq // hp)]
-            g = h // (hq // hk)
-            for qb in range(case.ids.shape[2]):
-                f, tot = case.full[bi, h, qb], case.total[bi, h, qb]
-                blocks = case.ids[bi, h, qb]
-
-                def slots(bl):
-                    s = [np.arange(x * bs, min((x + 1) * bs, n)) for x in bl]
-                    return np.concatenate(s) if s else np.zeros(0, np.int64)
-
-                s_full, s_mask = slots(blocks[:f]), slots(blocks[f:tot])
-                for i in range(qb * bs, min((qb + 1) * bs, n)):
-                    sl = np.concatenate([s_full, s_mask[kp[s_mask] <= i]])
-                    if sl.size == 0:
-                        continue  # no allowed key -> zeros
-                    rows = kp[sl] if gather_kv else sl
-                    logits = k[bi, rows, g] @ q[bi, i, h] * scale
-                    w = np.exp(logits - logits.max())
-                    out[bi, i, h] = (w / w.sum()) @ v[bi, rows, g]
-    return out
-
-
-def rel_err(x, ref):
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def tol(dtype):
-    return 1e-2 if dtype in (jnp.bfloat16, jnp.float16) else 1e-4
-
 
 # --------------------------------------------------------------------------------------------
 # Kernel == reference == oracle on random lists

@@ -18,17 +18,21 @@ import pytest
 import pbs_jax
 from pallas_kernels import (
     block_sparse_attention_mgpu,
+    block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
     mgpu_supported,
+    planned_attention,
 )
 from pbs_jax import PBSConfig
-from tests.conftest import make_qkv, rel_err
-from tests.test_kernel import make_case, permute_kv
+from tests.conftest import make_case, make_qkv, numpy_oracle, permute_kv, rel_err
 
-hopper = pytest.mark.skipif(
-    not mgpu_supported(jnp.zeros((1, 1, 1, 64), jnp.bfloat16), 128),
-    reason="the Mosaic GPU kernel needs a Hopper GPU",
-)
+
+def hopper(test):
+    """Marked ``hopper`` and skipped where the Mosaic GPU kernel cannot run."""
+    on_hopper = mgpu_supported(jnp.zeros((1, 1, 1, 64), jnp.bfloat16), 128)
+    skip = pytest.mark.skipif(not on_hopper, reason="the Mosaic GPU kernel needs a Hopper GPU")
+    return pytest.mark.hopper(skip(test))
+
 
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
@@ -61,6 +65,66 @@ def test_matches_reference(n, d, hq, hk, hp, dtype, density):
     )
     assert out.shape == c.q.shape and out.dtype == c.q.dtype
     assert rel_err(out, ref) < TOL[dtype]
+    contract = block_sparse_attention_mgpu_reference(
+        c.q,
+        permute_kv(c.k, c.key_pos),
+        permute_kv(c.v, c.key_pos),
+        c.k,
+        c.v,
+        jnp.asarray(c.ids),
+        jnp.asarray(c.full),
+        block_size=128,
+        segment_blocks=2,
+    )
+    assert rel_err(out, contract) < TOL[dtype]
+
+
+# The contract's reference on any machine: reading the own segment in original order with a
+# causal mask is PBS's token mask over permuted slots (the lemma the kernel rests on).
+@pytest.mark.parametrize(
+    "n,hq,hk,hp,seg_blocks,density",
+    [
+        (256, 2, 2, 2, 2, 0.5),
+        (300, 4, 2, 4, 2, 0.3),  # ragged N, GQA 2, one permutation per query head
+        (320, 3, 1, 1, 4, 0.7),  # GQA 3, one permutation per KV head, 4 blocks per segment
+        (192, 2, 1, 2, 1, 1.0),  # MeanPooling-like: the own segment is the diagonal block
+    ],
+)
+def test_mgpu_contract_reference_equals_the_token_mask(n, hq, hk, hp, seg_blocks, density):
+    c = make_case(
+        n, n=n, d=16, hq=hq, hk=hk, hp=hp, block_size=32, seg_blocks=seg_blocks, density=density
+    )
+    out = block_sparse_attention_mgpu_reference(
+        c.q,
+        permute_kv(c.k, c.key_pos),
+        permute_kv(c.v, c.key_pos),
+        c.k,
+        c.v,
+        jnp.asarray(c.ids),
+        jnp.asarray(c.full),
+        block_size=32,
+        segment_blocks=seg_blocks,
+    )
+    assert rel_err(out, numpy_oracle(c)) < 1e-5
+
+
+@pytest.mark.parametrize("hp", [1, 4])  # one permutation per KV head (physical), per query head
+def test_planned_attention_off_hopper_is_the_triton_contract(hp):
+    """The kernel entry on a machine without Hopper: the Triton kernel (interpret mode on CPU),
+    K/V permuted physically when Hp == Hkv and gathered in-kernel otherwise."""
+    c = make_case(7, n=200, d=16, hq=4, hk=1, hp=hp, block_size=32, density=0.5)
+    out = planned_attention(
+        c.q,
+        c.k,
+        c.v,
+        jnp.asarray(c.key_pos),
+        jnp.asarray(c.ids),
+        jnp.asarray(c.full),
+        jnp.asarray(c.total),
+        block_size=32,
+        segment_blocks=2,
+    )
+    assert rel_err(out, numpy_oracle(c)) < 1e-4
 
 
 @hopper
