@@ -8,10 +8,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import mgpu_supported, planned_attention
 from pbs_jax import blocks, reference
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import num_blocks, segment_blocks
-from pbs_jax.permutation import compute_permutation, gather_keys, identity_permutation
+from pbs_jax.permutation import compute_permutation, identity_permutation
 from pbs_jax.selection import select_blocks
 
 IMPLS = ("auto", "reference", "pallas")
@@ -117,37 +118,10 @@ def kernel_attention(
 ) -> jax.Array:
     """The block-sparse kernel for a plan: ``perm [B, Hp, N]``, lists from ``index_lists``.
 
-    On Hopper with 16-bit inputs and 128-token blocks: the Mosaic GPU kernel (wgmma + TMA; K/V
-    permuted into slot order once, the own segment read in original order). Elsewhere the
-    Triton kernel (interpret mode on CPU): one permutation per KV head permutes K/V physically
-    (contiguous rows, ~10% faster); one per query head gathers rows by index in the kernel, so
-    K/V are never repeated per query head in device memory.
+    The backend choice and each kernel's input preparation belong to
+    ``pallas_kernels.planned_attention`` (Mosaic on Hopper, Triton elsewhere).
     """
-    from pallas_kernels import block_sparse_attention, block_sparse_attention_mgpu, mgpu_supported
-
-    n = q.shape[1]
-    if mgpu_supported(q, cfg.block_size):
-        pad = (-n) % cfg.block_size  # the kernel tiles whole blocks; padded keys are never visible
-
-        def padded(x):
-            return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
-
-        out = block_sparse_attention_mgpu(
-            padded(q),
-            padded(gather_keys(k, perm)),
-            padded(gather_keys(v, perm)),
-            padded(k),
-            padded(v),
-            lists.ids,
-            lists.full_counts,
-            block_size=cfg.block_size,
-            segment_blocks=segment_blocks(cfg),
-        )
-        return out[:, :n] if pad else out
-    gather_kv = perm.shape[1] != k.shape[2]
-    if not gather_kv:
-        k, v = gather_keys(k, perm), gather_keys(v, perm)
-    return block_sparse_attention(
+    return planned_attention(
         q,
         k,
         v,
@@ -156,11 +130,23 @@ def kernel_attention(
         lists.full_counts,
         lists.total_counts,
         block_size=cfg.block_size,
-        gather_kv=gather_kv,
+        segment_blocks=segment_blocks(cfg),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "return_aux"))
+def _as_operand(name: str, x) -> jax.Array:
+    """An array-like as a jax array; float64 is refused rather than silently downcast."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        x = jnp.asarray(x)
+    elif jnp.dtype(dtype) == jnp.float64:
+        raise ValueError(
+            f"{name} is float64; pbs_attention computes in float32, bfloat16 or float16 "
+            f"(cast first, e.g. {name}.astype(jnp.float32))"
+        )
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
 def pbs_attention(
     q: jax.Array,
     k: jax.Array,
@@ -187,10 +173,38 @@ def pbs_attention(
 
     Returns:
       ``[B, N, Hq, D]`` in q's dtype, and the aux when asked.
+
+    Forward only: a prefill op with no gradient (``jax.grad`` through it raises a clear
+    ``NotImplementedError``). Jit-compiled inside; array-likes are converted, float64 refused.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(cfg, PBSConfig):
+        raise TypeError(f"cfg must be a PBSConfig, got {type(cfg).__name__}")
+    q, k, v = _as_operand("q", q), _as_operand("k", k), _as_operand("v", v)
     validate_inputs(q, k, v)
+    return _forward(q, k, v, cfg, impl, return_aux)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _forward_only(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
+    return _pbs_forward(q, k, v, cfg, impl, return_aux)
+
+
+@_forward_only.defjvp
+def _no_derivative(cfg, impl, return_aux, primals, tangents):
+    raise NotImplementedError(
+        "pbs_attention is forward-only (a prefill op): it has no gradient or JVP. The block "
+        "selection is discrete and the kernels have no backward pass; for training, use dense "
+        "attention (pbs_jax.dense_attention) or stop gradients before the op."
+    )
+
+
+_forward = jax.jit(_forward_only, static_argnums=(3, 4, 5))
+
+
+def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
+    """The op's body on validated arrays (traced once per static configuration)."""
     b, n, hq, _ = q.shape
     t = num_blocks(n, cfg.block_size)
 
@@ -211,8 +225,6 @@ def pbs_attention(
                 return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
 
             if auto_gpu:
-                from pallas_kernels import mgpu_supported
-
                 sparse = dens <= auto_max_density(n, mgpu_supported(q, cfg.block_size))
                 out = jax.lax.cond(
                     sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v

@@ -6,6 +6,18 @@ import dataclasses
 
 GQA_MODES = ("replicate", "shared")
 SELECTORS = ("meanpool", "antidiagonal")
+# The fields that make the paper's rule (arXiv 2510.21270 §4.1 and its official code).
+PAPER_RULE = dict(
+    block_size=128,
+    segment_size=256,
+    threshold=0.9,
+    force_sink=True,
+    permute=True,
+    gqa="replicate",
+    selector="meanpool",
+    dense_tail=0,
+    proxy_blocks=1,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +44,15 @@ class PBSConfig:
         Either way the same softmax domain, top-p rule and forced blocks apply.
       antidiagonal_stride: sampling stride of the ``"antidiagonal"`` selector (XAttention uses
         8 or 16); ``block_size`` must be a multiple of it when that selector is chosen.
+      dense_tail: beyond the paper. The last ``dense_tail`` query rows, rounded up to whole
+        blocks, attend to every causal block (0: none, the paper's rule). The prefill's last row
+        gives the first generated token, so its attention decides retrieval; one dense block row
+        costs ~1/T of the work.
+      proxy_blocks: beyond the paper. Trailing query blocks whose softmax over the keys is the
+        importance estimate that orders each segment (1: the last ``block_size`` queries, the
+        paper's proxy).
+
+    ``PBSConfig.paper(**overrides)`` is the rule of the paper and its official code.
     """
 
     block_size: int = 128
@@ -42,6 +63,13 @@ class PBSConfig:
     gqa: str = "replicate"
     selector: str = "meanpool"
     antidiagonal_stride: int = 8
+    dense_tail: int = 0
+    proxy_blocks: int = 1
+
+    @classmethod
+    def paper(cls, **overrides) -> PBSConfig:
+        """The paper's rule, as its official code computes it (our op equals that code on it)."""
+        return cls(**{**PAPER_RULE, **overrides})
 
     def __post_init__(self):
         def _is_int(x):
@@ -89,6 +117,22 @@ class PBSConfig:
                 f"block_size={self.block_size}, "
                 f"antidiagonal_stride={self.antidiagonal_stride}"
             )
+        self._validate_extensions()
+
+    def _validate_extensions(self):
+        for name in ("dense_tail", "proxy_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"PBSConfig.{name} must be an int, got {value!r}")
+        if self.dense_tail < 0:
+            raise ValueError(f"PBSConfig.dense_tail must be >= 0 (rows), got {self.dense_tail}")
+        if self.proxy_blocks < 1:
+            raise ValueError(f"PBSConfig.proxy_blocks must be >= 1, got {self.proxy_blocks}")
+
+    @property
+    def tail_blocks(self) -> int:
+        """Trailing query blocks that attend densely: ``ceil(dense_tail / block_size)``."""
+        return -(-self.dense_tail // self.block_size)
 
     @property
     def mask_segment_size(self) -> int:

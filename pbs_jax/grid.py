@@ -10,6 +10,7 @@ never re-derives them:
 - :func:`own_segment_blocks` — the blocks always computed and token-masked;
 - :func:`earlier_segment_blocks` — blocks of strictly earlier segments (never masked);
 - :func:`softmax_domain` — the key blocks competing in a query block's top-p;
+- :func:`dense_tail_blocks` — the trailing query blocks that attend to every causal block;
 - :func:`causal_block_count` / :func:`computed_causal_blocks` — what density divides by and counts.
 
 All masks are ``[T, T]`` bool over (query block, key-slot block).
@@ -67,6 +68,13 @@ def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
         return earlier_segment_blocks(t, cfg)
     qb, kb = _block_grid(t)
     return kb <= qb
+
+
+def dense_tail_blocks(t: int, cfg: PBSConfig) -> jax.Array:
+    """``[T, T]`` bool: every allowed block (:func:`softmax_domain`) of the last
+    ``cfg.tail_blocks`` query blocks: the rows ``cfg.dense_tail`` computes densely."""
+    qb, _ = _block_grid(t)
+    return (qb >= t - cfg.tail_blocks) & softmax_domain(t, cfg)
 
 
 def causal_block_count(t: int) -> int:

@@ -10,11 +10,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import slot_order
 from pbs_jax.config import PBSConfig
+
+# Rows of K/V in slot order ``[B, N, Hkv, D] → [B, N, Hp, D]``: one gather rule for the planner,
+# the reference and the kernels' input preparation.
+gather_keys = slot_order
 
 
 def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
-    """Importance of every complete-segment key for the last ``block_size`` queries.
+    """Importance of every complete-segment key for the last ``proxy_blocks × block_size``
+    queries (the paper: one block).
 
     Args:
       q: ``[B, N, Hq, D]`` queries.
@@ -30,7 +36,7 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
     hkv = k.shape[2]
     group = hq // hkv
     complete = (n // cfg.segment_size) * cfg.segment_size
-    proxy = q[:, max(n - cfg.block_size, 0) :]  # [B, P, Hq, D]
+    proxy = q[:, max(n - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
     proxy = proxy.reshape(b, proxy.shape[1], hkv, group, d)
     keys = k[:, :complete]  # [B, L, Hkv, D]
     logits = jnp.einsum(
@@ -89,15 +95,3 @@ def compute_permutation(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array
     if not cfg.permute or n < cfg.segment_size:
         return identity_permutation(b, hp, n)
     return segment_permutation(key_importance(q, k, cfg), n, cfg)
-
-
-def gather_keys(x: jax.Array, perm: jax.Array) -> jax.Array:
-    """Rows of ``x [B, N, Hkv, D]`` in permuted order for every permutation head.
-
-    Returns ``[B, N, Hp, D]``: slot j of head p is ``x[b, perm[b, p, j], p // (Hp // Hkv)]``.
-    Used by the selector (pooled keys) and the reference; the kernel gathers in place instead.
-    """
-    b, n, hkv, d = x.shape
-    hp = perm.shape[1]
-    kv_head = jnp.arange(hp) // (hp // hkv)  # [Hp]
-    return x[jnp.arange(b)[:, None, None], perm.transpose(0, 2, 1), kv_head[None, None, :]]

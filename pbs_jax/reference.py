@@ -1,7 +1,7 @@
 """Exact pure-jnp oracles: dense causal attention and permuted block-sparse attention.
 
-O(N²) memory, fp32 softmax: for tests and the CPU path. They share no code with the kernel
-(pallas_kernels has its own, lists-based oracle).
+O(N²) memory, fp32 softmax: for tests and the CPU path. They share no attention code with the
+kernels (only the row gather to slot order); pallas_kernels has its own, lists-based oracles.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pbs_jax.config import PBSConfig
-from pbs_jax.grid import num_blocks, own_segment_blocks, softmax_domain
+from pbs_jax.grid import dense_tail_blocks, num_blocks, own_segment_blocks, softmax_domain
 from pbs_jax.permutation import gather_keys, inverse_permutation
 
 _HI = jax.lax.Precision.HIGHEST
@@ -242,11 +242,14 @@ def block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSCon
 def forced_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Array:
     """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
 
-    Every block of the query's own segment (:func:`own_segment_blocks`) and, with
-    ``cfg.force_sink``, the key block holding original token 0.
+    Every block of the query's own segment (:func:`own_segment_blocks`), with
+    ``cfg.force_sink`` the key block holding original token 0, and with ``cfg.dense_tail``
+    every allowed block of the trailing query blocks (:func:`dense_tail_blocks`).
     """
     t = num_blocks(perm.shape[-1], cfg.block_size)
     forced = own_segment_blocks(t, cfg)[None, None]
+    if cfg.dense_tail:
+        forced = forced | dense_tail_blocks(t, cfg)[None, None]
     if cfg.force_sink:
         forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
     return forced

@@ -31,7 +31,7 @@ SETTINGS = hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
 # --------------------------------------------------------------------------------------------
 HAND_K = np.array([0, 3, 1, 2, 5, 0, 4, 1], np.float32)
 HAND_V = np.arange(8, dtype=np.float32) * 10.0 + 1.0
-HAND_CFG = PBSConfig(block_size=2, segment_size=4, threshold=0.8, force_sink=False)
+HAND_CFG = PBSConfig.paper(block_size=2, segment_size=4, threshold=0.8, force_sink=False)
 
 
 def _hand_inputs():
@@ -50,13 +50,56 @@ def test_hand_worked_permutation():
 @pytest.mark.parametrize("force_sink", [False, True])
 def test_hand_worked_block_mask(force_sink):
     q, k, v = _hand_inputs()
-    cfg = PBSConfig(block_size=2, segment_size=4, threshold=0.8, force_sink=force_sink)
+    cfg = PBSConfig.paper(block_size=2, segment_size=4, threshold=0.8, force_sink=force_sink)
     _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     late = [1, 1, 1, 1] if force_sink else [1, 0, 1, 1]  # the sink adds block 1
     expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], late, late], bool)
     np.testing.assert_array_equal(np.asarray(aux.block_mask)[0, 0], expected)
     # Density counts causal work only (own-segment blocks above the diagonal are skipped).
     np.testing.assert_allclose(float(aux.density), np.tril(expected).sum() / 10.0)
+
+
+# Beyond the paper, worked by hand on the same tiny case.
+def test_hand_worked_dense_tail():
+    """dense_tail=3 rows → 2 trailing blocks (rows 2, 3) take every causal block; rows before
+    keep the paper's selection (block 0 alone above the threshold, no sink)."""
+    q, k, v = _hand_inputs()
+    for tail, expected_rows in (
+        (1, [[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]]),
+        (3, [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]),
+    ):
+        cfg = PBSConfig.paper(
+            block_size=2, segment_size=4, threshold=0.8, force_sink=False, dense_tail=tail
+        )
+        _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+        np.testing.assert_array_equal(np.asarray(aux.block_mask)[0, 0], np.array(expected_rows))
+
+
+def test_hand_worked_proxy_blocks():
+    """Queries [1, 1, 1, 1, 1, 1, -1, -1] over the keys above. One proxy block (queries 6, 7 =
+    -1): importance softmax(-k), each segment sorted by ascending k → [0, 2, 3, 1 | 5, 7, 6, 4].
+    Two blocks (queries 4..7): the mean of softmax(k) and softmax(-k) over all 8 keys, e.g.
+    segment 0: k=0 → (1/237.9 + 1/2.946)/2 = .172, k=1 → .068, k=3 → .051, k=2 → .039, so
+    [0, 2, 1, 3]; segment 1: k=5 → .313, 0 → .172, 4 → .118, 1 → .068, so [4, 5, 6, 7]."""
+    _, k, _ = _hand_inputs()
+    q = jnp.asarray([1, 1, 1, 1, 1, 1, -1, -1], jnp.float32).reshape(1, 8, 1, 1)
+    for blocks_, expected in ((1, [0, 2, 3, 1, 5, 7, 6, 4]), (2, [0, 2, 1, 3, 4, 5, 6, 7])):
+        cfg = PBSConfig.paper(block_size=2, segment_size=4, proxy_blocks=blocks_)
+        perm = permutation.compute_permutation(q, k, cfg)
+        np.testing.assert_array_equal(np.asarray(perm)[0, 0], expected)
+
+
+def test_paper_rule_is_the_official_default():
+    """PBSConfig.paper() is the paper's §4.1 setting with no extension switched on."""
+    cfg = PBSConfig.paper()
+    assert (cfg.block_size, cfg.segment_size, cfg.threshold) == (128, 256, 0.9)
+    assert (cfg.dense_tail, cfg.proxy_blocks, cfg.selector, cfg.gqa) == (
+        0,
+        1,
+        "meanpool",
+        "replicate",
+    )
+    assert PBSConfig.paper(threshold=0.95).threshold == 0.95
 
 
 def test_hand_worked_output():
@@ -108,7 +151,7 @@ ORACLE_CASES = [
 @pytest.mark.parametrize("n,bs,seg,hq,hk,gqa", ORACLE_CASES)
 def test_matches_official_semantics(n, bs, seg, hq, hk, gqa):
     q, k, v = make_qkv(n * 7 + hq, 1, n, hq, hk, 16)
-    cfg = PBSConfig(block_size=bs, segment_size=seg, threshold=0.9, gqa=gqa)
+    cfg = PBSConfig.paper(block_size=bs, segment_size=seg, threshold=0.9, gqa=gqa)
     out, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     ref_out, ref_perm, ref_mask = oracle_pbs(q, k, v, bs, seg, 0.9, gqa=gqa)
     np.testing.assert_array_equal(np.asarray(aux.perm), ref_perm)
@@ -119,7 +162,7 @@ def test_matches_official_semantics(n, bs, seg, hq, hk, gqa):
 @pytest.mark.parametrize("threshold", [0.5, 0.7, 0.95])
 def test_selection_matches_oracle_across_thresholds(threshold):
     q, k, _ = make_qkv(3, 2, 200, 2, 2, 8)
-    cfg = PBSConfig(block_size=16, segment_size=32, threshold=threshold)
+    cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=threshold)
     perm = permutation.compute_permutation(q, k, cfg)
     mask = selection.select_blocks(q, k, perm, cfg)
     ref_mask = oracle_block_mask(q, k, np.asarray(perm), 16, 32, threshold)
@@ -128,7 +171,7 @@ def test_selection_matches_oracle_across_thresholds(threshold):
 
 def test_importance_matches_oracle_scores():
     q, k, _ = make_qkv(5, 1, 300, 4, 2, 16)
-    cfg = PBSConfig(block_size=32, segment_size=64, gqa="shared")
+    cfg = PBSConfig.paper(block_size=32, segment_size=64, gqa="shared")
     scores = permutation.key_importance(q, k, cfg)
     _, ref_scores = oracle_permutation(q, k, 32, 64, gqa="shared")
     chex.assert_shape(scores, (1, 2, 256))
@@ -138,7 +181,7 @@ def test_importance_matches_oracle_scores():
 @pytest.mark.parametrize("n", [1, 7, 100, 256])
 def test_short_sequences_fall_back_to_dense(n):
     q, k, v = make_qkv(n, 1, n, 2, 1, 8)
-    out, aux = pbs_jax.pbs_attention(q, k, v, PBSConfig(), impl="reference", return_aux=True)
+    out, aux = pbs_jax.pbs_attention(q, k, v, PBSConfig.paper(), impl="reference", return_aux=True)
     ref_out, _, _ = oracle_pbs(q, k, v, 128, 256, 0.9)
     assert rel_err(out, ref_out) < 1e-5
     np.testing.assert_array_equal(np.asarray(aux.perm)[0, 0], np.arange(n))
@@ -146,7 +189,7 @@ def test_short_sequences_fall_back_to_dense(n):
 
 def test_meanpooling_baseline_matches_oracle():
     q, k, v = make_qkv(11, 1, 150, 2, 2, 16)
-    cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.8, permute=False)
+    cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=0.8, permute=False)
     out, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     ref_out, ref_perm, ref_mask = oracle_pbs(q, k, v, 16, 32, 0.8, permute=False)
     np.testing.assert_array_equal(np.asarray(aux.perm), ref_perm)
@@ -163,7 +206,7 @@ def test_meanpooling_baseline_matches_oracle():
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_threshold_one_is_dense_causal(hq, hk, gqa):
     q, k, v = make_qkv(hq + hk, 1, 150, hq, hk, 16)
-    cfg = PBSConfig(block_size=16, segment_size=32, threshold=1.0, gqa=gqa)
+    cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=1.0, gqa=gqa)
     out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
     assert rel_err(out, reference.exact_causal_attention(q, k, v)) < 1e-5
     ref_out, _, _ = oracle_pbs(q, k, v, 16, 32, 1.0, gqa=gqa)
@@ -199,7 +242,7 @@ def test_values_after_position_never_reach_earlier_outputs(n, seed):
     """Causality: the op never lets a query read a later token. Values after position i change
     nothing at or before i (the plan depends on q and k only, so it stays fixed)."""
     q, k, v = make_qkv(seed, 1, n, 2, 2, 8)
-    cfg = PBSConfig(block_size=8, segment_size=16, threshold=0.7)
+    cfg = PBSConfig.paper(block_size=8, segment_size=16, threshold=0.7)
     i = n // 2
     v2 = v.at[:, i + 1 :].set(jax.random.normal(jax.random.key(seed + 1), v[:, i + 1 :].shape))
     out1 = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
@@ -214,7 +257,7 @@ def test_fixed_plan_is_causal_in_keys_and_values(n, seed):
     """With the plan (permutation, block mask) fixed, keys and values after i never reach i.
     (The plan itself reads the last block of queries: the paper's proxy, as the official code.)"""
     q, k, v = make_qkv(seed, 1, n, 2, 2, 8)
-    cfg = PBSConfig(block_size=8, segment_size=16, threshold=0.7)
+    cfg = PBSConfig.paper(block_size=8, segment_size=16, threshold=0.7)
     perm, mask = pbs_jax.pbs_plan(q, k, cfg)
     i = n // 3
     noise = jax.random.normal(jax.random.key(seed + 7), k[:, i + 1 :].shape)
@@ -244,7 +287,7 @@ def test_inverse_permutation_matches_argsort(shape):
 def test_permutation_is_a_bijection_per_segment(n, blocks_, gqa, seed):
     bs, seg = blocks_
     q, k, _ = make_qkv(seed, 2, n, 4, 2, 8)
-    cfg = PBSConfig(block_size=bs, segment_size=seg, gqa=gqa)
+    cfg = PBSConfig.paper(block_size=bs, segment_size=seg, gqa=gqa)
     perm = np.asarray(permutation.compute_permutation(q, k, cfg))
     chex.assert_shape(perm, (2, 4 if gqa == "replicate" else 2, n))
     assert perm.dtype == np.int32
@@ -261,7 +304,7 @@ def test_permutation_is_a_bijection_per_segment(n, blocks_, gqa, seed):
 
 def test_permutation_sorts_importance_descending():
     q, k, _ = make_qkv(2, 1, 320, 2, 2, 16)
-    cfg = PBSConfig(block_size=32, segment_size=64)
+    cfg = PBSConfig.paper(block_size=32, segment_size=64)
     scores = np.asarray(permutation.key_importance(q, k, cfg))
     perm = np.asarray(permutation.segment_permutation(jnp.asarray(scores), 320, cfg))
     for s in range(5):
@@ -279,7 +322,9 @@ def test_permutation_sorts_importance_descending():
 @SETTINGS
 def test_forced_blocks_always_present(n, threshold, gqa, permute, seed):
     q, k, v = make_qkv(seed, 1, n, 4, 2, 8)
-    cfg = PBSConfig(block_size=8, segment_size=16, threshold=threshold, gqa=gqa, permute=permute)
+    cfg = PBSConfig.paper(
+        block_size=8, segment_size=16, threshold=threshold, gqa=gqa, permute=permute
+    )
     perm, mask = pbs_jax.pbs_plan(q, k, cfg)
     perm, mask = np.asarray(perm), np.asarray(mask)
     t = mask.shape[-1]
@@ -302,7 +347,7 @@ def test_lower_threshold_selects_a_subset(gqa):
             q,
             k,
             v,
-            PBSConfig(block_size=16, segment_size=32, threshold=tau, gqa=gqa),
+            PBSConfig.paper(block_size=16, segment_size=32, threshold=tau, gqa=gqa),
             impl="reference",
             return_aux=True,
         )
@@ -323,7 +368,7 @@ def test_permutation_lowers_density_on_structured_input():
             q,
             k,
             v,
-            PBSConfig(block_size=32, segment_size=64, permute=permute),
+            PBSConfig.paper(block_size=32, segment_size=64, permute=permute),
             impl="reference",
             return_aux=True,
         )
@@ -332,7 +377,7 @@ def test_permutation_lowers_density_on_structured_input():
 
 
 def test_index_lists_compact_the_mask():
-    cfg = PBSConfig(block_size=8, segment_size=16)
+    cfg = PBSConfig.paper(block_size=8, segment_size=16)
     mask = blocks.fixed_density_mask(jax.random.key(0), (2, 3, 9), 0.4, cfg)
     lists = blocks.index_lists(mask, cfg)
     ids, full, total = (np.asarray(x) for x in lists)
@@ -354,7 +399,7 @@ def test_density_counts_blocks():
 def test_density_of_dense_is_exactly_one():
     """Every block kept (own-segment blocks above the diagonal included) is density 1, not more:
     a causal kernel computes the own segment's causal blocks only."""
-    cfg = PBSConfig(block_size=2, segment_size=4)
+    cfg = PBSConfig.paper(block_size=2, segment_size=4)
     mask = jnp.ones((1, 1, 5, 5), bool)
     assert float(blocks.density(mask)[0, 0]) == 1.0
     # Own causal blocks: q0 {0}, q1 {0, 1}, q2 {2}, q3 {2, 3}, q4 {4}.
@@ -363,7 +408,7 @@ def test_density_of_dense_is_exactly_one():
 
 
 def test_fixed_density_mask_hits_its_target():
-    cfg = PBSConfig(block_size=128, segment_size=256)
+    cfg = PBSConfig.paper(block_size=128, segment_size=256)
     mask = blocks.fixed_density_mask(jax.random.key(1), (1, 8, 256), 0.2, cfg)
     assert abs(float(blocks.density(mask).mean()) - 0.2) < 0.01
 
@@ -373,7 +418,7 @@ def test_fixed_density_mask_hits_its_target():
 # --------------------------------------------------------------------------------------------
 def test_jit_of_jit_and_vmap():
     q, k, v = make_qkv(1, 3, 100, 2, 1, 8)
-    cfg = PBSConfig(block_size=16, segment_size=32)
+    cfg = PBSConfig.paper(block_size=16, segment_size=32)
     f = jax.jit(lambda q, k, v: pbs_jax.pbs_attention(q, k, v, cfg, impl="reference"))
     batched = f(q, k, v)
     per_item = jax.vmap(
@@ -388,7 +433,7 @@ def test_jit_of_jit_and_vmap():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_dtypes(dtype):
     q, k, v = make_qkv(6, 1, 200, 4, 2, 16, dtype=dtype)
-    cfg = PBSConfig(block_size=16, segment_size=32, threshold=1.0)
+    cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=1.0)
     out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
     chex.assert_type(out, dtype)
     chex.assert_shape(out, (1, 200, 4, 16))
@@ -403,7 +448,7 @@ def test_dtypes(dtype):
 def test_lengths_against_oracle(n):
     q, k, v = make_qkv(n + 100, 1, n, 2, 2, 8)
     out = pbs_jax.pbs_attention(
-        q, k, v, PBSConfig(block_size=16, segment_size=32, threshold=0.8), impl="reference"
+        q, k, v, PBSConfig.paper(block_size=16, segment_size=32, threshold=0.8), impl="reference"
     )
     ref_out, _, _ = oracle_pbs(q, k, v, 16, 32, 0.8)
     chex.assert_shape(out, (1, n, 2, 8))
@@ -414,7 +459,11 @@ def test_no_nan_on_extreme_inputs():
     q, k, v = make_qkv(8, 1, 300, 2, 2, 16)
     for scale in (1e-4, 30.0):
         out = pbs_jax.pbs_attention(
-            q * scale, k * scale, v, PBSConfig(block_size=16, segment_size=32), impl="reference"
+            q * scale,
+            k * scale,
+            v,
+            PBSConfig.paper(block_size=16, segment_size=32),
+            impl="reference",
         )
         assert np.isfinite(np.asarray(out)).all()
 
@@ -444,6 +493,29 @@ def test_bad_inputs_raise(q, k, v, match):
         pbs_jax.pbs_attention(q, k, v)
 
 
+def test_float64_is_refused_not_downcast():
+    q64 = np.asarray(_Q, np.float64)
+    with pytest.raises(ValueError, match="float64"):
+        pbs_jax.pbs_attention(q64, _K, _K)
+
+
+def test_array_likes_are_converted():
+    """Nested lists and numpy float32 arrays give what the same jax arrays give."""
+    q, k, v = make_qkv(3, 1, 40, 2, 1, 8)
+    cfg = PBSConfig.paper(block_size=8, segment_size=16)
+    expected = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
+    out = pbs_jax.pbs_attention(np.asarray(q).tolist(), np.asarray(k), v, cfg, impl="reference")
+    chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_fails_with_a_clear_message():
+    """The op is forward-only: jax.grad through it names the reason, not a lowering error."""
+    q, k, v = make_qkv(4, 1, 40, 2, 1, 8)
+    cfg = PBSConfig.paper(block_size=8, segment_size=16)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        jax.grad(lambda q: pbs_jax.pbs_attention(q, k, v, cfg, impl="reference").sum())(q)
+
+
 def test_bad_impl_raises():
     with pytest.raises(ValueError, match="impl"):
         pbs_jax.pbs_attention(_Q, _K, _K, impl="triton")
@@ -459,6 +531,9 @@ def test_bad_impl_raises():
         (dict(gqa="grouped"), "gqa"),
         (dict(permute=1), "permute"),
         (dict(segment_size=2.5), "segment_size"),
+        (dict(dense_tail=-1), "dense_tail"),
+        (dict(dense_tail=1.5), "dense_tail"),
+        (dict(proxy_blocks=0), "proxy_blocks"),
     ],
 )
 def test_bad_config_raises(kwargs, match):

@@ -261,3 +261,24 @@ def test_default_selector_is_meanpool():
 def test_bad_selector_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PBSConfig(**kwargs)
+
+
+@pytest.mark.parametrize("gqa", pbs_jax.GQA_MODES)
+def test_extensions_through_the_kernel_equal_the_reference(gqa):
+    """dense_tail and proxy_blocks are only other lists: the kernel path (Triton, interpret
+    mode here) equals the exact reference, and the tail rows hold every causal block."""
+    q, k, v = make_qkv(11, 1, 300, 4, 2, 16)
+    cfg = PBSConfig(
+        block_size=16, segment_size=32, threshold=0.6, dense_tail=20, proxy_blocks=2, gqa=gqa
+    )
+    out = pbs_jax.pbs_attention(q, k, v, cfg, impl="pallas")
+    ref, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+    assert rel_err(out, ref) < 1e-4
+    t = pbs_jax.num_blocks(300, 16)
+    mask = np.asarray(aux.block_mask)
+    causal = np.tril(np.ones((t, t), bool))
+    np.testing.assert_array_equal(
+        mask[..., t - 2 :, :] & causal[t - 2 :],
+        np.broadcast_to(causal[t - 2 :], mask[..., t - 2 :, :].shape),
+    )
+    assert not mask[..., : t - 2, :][..., causal[: t - 2]].all()  # sparse before the tail
