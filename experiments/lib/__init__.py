@@ -1,0 +1,1 @@
+"""A small library for the studies and benchmarks in experiments/."""
