@@ -47,9 +47,7 @@ from tqdm import tqdm
 import pbs_jax
 from experiments.benchutil import stamp
 from experiments.prefill import compare_logits
-from models import llama as llama_lib
-from models import load_pretrained
-from models.llama import PBSAttention
+from models import JittedLlama, PBSAttention, load_pretrained
 from pbs_jax import PBSConfig
 from pbs_jax.selection import num_blocks
 
@@ -122,7 +120,7 @@ class CaptureAttention:
     q ``[B, N, Hq, D]`` and k, v ``[B, N, Hkv, D]`` (the model stacks them over layers)."""
 
     def __call__(self, q, k, v):
-        return llama_lib.dense_causal_attention(q, k, v), {"q": q, "k": k, "v": v}
+        return pbs_jax.dense_attention(q, k, v), {"q": q, "k": k, "v": v}
 
 
 # ----------------------------------------------------------------------------------------
@@ -560,7 +558,7 @@ def evaluated_positions(seq: EvalSequence) -> tuple[np.ndarray, slice]:
     return np.concatenate([ppl] + answers), slice(0, len(ppl))
 
 
-def run_forward(runner: llama_lib.JittedLlama, seq: EvalSequence, attention, new_tokens: int):
+def run_forward(runner: JittedLlama, seq: EvalSequence, attention, new_tokens: int):
     """Prefill ``seq`` with ``attention``; return (logits ``[P, V]`` at the evaluated positions,
     greedy continuation ids ``[new_tokens]`` of the text, per-layer aux (density ``[L]``, or
     the captured q/k)).
@@ -574,7 +572,7 @@ def run_forward(runner: llama_lib.JittedLlama, seq: EvalSequence, attention, new
     n = len(seq.tokens)
     if seq.text_end + new_tokens > n:
         raise ValueError(f"{new_tokens} continuation tokens do not fit before position {n}")
-    _, cache, aux = llama_lib.prefill(runner.graphdef, runner.state, tokens, attention, n, True)
+    _, cache, aux = runner.prefill(tokens, attention, max_len=n, return_aux=True)
     positions, _ = evaluated_positions(seq)
     logits = runner.output_logits(aux.hidden[0, positions])
     text_logits = runner.output_logits(aux.hidden[:, seq.text_end - 1])  # [1, V]
@@ -1369,7 +1367,7 @@ def run(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     model, tokenizer = load_pretrained(args.model, progress=False)
-    runner = llama_lib.JittedLlama(model)
+    runner = JittedLlama(model)
     config = model.config
     del model
     texts = load_texts()

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import llama as llama_lib
-from models import load_pretrained
-from models.llama import LayerAttention, PBSAttention
+from models import LayerAttention, PBSAttention, load_pretrained
+from models import runner as llama_lib
 from pbs_jax import PBSConfig
 
 

@@ -1,28 +1,27 @@
 """Flax NNX Llama with pluggable prefill attention (dense or PBS-Attn), checkpoint loaders
-(GGUF, HF safetensors), tokenizer, KV cache and greedy decoding."""
+(GGUF, HF safetensors), tokenizer, KV cache and greedy decoding.
 
-from models.llama import (
-    FULL_ATTENTION,
-    PRESETS,
-    JittedLlama,
-    KVCache,
-    LayerAttention,
-    Llama,
-    Llama3RopeScaling,
-    LlamaConfig,
-    PBSAttention,
-    PrefillAux,
-)
+One module per seam: ``config`` (LlamaConfig, presets), ``rope``, ``attention_spec`` (the
+boundary with the op), ``modules`` (the Flax modules), ``runner`` (jitted entry points and
+JittedLlama), then ``weights``, ``pretrained``, ``tokenizer``, ``sharding``.
+"""
+
+from models import runner
+from models.attention_spec import FULL_ATTENTION, AttentionSpec, LayerAttention, PBSAttention
+from models.config import PRESETS, Llama3RopeScaling, LlamaConfig
+from models.modules import KVCache, Llama, PrefillAux
 from models.pretrained import (
     CHECKPOINT_PRESETS,
     default_checkpoint_path,
     load_pretrained,
     preset_for_checkpoint,
 )
+from models.runner import JittedLlama
 from models.tokenizer import Tokenizer
 from models.weights import load_gguf, load_safetensors
 
 __all__ = [
+    "AttentionSpec",
     "CHECKPOINT_PRESETS",
     "FULL_ATTENTION",
     "PRESETS",
@@ -40,4 +39,5 @@ __all__ = [
     "load_pretrained",
     "load_safetensors",
     "preset_for_checkpoint",
+    "runner",
 ]

@@ -12,7 +12,8 @@ import re
 
 import jax.numpy as jnp
 
-from models.llama import PRESETS, Llama, LlamaConfig
+from models.config import PRESETS, LlamaConfig
+from models.modules import Llama
 from models.tokenizer import Tokenizer
 from models.weights import load_gguf, load_safetensors
 

@@ -24,7 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.llama import Llama, LlamaConfig, attend, resolve_attention
+from models.attention_spec import attend, resolve_attention
+from models.config import LlamaConfig
+from models.modules import Llama
 
 AXIS = "heads"
 

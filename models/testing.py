@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.llama import LlamaConfig
+from models.config import LlamaConfig
 
 __all__ = [
     "HF_TO_GGUF_LAYER_NAMES",

@@ -35,7 +35,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from models.llama import Llama, Llama3RopeScaling, LlamaConfig, inverse_frequencies
+from models.config import Llama3RopeScaling, LlamaConfig
+from models.modules import Llama
+from models.rope import inverse_frequencies
 
 __all__ = [
     "PARAM_RULES",

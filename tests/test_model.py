@@ -24,6 +24,7 @@ from models import (
 from models.testing import random_hf_weights, write_safetensors_folder
 from models.weights import load_safetensors
 from pbs_jax import PBSConfig
+from tests.conftest import TINY, random_tokens
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +33,6 @@ def full_precision_matmuls():
     # at 1e-4. On CPU this changes nothing.
     with jax.default_matmul_precision("highest"):
         yield
-
-
-TINY = LlamaConfig(
-    num_layers=2,
-    d_model=64,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    ffn_dim=128,
-    vocab_size=101,
-    rope_theta=10000.0,
-    rms_eps=1e-5,
-    max_position_embeddings=256,
-)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,10 +124,6 @@ def load_random(tmp_path, config, seed=0, dtype=jnp.float32):
     return model, weights
 
 
-def random_tokens(config, shape, seed=0):
-    return np.random.default_rng(seed).integers(0, config.vocab_size, shape).astype(np.int32)
-
-
 # ----------------------------------------------------------------------------------------
 # Numerics against numpy
 # ----------------------------------------------------------------------------------------
@@ -169,6 +152,7 @@ def test_forward_matches_numpy(tmp_path, variant):
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_chunked_mlp_matches_numpy(tmp_path):
     """Prefill's MLP over token chunks (40 tokens in chunks of 16: two full, one padded) is the
     same function as the unchunked one."""
@@ -195,6 +179,7 @@ def test_bfloat16_close_to_numpy(tmp_path):
     assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_module_call_equals_jitted_and_rope_scaling_changes_long_positions():
     model = Llama(TINY, rngs=nnx.Rngs(1))
     tokens = random_tokens(TINY, (1, 24))
@@ -212,6 +197,7 @@ def test_module_call_equals_jitted_and_rope_scaling_changes_long_positions():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gqa", "qkv-bias-tied"])
 def test_prefill_then_decode_equals_full_forward(tmp_path, variant):
     config = VARIANTS[variant]
@@ -231,6 +217,7 @@ def test_prefill_then_decode_equals_full_forward(tmp_path, variant):
         np.testing.assert_allclose(logits, full[:, position], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_is_greedy_over_full_forwards(tmp_path):
     model, _ = load_random(tmp_path, TINY)
     runner = JittedLlama(model)
@@ -262,6 +249,7 @@ def test_pbs_threshold_one_equals_full(tmp_path, gqa):
     np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pbs_sparse_prefill_then_dense_decode(tmp_path):
     """A sparse prefill gives a density < 1 and a cache in original token order: layer 0
     (whose input does not depend on attention) caches exactly the dense prefill's K/V."""
@@ -281,6 +269,7 @@ def test_pbs_sparse_prefill_then_dense_decode(tmp_path):
     chex.assert_shape(runner.generate(tokens, 2, attention=config), (1, 2))
 
 
+@pytest.mark.slow
 def test_prefill_aux_gives_every_logit_and_density(tmp_path):
     model, _ = load_random(tmp_path, TINY)
     runner = JittedLlama(model)
@@ -292,6 +281,23 @@ def test_prefill_aux_gives_every_logit_and_density(tmp_path):
     np.testing.assert_allclose(runner.output_logits(aux.hidden), logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(aux.density, density, rtol=1e-6)
+
+
+def test_lower_prefill_compiles_the_prefill_that_runs(tmp_path):
+    """``lower_prefill`` is the runner's own prefill, ahead of time: its compiled form reports
+    memory and gives the same outputs as ``prefill``; ``from_split`` wraps the same split."""
+    model, _ = load_random(tmp_path, TINY)
+    runner = JittedLlama(model)
+    tokens = random_tokens(TINY, (1, 48), seed=17)
+    compiled = runner.lower_prefill(tokens, max_len=50, return_aux=True).compile()
+    assert compiled.memory_analysis() is not None
+    last, cache, aux = compiled(runner.graphdef, runner.state, jnp.asarray(tokens))
+    same = JittedLlama.from_split(runner.graphdef, runner.state)
+    assert same.config == TINY
+    want_last, want_cache, want_aux = same.prefill(tokens, max_len=50, return_aux=True)
+    chex.assert_shape(cache.keys, want_cache.keys.shape)
+    np.testing.assert_allclose(last, want_last, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(aux.hidden, want_aux.hidden, rtol=1e-6, atol=1e-6)
 
 
 def test_attention_spec_validation():
@@ -343,6 +349,7 @@ def test_presets_and_validation():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_layer_attention_switches_per_layer(tmp_path):
     """Layers overridden to "full" behave exactly as in a dense prefill, the others as sparse:
     per-layer densities, and the K/V cache of every layer up to the first sparse one equal to

@@ -8,7 +8,7 @@ import pytest
 
 from experiments import prefill
 from models.testing import random_hf_weights, write_gguf
-from tests.test_tokenizer import MERGES, TINY_WITH_VOCAB, TOKENS
+from tests.conftest import MERGES, TINY_WITH_VOCAB, TOKENS
 
 
 def test_help_explains_every_option(capsys):

@@ -13,7 +13,7 @@ import pytest
 from models import JittedLlama, PBSAttention, load_pretrained, preset_for_checkpoint
 from pbs_jax import PBSConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.pretrained, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

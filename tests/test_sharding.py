@@ -9,7 +9,7 @@ import sys
 import pytest
 from flax import nnx
 
-from models import llama, sharding
+from models import Llama, LlamaConfig, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,11 +34,15 @@ def report():
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_parameters_are_split_by_heads(report):
     assert "heads" in report["q_proj_spec"]
     assert report["q_proj_shard_shape"] == [2, 64, 128 // 4]  # [L, d, Hq*D / 4 devices]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("attention", ["full", "pbs"])
 def test_sharded_logits_equal_unsharded(report, attention):
     r = report[attention]
@@ -48,12 +52,13 @@ def test_sharded_logits_equal_unsharded(report, attention):
         assert min(r["density"]) < 1.0  # the sparse path really ran
 
 
+@pytest.mark.slow
 def test_unshardable_head_counts_raise():
-    config = llama.LlamaConfig(
+    config = LlamaConfig(
         num_layers=1, d_model=32, num_heads=6, num_kv_heads=3, head_dim=8, ffn_dim=64, vocab_size=11
     )
     mesh = sharding.make_mesh(1)
-    sharding.shard_model(llama.Llama(config, rngs=nnx.Rngs(0)), mesh)  # one device always works
+    sharding.shard_model(Llama(config, rngs=nnx.Rngs(0)), mesh)  # one device always works
     with pytest.raises(ValueError, match="num_kv_heads"):
         sharding.check_shardable(config, _FakeMesh(2))
 

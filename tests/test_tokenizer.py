@@ -9,12 +9,11 @@ import os
 
 import numpy as np
 import pytest
-from tokenizers import pre_tokenizers
 
 from models import JittedLlama, Tokenizer, default_checkpoint_path, load_pretrained
 from models.testing import random_hf_weights, write_gguf, write_safetensors_folder
 from models.tokenizer import render_chatml
-from tests.test_model import TINY
+from tests.conftest import MERGES, TINY_WITH_VOCAB, TOKENS
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -39,6 +38,7 @@ SAMPLES = [
 ]
 
 
+@pytest.mark.pretrained
 def test_smollm2_tokenizer_round_trips(smollm2_tokenizer):
     tok = smollm2_tokenizer
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (49152, 1, 2, False)
@@ -52,6 +52,7 @@ def test_smollm2_tokenizer_round_trips(smollm2_tokenizer):
     assert tok.encode("hi", add_bos=True)[0] == tok.bos_id
 
 
+@pytest.mark.pretrained
 def test_smollm2_chat_template(smollm2_tokenizer):
     text = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}])
     assert text == (
@@ -66,14 +67,6 @@ def test_smollm2_chat_template(smollm2_tokenizer):
     assert render_chatml([{"role": "user", "content": "x"}], add_generation_prompt=False) == (
         "<|im_start|>user\nx<|im_end|>\n"
     )
-
-
-# A tiny byte-level BPE: 3 control tokens, the 256 byte symbols, 5 merges.
-CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BYTES = sorted(pre_tokenizers.ByteLevel.alphabet())
-MERGES = ["t h", "th e", "Ġ c", "Ġc a", "Ġca t"]
-TOKENS = CONTROL + BYTES + ["th", "the", "Ġc", "Ġca", "Ġcat"]
-TINY_WITH_VOCAB = TINY.replace(vocab_size=len(TOKENS))
 
 
 def test_tiny_gguf_and_folder_load_pretrained(tmp_path):

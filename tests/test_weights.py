@@ -27,7 +27,7 @@ from models.weights import (
     load_gguf,
     load_safetensors,
 )
-from tests.test_model import TINY, random_tokens
+from tests.conftest import TINY, random_tokens
 
 VARIANTS = {
     "gqa": TINY,

@@ -1,0 +1,137 @@
+"""The boundary between the model and the op: what a prefill ``attention`` argument may be, and
+the one function (``attend``) that runs it.
+
+An attention spec is a static (hashable) jit argument:
+
+- ``"full"`` (``FULL_ATTENTION``): dense causal attention, ``pbs_jax.dense_attention`` (cuDNN on
+  GPU for 16-bit inputs, XLA otherwise), the op's own dense rule;
+- a ``pbs_jax.PBSConfig``, or a ``PBSAttention`` naming the ``pbs_attention`` implementation;
+- a ``LayerAttention``: one of the above per layer;
+- any hashable callable ``(q, k, v) -> (out, statistics)``: a study's own attention.
+
+Shapes: B batch, T tokens, Hq / Hkv query / key-value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pbs_jax import IMPLS, PBSConfig, dense_attention, pbs_attention
+
+__all__ = [
+    "FULL_ATTENTION",
+    "AttentionSpec",
+    "LayerAttention",
+    "PBSAttention",
+    "attend",
+    "resolve_attention",
+]
+
+FULL_ATTENTION = "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class PBSAttention:
+    """PBS-Attn with an explicit ``pbs_attention`` implementation (one of ``pbs_jax.IMPLS``).
+
+    A bare ``PBSConfig`` passed as ``attention`` means ``PBSAttention(config, impl="auto")``.
+    """
+
+    config: PBSConfig
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"PBSAttention.impl must be one of {IMPLS}, got {self.impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """A different attention spec for some layers: ``overrides`` maps layer index → spec, the
+    rest take ``default``. E.g. ``LayerAttention(PBSConfig(), ((0, "full"), (17, "full")))``
+    keeps layers 0 and 17 dense (experiments/results/layer_schedule.md measures such schedules
+    on SmolLM2).
+
+    Specs are "full", a PBSConfig or a PBSAttention (each returns a scalar density). The layers
+    stay under one ``lax.scan``: every distinct spec is compiled once and a ``lax.switch`` on
+    the layer index picks it.
+    """
+
+    default: Any
+    overrides: tuple = ()
+
+    def __post_init__(self):
+        for spec in (self.default, *(s for _, s in self.overrides)):
+            if isinstance(spec, LayerAttention) or not isinstance(
+                resolve_attention(spec), (str, PBSAttention)
+            ):
+                raise TypeError(
+                    f"LayerAttention takes 'full', PBSConfig or PBSAttention specs, got {spec!r}"
+                )
+        layers = [layer for layer, _ in self.overrides]
+        if len(set(layers)) != len(layers) or any(
+            not isinstance(layer, int) or layer < 0 for layer in layers
+        ):
+            raise ValueError(
+                f"LayerAttention.overrides needs distinct layer indices >= 0, got {layers}"
+            )
+
+    def branches(self, num_layers: int) -> tuple[tuple, np.ndarray]:
+        """(distinct resolved specs, [L] int32 index of each layer's spec)."""
+        if any(layer >= num_layers for layer, _ in self.overrides):
+            raise ValueError(
+                f"LayerAttention overrides layers {[l for l, _ in self.overrides]} "
+                f"but the model has {num_layers}"
+            )
+        per_layer = [resolve_attention(self.default)] * num_layers
+        for layer, spec in self.overrides:
+            per_layer[layer] = resolve_attention(spec)
+        specs = tuple(dict.fromkeys(per_layer))
+        return specs, np.array([specs.index(s) for s in per_layer], np.int32)
+
+
+AttentionSpec = str | PBSConfig | PBSAttention | LayerAttention | Callable
+
+
+def resolve_attention(attention: AttentionSpec) -> str | PBSAttention | LayerAttention | Callable:
+    """Normalises an attention spec: a PBSConfig becomes ``PBSAttention(config)``, the other
+    valid specs are returned as they are; raises on anything else."""
+    if isinstance(attention, str):
+        if attention != FULL_ATTENTION:
+            raise ValueError(f"attention must be 'full' or a PBSConfig, got {attention!r}")
+        return attention
+    if isinstance(attention, (PBSAttention, LayerAttention)):
+        return attention
+    if isinstance(attention, PBSConfig):
+        return PBSAttention(attention)
+    if callable(attention):
+        # Any hashable callable (q, k, v) -> (out, density): a study's own attention (e.g. a
+        # benchmark at a fixed block density) plugs in without touching the model.
+        return attention
+    raise TypeError(
+        f"attention must be 'full', a pbs_jax.PBSConfig or a PBSAttention, got {type(attention)}"
+    )
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, attention: str | PBSAttention | Callable
+) -> tuple[jax.Array, Any]:
+    """Prefill attention by resolved spec: q [B,T,Hq,D], k/v [B,T,Hkv,D] (after RoPE).
+
+    Returns (out [B,T,Hq,D] in q.dtype, density: float32 scalar = computed / causal blocks;
+    1.0 for dense). A study's callable may return any pytree of float32 per-layer statistics
+    in place of the density (e.g. the layer's q and k); the model stacks it over layers.
+    """
+    if attention == FULL_ATTENTION:
+        return dense_attention(q, k, v), jnp.ones((), jnp.float32)
+    if not isinstance(attention, PBSAttention):
+        out, density = attention(q, k, v)
+        return out, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), density)
+    out, aux = pbs_attention(q, k, v, attention.config, impl=attention.impl, return_aux=True)
+    return out, jnp.asarray(aux.density, jnp.float32)

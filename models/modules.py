@@ -1,0 +1,346 @@
+"""The Flax NNX Llama modules: ``RMSNorm``, ``Attention``, ``MLP``, ``DecoderLayer``, ``Llama``,
+and the prefill/decode state they hand back (``KVCache``, ``PrefillAux``).
+
+Covers Llama 2/3.x (with Llama-3 RoPE frequency scaling), SmolLM2 and Qwen2-style q/k/v bias.
+Conventions (the Hugging Face ones, so checkpoints map one to one):
+
+- RoPE in the rotate-half layout (models.rope).
+- Linear kernels are stored ``[in, out]`` (``nnx.Linear``); HF stores ``[out, in]``.
+- The decoder layers are ONE module with stacked parameters (leading axis = layer) and run
+  under ``lax.scan``: one layer is traced and compiled, not 30.
+
+The modules are traceable (``model(tokens)``, ``model.prefill``, ``model.decode_step``): handy
+in tests and inside your own ``jax.jit``. For timed paths use ``models.runner.JittedLlama``.
+
+Shapes: B batch, T tokens, S cache length, L layers, Hq / Hkv query / key-value heads,
+D head_dim, V vocabulary, d d_model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention_spec import (
+    FULL_ATTENTION,
+    AttentionSpec,
+    LayerAttention,
+    attend,
+    resolve_attention,
+)
+from models.config import LlamaConfig
+from models.rope import apply_rope, rope_inverse_frequencies
+
+__all__ = ["MLP", "Attention", "DecoderLayer", "KVCache", "Llama", "PrefillAux", "RMSNorm"]
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys (after RoPE) and values in original token order, preallocated.
+
+    keys, values: [L, B, S, Hkv, D]. Slot s holds the token at position s; slots at or beyond
+    the current position are garbage and masked out by decode_step.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+
+class PrefillAux(NamedTuple):
+    """Extra prefill outputs: last-layer hidden [B,T,d] (before the final norm), and the
+    per-layer block density [L] float32 (ones for dense attention)."""
+
+    hidden: jax.Array
+    density: jax.Array
+
+
+# ----------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, statistics in float32 (HF LlamaRMSNorm rounding order)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with RoPE; the prefill attention kernel is chosen per call."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.config = config
+
+        def linear(n_in, n_out, bias):
+            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+        q_dim = config.num_heads * config.head_dim
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.q_proj = linear(config.d_model, q_dim, config.qkv_bias)
+        self.k_proj = linear(config.d_model, kv_dim, config.qkv_bias)
+        self.v_proj = linear(config.d_model, kv_dim, config.qkv_bias)
+        self.o_proj = linear(q_dim, config.d_model, False)
+
+    def _qkv(self, x: jax.Array, positions: jax.Array):
+        """x [B,T,d], positions [T] -> q [B,T,Hq,D], k/v [B,T,Hkv,D]; q and k rotated."""
+        c = self.config
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        inv_freq = rope_inverse_frequencies(c)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        batch, length = out.shape[:2]
+        return self.o_proj(out.reshape(batch, length, -1))
+
+    def __call__(self, x, positions, attention):
+        """Prefill: x [B,T,d] -> (out [B,T,d], (k, v) [B,T,Hkv,D], density scalar)."""
+        q, k, v = self._qkv(x, positions)
+        out, density = attend(q, k, v, attention)
+        return self._output(out), (k, v), density
+
+    def decode(self, x, position, cache: KVCache, layer_index):
+        """One token: x [B,1,d] at scalar position -> (out [B,1,d], cache with it written).
+
+        Writes only this token's k/v (at [layer, :, position]) so the step costs O(S) reads
+        and O(1) writes per layer, then attends densely to slots <= position.
+        """
+        q, k, v = self._qkv(x, jnp.reshape(position, (1,)))
+        start = (layer_index, 0, position, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(
+            cache.values, v[None].astype(cache.values.dtype), start
+        )
+        visible = (jnp.arange(cache.max_len) <= position)[None, None, None, :]  # [1,1,1,S]
+        out = jax.nn.dot_product_attention(
+            q, keys[layer_index], values[layer_index], mask=visible, implementation="xla"
+        )
+        return self._output(out), KVCache(keys, values)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        def linear(n_in, n_out):
+            return nnx.Linear(
+                n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs
+            )
+
+        self.gate_proj = linear(config.d_model, config.ffn_dim)
+        self.up_proj = linear(config.d_model, config.ffn_dim)
+        self.down_proj = linear(config.ffn_dim, config.d_model)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model, config.rms_eps, dtype=dtype)
+        self.attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config.rms_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp_chunk = config.mlp_chunk
+
+    def _mlp_residual(self, h: jax.Array) -> jax.Array:
+        """h [B,T,d] -> h + mlp(norm(h)), over chunks of ``mlp_chunk`` tokens when T is longer
+        (the MLP is position-wise, so chunking changes nothing but peak memory)."""
+        b, t, d = h.shape
+        if t <= self.mlp_chunk:
+            return h + self.mlp(self.mlp_norm(h))
+        chunks = -(-t // self.mlp_chunk)
+        padded = jnp.pad(h, ((0, 0), (0, chunks * self.mlp_chunk - t), (0, 0)))
+        padded = padded.reshape(b, chunks, self.mlp_chunk, d).swapaxes(0, 1)
+        out = jax.lax.map(lambda x: x + self.mlp(self.mlp_norm(x)), padded)
+        return out.swapaxes(0, 1).reshape(b, chunks * self.mlp_chunk, d)[:, :t]
+
+    def __call__(self, x, positions, attention):
+        attn_out, kv, density = self.attn(self.attn_norm(x), positions, attention)
+        return self._mlp_residual(x + attn_out), kv, density
+
+    def decode(self, x, position, cache, layer_index):
+        attn_out, cache = self.attn.decode(self.attn_norm(x), position, cache, layer_index)
+        return self._mlp_residual(x + attn_out), cache
+
+
+class Llama(nnx.Module):
+    """Llama decoder. Parameters (pure-dict paths, used by models.weights):
+
+    embed.embedding [V,d]; layers.{attn_norm,mlp_norm}.scale [L,d];
+    layers.attn.{q,k,v,o}_proj.kernel [L,in,out] (+ .bias [L,out] for q/k/v if qkv_bias);
+    layers.mlp.{gate,up,down}_proj.kernel [L,in,out]; final_norm.scale [d];
+    lm_head.kernel [d,V] unless tie_embeddings.
+    """
+
+    def __init__(
+        self, config: LlamaConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs | None = None
+    ):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed = nnx.Embed(
+            config.vocab_size, config.d_model, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+
+        # One DecoderLayer whose parameters carry a leading layer axis, so the stack runs
+        # under lax.scan (compile time independent of depth).
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(layer_rngs):
+            return DecoderLayer(config, dtype=dtype, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(config.d_model, config.rms_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=rngs,
+            )
+        )
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def output_logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm + output projection: last-layer hidden [..., d] -> logits [..., V] f32."""
+        hidden = self.final_norm(hidden)
+        if self.lm_head is None:
+            return jnp.einsum(
+                "...d,vd->...v",
+                hidden,
+                self.embed.embedding[...],
+                preferred_element_type=jnp.float32,
+            )
+        return jnp.einsum(
+            "...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
+        )
+
+    def _prefill_layers(self, tokens, attention, collect_kv: bool):
+        """tokens [B,T] -> (hidden [B,T,d], (keys, values) [L,B,T,Hkv,D] or None, density [L])."""
+        attention = resolve_attention(attention)
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        layers_graphdef, layers_state = nnx.split(self.layers)
+        num_layers = self.config.num_layers
+        if isinstance(attention, LayerAttention):
+            specs, spec_of_layer = attention.branches(num_layers)
+            branches = [functools.partial(attend, attention=spec) for spec in specs]
+
+            def layer_attention(index):
+                return lambda q, k, v: jax.lax.switch(
+                    jnp.asarray(spec_of_layer)[index], branches, q, k, v
+                )
+        else:
+
+            def layer_attention(index):
+                del index
+                return attention
+
+        def one_layer(hidden, xs):
+            layer_state, index = xs
+            layer = nnx.merge(layers_graphdef, layer_state)
+            hidden, kv, density = layer(hidden, positions, layer_attention(index))
+            return hidden, (kv if collect_kv else None, density)
+
+        hidden, (kv, densities) = jax.lax.scan(
+            one_layer, self.embed(tokens), (layers_state, jnp.arange(num_layers))
+        )
+        return hidden, kv, densities
+
+    # -- public, traceable -----------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        return_aux: bool = False,
+    ):
+        """tokens [B,T] int -> logits [B,T,V] float32.
+
+        With return_aux=True: (logits, density [L] float32), the fraction of causal blocks
+        each layer's attention computed (all ones for "full").
+        """
+        hidden, _, densities = self._prefill_layers(tokens, attention, collect_kv=False)
+        logits = self.output_logits(hidden)
+        return (logits, densities) if return_aux else logits
+
+    def prefill(
+        self,
+        tokens: jax.Array,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        max_len: int | None = None,
+        return_aux: bool = False,
+    ):
+        """tokens [B,T] -> (last-position logits [B,V] float32, KVCache with S = max_len).
+
+        The cache holds keys after RoPE and values, in original token order, for positions
+        [0, T); max_len (default T) must be >= T. With return_aux=True also a PrefillAux
+        (last-layer hidden [B,T,d], per-layer density [L]): ``output_logits(aux.hidden)``
+        gives every position's logits without a second forward.
+        """
+        length = tokens.shape[1]
+        max_len = length if max_len is None else max_len
+        if max_len < length:
+            raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
+        hidden, (keys, values), densities = self._prefill_layers(tokens, attention, collect_kv=True)
+        if max_len > length:  # no copy of the whole cache when it is already full-size
+            padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
+            keys, values = jnp.pad(keys, padding), jnp.pad(values, padding)
+        cache = KVCache(keys, values)
+        last_logits = self.output_logits(hidden[:, -1])
+        if return_aux:
+            return last_logits, cache, PrefillAux(hidden, densities)
+        return last_logits, cache
+
+    def decode_step(self, token: jax.Array, cache: KVCache, position: jax.Array):
+        """token [B] int at scalar position (< cache.max_len) -> (logits [B,V] f32, cache).
+
+        Dense attention against cache slots [0, position] (this token's k/v included).
+        """
+        position = jnp.asarray(position, jnp.int32)
+        layers_graphdef, layers_state = nnx.split(self.layers)
+
+        def one_layer(carry, layer_inputs):
+            hidden, cache = carry
+            layer_state, layer_index = layer_inputs
+            layer = nnx.merge(layers_graphdef, layer_state)
+            return layer.decode(hidden, position, cache, layer_index), None
+
+        layer_indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (hidden, cache), _ = jax.lax.scan(
+            one_layer, (self.embed(token[:, None]), cache), (layers_state, layer_indices)
+        )
+        return self.output_logits(hidden[:, 0]), cache
