@@ -273,7 +273,8 @@ def test_extensions_through_the_kernel_equal_the_reference(gqa):
     )
     out = pbs_jax.pbs_attention(q, k, v, cfg, impl="pallas")
     ref, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
-    assert rel_err(out, ref) < 1e-4
+    # Triton's float32 dots run in tf32 on a GPU (~1e-3); exact in interpret mode.
+    assert rel_err(out, ref) < (3e-3 if jax.default_backend() == "gpu" else 1e-4)
     t = pbs_jax.num_blocks(300, 16)
     mask = np.asarray(aux.block_mask)
     causal = np.tril(np.ones((t, t), bool))
