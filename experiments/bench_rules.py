@@ -26,6 +26,13 @@ RULES = {
     "dense tail 128": PBSConfig.paper(dense_tail=128),
     "dense tail 128, τ 0.85": PBSConfig.paper(dense_tail=128, threshold=0.85),
     "dense tail 128, proxy 4 blocks": PBSConfig.paper(dense_tail=128, proxy_blocks=4),
+    "dense tail 128, proxy 4, τ 0.88": PBSConfig.paper(
+        dense_tail=128, proxy_blocks=4, threshold=0.88
+    ),
+    "dense tail 128, proxy 2 blocks": PBSConfig.paper(dense_tail=128, proxy_blocks=2),
+    "dense tail 128, proxy 2, τ 0.88": PBSConfig.paper(
+        dense_tail=128, proxy_blocks=2, threshold=0.88
+    ),
     "PBSConfig() default": PBSConfig(),
 }
 

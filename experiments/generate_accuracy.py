@@ -75,6 +75,26 @@ RULES = (
         "PBS + dense tail 256, τ 0.85",
         PBSConfig.paper(dense_tail=256, threshold=0.85),
     ),
+    Rule(
+        "tail128_proxy4_t088",
+        "PBS + dense tail 128, proxy 4 blocks, τ 0.88",
+        PBSConfig.paper(dense_tail=128, proxy_blocks=4, threshold=0.88),
+    ),
+    Rule(
+        "tail128_proxy2",
+        "PBS + dense tail 128, proxy 2 blocks",
+        PBSConfig.paper(dense_tail=128, proxy_blocks=2),
+    ),
+    Rule(
+        "tail128_proxy2_t088",
+        "PBS + dense tail 128, proxy 2 blocks, τ 0.88",
+        PBSConfig.paper(dense_tail=128, proxy_blocks=2, threshold=0.88),
+    ),
+    Rule(
+        "tail128_proxy8_t088",
+        "PBS + dense tail 128, proxy 8 blocks, τ 0.88",
+        PBSConfig.paper(dense_tail=128, proxy_blocks=8, threshold=0.88),
+    ),
     Rule("default", "PBSConfig() (our default)", PBSConfig()),
 )
 RULE_BY_KEY = {r.key: r for r in RULES}
