@@ -11,7 +11,7 @@ Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
     (random earlier-segment blocks plus the always-computed own-segment blocks): the Triton
     kernel and the Mosaic GPU kernel (Hopper);
   * the whole op, pbs_attention(impl="pallas"), on inputs with planted local + heavy-hitter
-    structure (experiments/synthetic.py), its time split by stage.
+    structure (experiments/lib/synthetic.py), its time split by stage.
 """
 
 from __future__ import annotations
@@ -27,58 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 
 import pbs_jax
-from experiments import benchutil
-from experiments.synthetic import structured_qkv
-from pallas_kernels import mgpu_supported
+from experiments.lib import kernels, timing
+from experiments.lib.metrics import rel_err
+from experiments.lib.report import pyplot, save_figure
+from experiments.lib.synthetic import structured_qkv
+from pallas_kernels import get_tiles, mgpu_supported
 from pbs_jax import PBSConfig, blocks, permutation, selection
 
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 DENSITIES = (0.1, 0.2, 0.4)
 
 
-def causal_tflops(b, h, n, d, ms):
-    return 4.0 * b * h * n * n * d / 2 / (ms * 1e-3) / 1e12
-
-
-def computed_tflops(b, h, d, block_size, computed_blocks, ms):
-    """Rate over the work actually done: every listed block as a full block_size² tile."""
-    return 4.0 * d * block_size * block_size * computed_blocks / (ms * 1e-3) / 1e12 if ms else 0.0
-
-
-def kernel_fn(cfg, tiles=None):
-    """The Triton kernel alone (rows gathered by key position in-kernel)."""
-    from pallas_kernels import block_sparse_attention
-
-    @jax.jit
-    def run(q, k, v, perm, ids, full, total):
-        return block_sparse_attention(
-            q, k, v, perm, ids, full, total, block_size=cfg.block_size, gather_kv=True, tiles=tiles
-        )
-
-    return run
-
-
 def mgpu_fn(cfg):
-    """The Mosaic GPU kernel alone, on keys already in slot order (identity plans here, so the
-    caller's k/v serve as both the permuted and the original keys)."""
-    from pallas_kernels import block_sparse_attention_mgpu
-
-    @jax.jit
-    def run(q, k, v, perm, ids, full, total):
-        del perm, total
-        return block_sparse_attention_mgpu(
-            q,
-            k,
-            v,
-            k,
-            v,
-            ids,
-            full,
-            block_size=cfg.block_size,
-            segment_blocks=cfg.mask_segment_size // cfg.block_size,
-        )
-
-    return run
+    """The Mosaic GPU kernel alone, in the Triton kernel's signature, on keys already in slot
+    order (identity plans here, so the caller's k/v serve as both the permuted and the original
+    keys)."""
+    mosaic = kernels.mosaic_kernel(cfg)
+    return jax.jit(lambda q, k, v, perm, ids, full, total: mosaic(q, k, v, k, v, ids, full))
 
 
 def op_kernel_fn(cfg):
@@ -90,26 +55,19 @@ def op_kernel_fn(cfg):
     )
 
 
-@jax.jit
-def cudnn(q, k, v):
-    # XLA off the GPU only so that the script's logic can be checked on a CPU.
-    impl = "cudnn" if jax.default_backend() == "gpu" else None
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-
-
 def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
     """Kernel (dense lists and real PBS lists) against the exact reference, fresh random input."""
     q, k, v = structured_qkv(jax.random.key(123), 1, n, h, hk, d, jnp.bfloat16)
     perm, mask = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
     lists = blocks.index_lists(mask, cfg)
-    out = kernel_fn(cfg)(q, k, v, perm, *lists)
+    out = kernels.triton_kernel(cfg)(q, k, v, perm, *lists)
     ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)
-    err_pbs = benchutil.rel_err(out, ref)
-    err_op = benchutil.rel_err(op_kernel_fn(cfg)(q, k, v, perm, *lists), ref)
+    err_pbs = rel_err(out, ref)
+    err_op = rel_err(op_kernel_fn(cfg)(q, k, v, perm, *lists), ref)
     full = blocks.fixed_density_mask(jax.random.key(0), (1, h, mask.shape[-1]), 1.0, cfg)
     ident = permutation.identity_permutation(1, h, n)
-    out = kernel_fn(cfg)(q, k, v, ident, *blocks.index_lists(full, cfg))
-    err_dense = benchutil.rel_err(out, cudnn(q, k, v))
+    out = kernels.triton_kernel(cfg)(q, k, v, ident, *blocks.index_lists(full, cfg))
+    err_dense = rel_err(out, kernels.cudnn_attention(q, k, v))
     ok = max(err_pbs, err_op, err_dense) < 1e-2 and bool(jnp.isfinite(out).all())
     return {
         "n": n,
@@ -123,34 +81,31 @@ def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
 
 def bench_length(n, args, cfg):
     b, h, hk, d = 1, args.heads, args.kv_heads, args.dim
-    kq, kk, kv = jax.random.split(jax.random.key(n), 3)
-    q = jax.random.normal(kq, (b, n, h, d), jnp.bfloat16)
-    k = jax.random.normal(kk, (b, n, hk, d), jnp.bfloat16)
-    v = jax.random.normal(kv, (b, n, hk, d), jnp.bfloat16)
+    q, k, v = kernels.random_qkv(jax.random.key(n), b, n, h, hk, d)
     t = pbs_jax.num_blocks(n, cfg.block_size)
     row = {"n": n}
-    row["cudnn_ms"] = benchutil.time_call(cudnn, q, k, v)
-    row["cudnn_tflops"] = causal_tflops(b, h, n, d, row["cudnn_ms"])
+    row["cudnn_ms"] = timing.time_call(kernels.cudnn_attention, q, k, v)
+    row["cudnn_tflops"] = kernels.causal_tflops(b, h, n, d, row["cudnn_ms"])
     ident = permutation.identity_permutation(b, h, n)
-    kernels = {"kernel": kernel_fn(cfg)}
+    contenders = {"kernel": kernels.triton_kernel(cfg)}
     if jax.default_backend() == "gpu" and mgpu_supported(q, cfg.block_size):
-        kernels["mgpu"] = mgpu_fn(cfg)
+        contenders["mgpu"] = mgpu_fn(cfg)
     for target in (1.0,) + DENSITIES:
         mask = blocks.fixed_density_mask(jax.random.key(7), (b, h, t), target, cfg)
         lists = blocks.index_lists(mask, cfg)
-        for name, run in kernels.items():
-            ms = benchutil.time_call(run, q, k, v, ident, *lists)
+        for name, run in contenders.items():
+            ms = timing.time_call(run, q, k, v, ident, *lists)
             computed = int(mask.sum())
             key = f"{name}_d{int(round(target * 100))}"
             row[key] = {
                 "ms": ms,
                 "density": float(blocks.density(mask).mean()),
-                "computed_tflops": computed_tflops(b, h, d, cfg.block_size, computed, ms),
+                "computed_tflops": kernels.computed_tflops(d, cfg.block_size, computed, ms),
                 "speedup_vs_cudnn": row["cudnn_ms"] / ms,
             }
     auto = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto"))
     # impl="auto" on unstructured input: plans come out dense, so it should fall back to cuDNN.
-    row["auto_random_ms"] = benchutil.time_call(auto, q, k, v)
+    row["auto_random_ms"] = timing.time_call(auto, q, k, v)
     del q, k, v
 
     # The whole op on structured input, stage by stage, in the default (replicate) GQA mode;
@@ -166,7 +121,7 @@ def bench_length(n, args, cfg):
     )
     out_s, aux_s = shared(q, k, v)
     row["whole_op_shared"] = {
-        "ms": benchutil.time_call(lambda q, k, v: shared(q, k, v)[0], q, k, v),
+        "ms": timing.time_call(lambda q, k, v: shared(q, k, v)[0], q, k, v),
         "density": float(aux_s.density),
         "finite": bool(jnp.isfinite(out_s).all()),
     }
@@ -183,13 +138,13 @@ def bench_length(n, args, cfg):
     out, aux = whole(q, k, v)
     finite = bool(jnp.isfinite(out).all())
     stages = {
-        "permutation_ms": benchutil.time_call(perm_fn, q, k),
-        "selection_ms": benchutil.time_call(select_fn, q, k, perm),
-        "index_lists_ms": benchutil.time_call(lists_fn, mask),
-        "kernel_ms": benchutil.time_call(op_kernel_fn(cfg), q, k, v, perm, *lists),
+        "permutation_ms": timing.time_call(perm_fn, q, k),
+        "selection_ms": timing.time_call(select_fn, q, k, perm),
+        "index_lists_ms": timing.time_call(lists_fn, mask),
+        "kernel_ms": timing.time_call(op_kernel_fn(cfg), q, k, v, perm, *lists),
     }
-    total = benchutil.time_call(lambda q, k, v: whole(q, k, v)[0], q, k, v)
-    row["auto_structured_ms"] = benchutil.time_call(auto, q, k, v)
+    total = timing.time_call(lambda q, k, v: whole(q, k, v)[0], q, k, v)
+    row["auto_structured_ms"] = timing.time_call(auto, q, k, v)
     dens = float(aux.density)
     row["whole_op"] = {
         "ms": total,
@@ -201,8 +156,8 @@ def bench_length(n, args, cfg):
         )
         / total,
         "speedup_vs_cudnn": row["cudnn_ms"] / total,
-        "kernel_computed_tflops": computed_tflops(
-            b, h, d, cfg.block_size, int(mask.sum()), stages["kernel_ms"]
+        "kernel_computed_tflops": kernels.computed_tflops(
+            d, cfg.block_size, int(mask.sum()), stages["kernel_ms"]
         ),
     }
     return row
@@ -298,42 +253,19 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
             )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     ns = [r["n"] for r in rows]
-    for key, label in [
-        ("mgpu_d100", "Mosaic, 100%"),
-        ("mgpu_d40", "Mosaic, 40%"),
-        ("mgpu_d20", "Mosaic, 20%"),
-        ("mgpu_d10", "Mosaic, 10%"),
-        ("kernel_d100", "Triton, 100%"),
-        ("kernel_d20", "Triton, 20%"),
-    ]:
+    series = [(f"mgpu_d{d}", f"Mosaic, {d}%") for d in (100, 40, 20, 10)]
+    for key, label in series + [("kernel_d100", "Triton, 100%"), ("kernel_d20", "Triton, 20%")]:
         if all(key in r for r in rows):
-            ax1.plot(
-                ns,
-                [r[key]["speedup_vs_cudnn"] for r in rows],
-                "o-" if key.startswith("mgpu") else "x:",
-                label=label,
-            )
-    ax1.plot(
-        ns,
-        [r["whole_op"]["speedup_vs_cudnn"] for r in rows],
-        "k*-",
-        ms=10,
-        label="whole op, replicate GQA (structured input)",
-    )
-    ax1.plot(
-        ns,
-        [r["whole_op_shared"]["speedup_vs_cudnn"] for r in rows],
-        "m*--",
-        ms=8,
-        label="whole op, shared GQA",
-    )
+            style = "o-" if key.startswith("mgpu") else "x:"
+            ax1.plot(ns, [r[key]["speedup_vs_cudnn"] for r in rows], style, label=label)
+    for key, style, size, label in (
+        ("whole_op", "k*-", 10, "whole op, replicate GQA (structured input)"),
+        ("whole_op_shared", "m*--", 8, "whole op, shared GQA"),
+    ):
+        ax1.plot(ns, [r[key]["speedup_vs_cudnn"] for r in rows], style, ms=size, label=label)
     ax1.axhline(1.0, color="gray", ls="--", lw=1)
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("sequence length N")
@@ -357,37 +289,31 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
     ax2.legend(fontsize=8)
     fig.suptitle(f"PBS kernel vs cuDNN — {st['device']}, JAX {st['jax']}, {st['date']}")
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
+    save_figure(fig, out / f"{name}.png")
 
 
 def bench(args, out: pathlib.Path) -> dict:
     cfg = PBSConfig()
-    from pallas_kernels import get_tiles
-
     payload = {
-        "stamp": benchutil.stamp(),
+        "stamp": timing.stamp(),
         "tiles": {
             f"gather_kv={g}": dataclasses.asdict(
                 get_tiles(args.dim, jnp.bfloat16, cfg.block_size, g)
             )
             for g in (True, False)
         },
-        "cfg": {
-            "block_size": cfg.block_size,
-            "segment_size": cfg.segment_size,
-            "threshold": cfg.threshold,
-        },
+        "cfg": {k: getattr(cfg, k) for k in ("block_size", "segment_size", "threshold")},
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim},
         "check": check_correctness(cfg),
         "rows": [],
     }
     print("correctness:", payload["check"], flush=True)
     if not payload["check"]["ok"]:
-        benchutil.write_json(out / "bench_kernel.json", payload)
+        timing.write_json(out / "bench_kernel.json", payload)
         sys.exit("kernel disagrees with the reference: not timing it")
     for n in args.lengths:
         payload["rows"].append(bench_length(n, args, cfg))
-        benchutil.write_json(out / "bench_kernel.json", payload)  # keep what finished
+        timing.write_json(out / "bench_kernel.json", payload)  # keep what finished
         r = payload["rows"][-1]
         print(
             f"N={n}: cudnn {r['cudnn_ms']:.2f} ms, triton100 {r['kernel_d100']['ms']:.2f}, "
@@ -414,7 +340,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    benchutil.benchmark_cli(argv, __doc__, "bench_kernel", add_arguments, bench, report)
+    timing.benchmark_cli(argv, __doc__, "bench_kernel", add_arguments, bench, report)
 
 
 if __name__ == "__main__":

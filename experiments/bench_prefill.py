@@ -26,9 +26,12 @@ import numpy as np
 from flax import nnx
 
 import pbs_jax
-from experiments import benchutil
-from models import llama, sharding
-from pbs_jax import PBSConfig, blocks
+from experiments.lib import timing
+from experiments.lib.forward import compile_prefill
+from experiments.lib.report import pyplot, save_figure
+from experiments.lib.specs import FixedDensityPBS
+from models import FULL_ATTENTION, Llama, LlamaConfig, PBSAttention, sharding
+from pbs_jax import PBSConfig
 
 LENGTHS = (8192, 16384, 32768, 65536, 131072)
 # Llama-3.1-8B, threshold 0.9, with permutation: selected / causal blocks (paper Table 5).
@@ -47,24 +50,6 @@ def fixed_density(n: int) -> float:
     return PAPER_DENSITY[max(x for x in PAPER_DENSITY if x <= n)] if n >= 8192 else 1.0
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedDensityPBS:
-    """PBS at a fixed block density: the real plan is computed (its cost counts), then a random
-    mask of the given density (own-segment blocks always in) replaces its block selection."""
-
-    density: float
-    cfg: PBSConfig = PBSConfig()
-
-    def __call__(self, q, k, v):
-        perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
-        t = -(-q.shape[1] // self.cfg.block_size)
-        mask = blocks.fixed_density_mask(
-            jax.random.key(0), (q.shape[0], q.shape[2], t), self.density, self.cfg
-        )
-        out = pbs_jax.kernel_attention(q, k, v, perm, blocks.index_lists(mask, self.cfg), self.cfg)
-        return out, jnp.mean(blocks.density(mask))
-
-
 def peak_bytes(compiled) -> int:
     """Compiled memory of one call: arguments + outputs + temporaries (XLA's own accounting)."""
     m = compiled.memory_analysis()
@@ -77,8 +62,8 @@ def peak_bytes(compiled) -> int:
 
 
 def bench(args, out: pathlib.Path) -> dict:
-    config = llama.LlamaConfig.preset("llama-3.1-8b")
-    model = nnx.jit(lambda: llama.Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    config = LlamaConfig.preset("llama-3.1-8b")
+    model = nnx.jit(lambda: Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
     mesh = sharding.make_mesh(args.devices) if args.devices > 1 else None
     # Several GPUs: parameters split by heads, attention run per device on its own heads.
     graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
@@ -90,8 +75,8 @@ def bench(args, out: pathlib.Path) -> dict:
         tokens = jax.random.randint(jax.random.key(n), (1, n), 0, config.vocab_size)
         density = fixed_density(n)
         modes = {
-            "full": llama.FULL_ATTENTION,
-            "pbs_selector": llama.PBSAttention(cfg, impl="auto"),
+            "full": FULL_ATTENTION,
+            "pbs_selector": PBSAttention(cfg, impl="auto"),
             "pbs_fixed": FixedDensityPBS(round(density, 4), cfg),
         }
         modes = {
@@ -101,14 +86,13 @@ def bench(args, out: pathlib.Path) -> dict:
         }
         row = {"n": n, "fixed_density": density, "devices": args.devices}
         for name, attention in modes.items():
-            fn = jax.jit(functools.partial(llama.prefill, attention=attention, return_aux=True))
             try:
                 # Compiled once: its memory analysis is the peak, its first call the warm-up
                 # (at 512K one prefill takes tens of seconds, so no run is spent twice).
-                compiled = fn.lower(graphdef, state, tokens).compile()
+                compiled = compile_prefill(graphdef, state, tokens, attention)
                 _, _, aux = compiled(graphdef, state, tokens)
                 row[name] = {
-                    "ms": benchutil.time_call(
+                    "ms": timing.time_call(
                         lambda s, t: compiled(graphdef, s, t)[0],
                         state,
                         tokens,
@@ -137,16 +121,16 @@ def bench(args, out: pathlib.Path) -> dict:
                 row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
         if mesh:  # the per-layer split below times one device's ops: only meaningful alone
             rows.append(row)
-            benchutil.write_json(out / f"{output_name(args)}.json", {"rows": rows})
+            timing.write_json(out / f"{output_name(args)}.json", {"rows": rows})
             continue
         # The split, from one layer's attention ops timed alone.
         q = jax.random.normal(jax.random.key(1), (1, n, h, d), jnp.bfloat16)
         k = jax.random.normal(jax.random.key(2), (1, n, hk, d), jnp.bfloat16)
         v = jax.random.normal(jax.random.key(3), (1, n, hk, d), jnp.bfloat16)
-        dense_ms = benchutil.time_call(jax.jit(llama.dense_causal_attention), q, k, v)
+        dense_ms = timing.time_call(jax.jit(pbs_jax.dense_attention), q, k, v)
         fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
-        fixed_ms = benchutil.time_call(fixed, q, k, v)
-        plan_ms = benchutil.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
+        fixed_ms = timing.time_call(fixed, q, k, v)
+        plan_ms = timing.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
         rest = row.get("full", {}).get("ms", float("nan")) - layers * dense_ms
         row["split"] = {
             "attention_full_ms": layers * dense_ms,
@@ -155,12 +139,10 @@ def bench(args, out: pathlib.Path) -> dict:
             "rest_of_model_ms": rest,
         }
         rows.append(row)
-        benchutil.write_json(
-            out / f"{output_name(args)}.json", {"rows": rows}
-        )  # keep what finished
+        timing.write_json(out / f"{output_name(args)}.json", {"rows": rows})  # keep what finished
         del q, k, v, tokens
     return {
-        "stamp": benchutil.stamp(),
+        "stamp": timing.stamp(),
         "model": "llama-3.1-8b (random bf16 weights)",
         "cfg": dataclasses.asdict(cfg),
         "rows": rows,
@@ -239,11 +221,7 @@ def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
         lines += ["", payload["note"]]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in payload["rows"] if "speedup_vs_full" in r.get("pbs_fixed", {})]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for devices in sorted({r.get("devices", 1) for r in rows}):
@@ -275,7 +253,7 @@ def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
+    save_figure(fig, out / f"{name}.png")
 
 
 def add_arguments(parser):
@@ -306,7 +284,7 @@ def output_name(args) -> str:
 
 
 def main(argv=None):
-    benchutil.benchmark_cli(argv, __doc__, output_name, add_arguments, bench, report)
+    timing.benchmark_cli(argv, __doc__, output_name, add_arguments, bench, report)
 
 
 if __name__ == "__main__":

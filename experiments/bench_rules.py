@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 import pbs_jax
-from experiments import benchutil
-from experiments.synthetic import structured_qkv
+from experiments.lib import timing
+from experiments.lib.metrics import rel_err
+from experiments.lib.synthetic import structured_qkv
 from pbs_jax import PBSConfig
 
 RULES = {
@@ -42,22 +43,22 @@ def bench(args, out: pathlib.Path) -> dict:
     for n in args.lengths:
         q, k, v = structured_qkv(jax.random.key(n + 1), 1, n, 32, 8, 128, jnp.bfloat16)
         cudnn = jax.jit(pbs_jax.dense_attention)
-        row = {"n": n, "cudnn_ms": benchutil.time_call(cudnn, q, k, v), "rules": {}}
+        row = {"n": n, "cudnn_ms": timing.time_call(cudnn, q, k, v), "rules": {}}
         reference = cudnn(q, k, v)
         for name, cfg in RULES.items():
             op = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="pallas"))
             _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="pallas", return_aux=True)
-            ms = benchutil.time_call(op, q, k, v)
+            ms = timing.time_call(op, q, k, v)
             row["rules"][name] = {
                 "ms": ms,
                 "density": float(aux.density),
                 "speedup_vs_cudnn": row["cudnn_ms"] / ms,
                 # Sparse vs dense attention differ by the dropped mass; finite and bounded.
-                "rel_diff_vs_dense": benchutil.rel_err(op(q, k, v), reference),
+                "rel_diff_vs_dense": rel_err(op(q, k, v), reference),
             }
             print(f"N={n} {name}: {ms:.2f} ms, density {float(aux.density):.3f}", flush=True)
         rows.append(row)
-    return {**benchutil.stamp(), "shape": "B=1, Hq=32, Hkv=8, D=128, bf16", "rows": rows}
+    return {**timing.stamp(), "shape": "B=1, Hq=32, Hkv=8, D=128, bf16", "rows": rows}
 
 
 def report(payload, out: pathlib.Path, name: str = "bench_rules"):
@@ -86,7 +87,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    benchutil.benchmark_cli(argv, __doc__, "bench_rules", add_arguments, bench, report)
+    timing.benchmark_cli(argv, __doc__, "bench_rules", add_arguments, bench, report)
 
 
 if __name__ == "__main__":

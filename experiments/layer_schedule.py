@@ -1,6 +1,6 @@
 """Which layers should stay dense? PBS on SmolLM2 with some layers' attention kept full.
 
-The accuracy study (experiments/accuracy.py, results/accuracy.md) found PBS at τ=0.9 costing
+The coverage study (experiments/coverage.py, results/coverage.md) found PBS at τ=0.9 costing
 +4.5–11% perplexity on SmolLM2 although it keeps more attention mass than MeanPooling, with the
 attention-output error concentrated in layer 0 (and 17, 18, 20). This study prefills the same
 real texts with `models.LayerAttention`: PBS everywhere, PBS with layer 0 dense, PBS with the
@@ -9,52 +9,106 @@ quarter of the text, KL and next-token agreement against full attention, and the
 (dense layers counted as 1).
 
   python -m experiments.layer_schedule            # CPU: a few minutes; results/layer_schedule.*
+  python -m experiments.layer_schedule --report experiments/results/layer_schedule.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import pathlib
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from experiments import accuracy, benchutil
-from models import LayerAttention, PBSAttention
-from models import llama as llama_lib
-from models.pretrained import load_pretrained
+from experiments.lib.forward import load_runner, run_forward
+from experiments.lib.metrics import forward_metrics
+from experiments.lib.probes import build_sequence, load_texts
+from experiments.lib.report import RESULTS_DIR, pyplot, save_figure, table_header, table_row
+from experiments.lib.timing import stamp, write_json
+from models import FULL_ATTENTION, LayerAttention, PBSAttention
 from pbs_jax import PBSConfig
 
-FLAGGED_LAYERS = (0, 17, 18, 20)  # worst attention-output error under permutation (accuracy.md)
+FLAGGED_LAYERS = (0, 17, 18, 20)  # worst attention-output error under permutation (coverage.md)
 
 
 def schedules(threshold: float) -> dict[str, object]:
+    """``{label: attention spec}``: the schedules compared at one threshold."""
     pbs = PBSAttention(PBSConfig(threshold=threshold), impl="reference")
     meanpool = PBSAttention(PBSConfig(threshold=threshold, permute=False), impl="reference")
     return {
         f"PBS τ={threshold}": pbs,
-        f"PBS τ={threshold}, layer 0 dense": LayerAttention(pbs, ((0, "full"),)),
+        f"PBS τ={threshold}, layer 0 dense": LayerAttention(pbs, ((0, FULL_ATTENTION),)),
         f"PBS τ={threshold}, layers {','.join(map(str, FLAGGED_LAYERS))} dense": LayerAttention(
-            pbs, tuple((layer, "full") for layer in FLAGGED_LAYERS)
+            pbs, tuple((layer, FULL_ATTENTION) for layer in FLAGGED_LAYERS)
         ),
         f"MeanPooling τ={threshold}": meanpool,
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduleRow:
+    """One prefill of one text under one schedule, judged against the text's full prefill."""
+
+    n: int
+    text: str
+    schedule: str
+    ppl: float
+    kl: float
+    agreement: float
+    greedy_match: float
+    density: float  # computed / causal blocks averaged over layers (a dense layer counts 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleMean:
+    """A schedule at one length, texts averaged; ``ppl_vs_full`` in % against full attention."""
+
+    density: float
+    ppl: float
+    kl: float
+    agreement: float
+    greedy_match: float
+    ppl_vs_full: float
+
+
+def mean_by_length_and_schedule(rows: list[ScheduleRow]) -> dict[tuple, ScheduleMean]:
+    """``{(N, schedule): ScheduleMean}`` in the rows' order; needs a "full" schedule per N."""
+    keys = ("density", "ppl", "kl", "agreement", "greedy_match")
+    means = {}
+    for n, name in dict.fromkeys((r.n, r.schedule) for r in rows):
+        sel = [r for r in rows if r.n == n and r.schedule == name]
+        means[n, name] = {k: float(np.mean([getattr(r, k) for r in sel])) for k in keys}
+    return {
+        (n, name): ScheduleMean(**m, ppl_vs_full=100 * (m["ppl"] / means[n, "full"]["ppl"] - 1))
+        for (n, name), m in means.items()
+    }
+
+
 def run(argv=None) -> dict:
+    """Run the study (or only re-render with ``--report``); returns the JSON payload."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy continuation length")
-    parser.add_argument("--out", type=pathlib.Path, default=accuracy.RESULTS_DIR)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--report",
+        type=pathlib.Path,
+        help="only re-render the markdown + PNG from this JSON, next to it (runs no model)",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        payload = json.loads(args.report.read_text())
+        report(payload, args.report.parent)
+        return payload
     started = time.perf_counter()
-    model, tokenizer = load_pretrained(progress=False)
-    runner = llama_lib.JittedLlama(model)
-    texts = accuracy.load_texts()
+    runner, tokenizer = load_runner()
+    texts = load_texts()
     specs = schedules(args.threshold)
     rows = []
     # Full attention runs twice per text: once as the baseline, once judged like the others (its
@@ -62,58 +116,39 @@ def run(argv=None) -> dict:
     progress = tqdm(total=len(args.lengths) * len(texts) * (2 + len(specs)), desc="prefills")
     for n in args.lengths:
         for i, (name, (_, text)) in enumerate(texts.items()):
-            seq = accuracy.build_sequence(tokenizer, name, text, n, per_task=2, seed=1000 * i + n)
+            seq = build_sequence(tokenizer, name, text, n, per_task=2, seed=1000 * i + n)
             progress.set_postfix_str(f"{n} tokens, {name}: full")
-            full_logits, full_cont, _ = accuracy.run_forward(runner, seq, "full", args.new_tokens)
+            full = run_forward(runner, seq, FULL_ATTENTION, args.new_tokens)
             progress.update()
-            for label, spec in {"full": "full", **specs}.items():
+            for label, spec in {"full": FULL_ATTENTION, **specs}.items():
                 progress.set_postfix_str(f"{n} tokens, {name}: {label}")
-                logits, cont, density = accuracy.run_forward(runner, seq, spec, args.new_tokens)
-                m = accuracy.forward_metrics(seq, logits, full_logits, cont, full_cont)
+                logits, cont, density = run_forward(runner, seq, spec, args.new_tokens)
+                m = forward_metrics(seq, logits, full.logits, cont, full.continuation)
+                density = float(np.mean(np.asarray(density)))
                 rows.append(
-                    {
-                        "n": n,
-                        "text": name,
-                        "schedule": label,
-                        "ppl": m["ppl"],
-                        "kl": m["kl"],
-                        "agreement": m["agreement"],
-                        "greedy_match": m["greedy_match"],
-                        "density": float(np.mean(np.asarray(density))),
-                    }
+                    ScheduleRow(n, name, label, m.ppl, m.kl, m.agreement, m.greedy_match, density)
                 )
                 progress.update()
     progress.close()
     payload = {
-        "stamp": benchutil.stamp(),
+        "stamp": stamp(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1)",
         "threshold": args.threshold,
         "flagged_layers": FLAGGED_LAYERS,
         "seconds": time.perf_counter() - started,
-        "rows": rows,
+        "rows": [dataclasses.asdict(r) for r in rows],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    benchutil.write_json(args.out / "layer_schedule.json", payload)
+    write_json(args.out / "layer_schedule.json", payload)
     report(payload, args.out)
     print((args.out / "layer_schedule.md").read_text())
     return payload
 
 
-def mean_by_length_and_schedule(rows) -> dict:
-    """{(N, schedule): metrics averaged over the texts, plus ppl vs full attention in %}."""
-    keys = ("density", "ppl", "kl", "agreement", "greedy_match")
-    means = {}
-    for n, name in dict.fromkeys((r["n"], r["schedule"]) for r in rows):
-        sel = [r for r in rows if r["n"] == n and r["schedule"] == name]
-        means[n, name] = {k: float(np.mean([r[k] for r in sel])) for k in keys}
-    for (n, _), m in means.items():
-        m["ppl_vs_full"] = 100 * (m["ppl"] / means[n, "full"]["ppl"] - 1)
-    return means
-
-
 def report(payload: dict, out: pathlib.Path) -> None:
+    """``layer_schedule.md`` and ``.png`` in ``out`` from the JSON payload."""
     st = payload["stamp"]
-    means = mean_by_length_and_schedule(payload["rows"])
+    means = mean_by_length_and_schedule([ScheduleRow(**r) for r in payload["rows"]])
     order = list(dict.fromkeys(name for _, name in means))
     lengths = sorted({n for n, _ in means})
     lines = [
@@ -125,27 +160,30 @@ def report(payload: dict, out: pathlib.Path) -> None:
         "positions; density = computed / causal blocks averaged over layers (a dense layer "
         "counts 1). Script: `experiments/layer_schedule.py`.",
         "",
-        "| N | schedule | density | ppl (vs full) | KL | agreement | greedy match |",
-        "|---|---|---|---|---|---|---|",
+        *table_header(
+            "N", "schedule", "density", "ppl (vs full)", "KL", "agreement", "greedy match"
+        ),
     ]
     for n in lengths:
         for name in order:
             m = means[n, name]
             lines.append(
-                f"| {n} | {name} | {m['density']:.3f} | {m['ppl']:.3f} "
-                f"({m['ppl_vs_full']:+.1f}%) | {m['kl']:.4f} | "
-                f"{m['agreement']:.3f} | {m['greedy_match']:.2f} |"
+                table_row(
+                    n,
+                    name,
+                    f"{m.density:.3f}",
+                    f"{m.ppl:.3f} ({m.ppl_vs_full:+.1f}%)",
+                    f"{m.kl:.4f}",
+                    f"{m.agreement:.3f}",
+                    f"{m.greedy_match:.2f}",
+                )
             )
     (out / "layer_schedule.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, name in enumerate(o for o in order if o != "full"):
-        pts = [(means[n, name]["density"], means[n, name]["ppl_vs_full"]) for n in lengths]
+        pts = [(means[n, name].density, means[n, name].ppl_vs_full) for n in lengths]
         ax.plot(*zip(*pts), "o-", color=f"C{i}", label=name)
         for (x, y), n in zip(pts, lengths):
             ax.annotate(
@@ -157,7 +195,7 @@ def report(payload: dict, out: pathlib.Path) -> None:
     ax.set_title(f"Dense layers inside PBS — SmolLM2-135M, {st['date']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "layer_schedule.png", dpi=120)
+    save_figure(fig, out / "layer_schedule.png")
 
 
 def main(argv=None):

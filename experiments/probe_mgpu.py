@@ -10,8 +10,6 @@ default), h = heads fastest.
 
 from __future__ import annotations
 
-import functools
-import json
 import pathlib
 import sys
 import traceback
@@ -20,24 +18,17 @@ import jax
 import jax.numpy as jnp
 
 import pbs_jax
-from experiments import benchutil
-from experiments.synthetic import structured_qkv
-from pallas_kernels import block_sparse_attention
-from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu
+from experiments.lib import kernels, timing
+from experiments.lib.metrics import rel_err
+from experiments.lib.synthetic import structured_qkv
 from pbs_jax import PBSConfig, blocks, permutation
 
-
-def mgpu_call(cfg, stages=2, blocks_fastest=True):
-    spb = cfg.mask_segment_size // cfg.block_size
-    return jax.jit(
-        functools.partial(
-            block_sparse_attention_mgpu,
-            block_size=cfg.block_size,
-            segment_blocks=spb,
-            stages=stages,
-            blocks_fastest=blocks_fastest,
-        )
-    )
+CHECKS = (
+    (1024, 2, 1, 64, "replicate"),
+    (4096, 8, 2, 128, "replicate"),
+    (4096, 8, 2, 128, "shared"),
+    (2048, 4, 4, 64, "replicate"),
+)
 
 
 def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
@@ -46,7 +37,7 @@ def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
     perm, mask = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
     lists = blocks.index_lists(mask, cfg)
     kp, vp = permutation.gather_keys(k, perm), permutation.gather_keys(v, perm)
-    out = mgpu_call(cfg)(q, kp, vp, k, v, lists.ids, lists.full_counts)
+    out = kernels.mosaic_kernel(cfg)(q, kp, vp, k, v, lists.ids, lists.full_counts)
     ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)
     return {
         "n": n,
@@ -55,7 +46,7 @@ def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
         "d": d,
         "gqa": gqa,
         "density": float(blocks.density(mask).mean()),
-        "rel_err": benchutil.rel_err(out, ref),
+        "rel_err": rel_err(out, ref),
         "finite": bool(jnp.isfinite(out).all()),
     }
 
@@ -63,47 +54,37 @@ def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
 def speed(n, variants=((2, True), (2, False), (3, True))):
     cfg = PBSConfig()
     b, h, hk, d = 1, 32, 8, 128
-    kq, kk, kv = jax.random.split(jax.random.key(n), 3)
-    q = jax.random.normal(kq, (b, n, h, d), jnp.bfloat16)
-    k = jax.random.normal(kk, (b, n, hk, d), jnp.bfloat16)
-    v = jax.random.normal(kv, (b, n, hk, d), jnp.bfloat16)
-    t = n // cfg.block_size
-    cudnn = jax.jit(
-        lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"
-        )
-    )
-    row = {"n": n, "cudnn_ms": benchutil.time_call(cudnn, q, k, v)}
+    q, k, v = kernels.random_qkv(jax.random.key(n), b, n, h, hk, d)
+    t = pbs_jax.num_blocks(n, cfg.block_size)
+    row = {"n": n, "cudnn_ms": timing.time_call(kernels.cudnn_attention, q, k, v)}
     ident = permutation.identity_permutation(b, hk, n)
-    triton = jax.jit(
-        functools.partial(block_sparse_attention, block_size=cfg.block_size, gather_kv=False)
-    )
+    triton = kernels.triton_kernel(cfg, gather_kv=False)
     for target in (1.0, 0.2):
         mask = blocks.fixed_density_mask(jax.random.key(7), (b, h, t), target, cfg)
         lists = blocks.index_lists(mask, cfg)
         tag = f"d{int(target * 100)}"
         if target == 1.0:
-            ref = cudnn(q, k, v)
+            ref = kernels.cudnn_attention(q, k, v)
         for stages, bf in variants:
             name = f"mgpu_s{stages}{'b' if bf else 'h'}"
             try:
-                fn = mgpu_call(cfg, stages, bf)
+                fn = kernels.mosaic_kernel(cfg, stages, bf)
                 out = fn(q, k, v, k, v, lists.ids, lists.full_counts)
                 if target == 1.0:
-                    row[f"{name}_dense_rel_err_vs_cudnn"] = benchutil.rel_err(out, ref)
-                row[f"{name}_{tag}_ms"] = benchutil.time_call(
+                    row[f"{name}_dense_rel_err_vs_cudnn"] = rel_err(out, ref)
+                row[f"{name}_{tag}_ms"] = timing.time_call(
                     fn, q, k, v, k, v, lists.ids, lists.full_counts
                 )
             except Exception:
                 row[f"{name}_{tag}_error"] = traceback.format_exc()[-1500:]
                 print(row[f"{name}_{tag}_error"], flush=True)
-        row[f"triton_{tag}_ms"] = benchutil.time_call(triton, q, k, v, ident, *lists)
+        row[f"triton_{tag}_ms"] = timing.time_call(triton, q, k, v, ident, *lists)
         row[f"density_{tag}"] = float(blocks.density(mask).mean())
     print(row, flush=True)
     return row
 
 
-def report(payload, out):
+def report(payload, out: pathlib.Path, name: str = "probe_mgpu") -> None:
     """Markdown next to the JSON: correctness rows, then speed ratios vs cuDNN (same run)."""
     st = payload["stamp"]
     lines = [
@@ -144,36 +125,38 @@ def report(payload, out):
                 )
                 + " |"
             )
-    (out / "probe_mgpu.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def main():
-    if sys.argv[1:2] == ["--report"]:
-        path = pathlib.Path(sys.argv[2])
-        report(json.loads(path.read_text()), path.parent)
-        return
-    out = benchutil.out_dir()
-    payload = {"stamp": benchutil.stamp(), "checks": [], "speed": []}
-    for args in [
-        (1024, 2, 1, 64, "replicate"),
-        (4096, 8, 2, 128, "replicate"),
-        (4096, 8, 2, 128, "shared"),
-        (2048, 4, 4, 64, "replicate"),
-    ]:
+def bench(args, out: pathlib.Path) -> dict:
+    payload = {"stamp": timing.stamp(), "checks": [], "speed": []}
+    for shape in CHECKS:
         try:
-            payload["checks"].append(check(*args))
+            payload["checks"].append(check(*shape))
         except Exception:
-            payload["checks"].append({"args": args, "error": traceback.format_exc()[-3000:]})
+            payload["checks"].append({"args": shape, "error": traceback.format_exc()[-3000:]})
         print(payload["checks"][-1], flush=True)
-        benchutil.write_json(out / "probe_mgpu.json", payload)
+        timing.write_json(out / "probe_mgpu.json", payload)
         if "error" in payload["checks"][-1]:
             sys.exit(1)
-    lengths = [int(x) for x in sys.argv[1:]] or [8192, 32768, 131072]
-    for n in lengths:
+    for n in args.lengths:
         payload["speed"].append(speed(n))
-        benchutil.write_json(out / "probe_mgpu.json", payload)
-    report(payload, out)
-    print((out / "probe_mgpu.md").read_text())
+        timing.write_json(out / "probe_mgpu.json", payload)
+    return payload
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "lengths",
+        type=int,
+        nargs="*",
+        default=[8192, 32768, 131072],
+        help="sequence lengths of the speed rows (default: 8192 32768 131072)",
+    )
+
+
+def main(argv=None):
+    timing.benchmark_cli(argv, __doc__, "probe_mgpu", add_arguments, bench, report)
 
 
 if __name__ == "__main__":

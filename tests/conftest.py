@@ -1,5 +1,6 @@
 """Shared test helpers, importable as ``from tests.conftest import ...`` (no test module imports
-another): fresh random inputs (never zeros) with and without attention structure, a tiny Llama
+another): the repository's one ``rel_err`` (re-exported), fresh random inputs (never zeros)
+with and without attention structure, a tiny Llama
 config and its tokens, a tiny byte-level BPE vocabulary, random kernel plans and an
 independent float64 kernel oracle; and the skip of ``pretrained`` tests
 where the real checkpoint is not installed."""
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
+from experiments.lib.metrics import rel_err  # noqa: F401 (the one relative error, for tests)
 from models import LlamaConfig, default_checkpoint_path
 
 
@@ -37,12 +39,6 @@ def make_qkv(
         k = k + jnp.where(heavy, 4.0 * np.sqrt(d) * u, 0.0)
         q = q + 1.5 * u * np.sqrt(d) / 2
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
-
-
-def rel_err(x, y) -> float:
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
 
 
 # Kernel cases: random PBS-like plans in kernel terms, and an independent float64 oracle.

@@ -1,4 +1,5 @@
-"""Timing and bookkeeping shared by the GPU benchmarks: one way to time, one way to stamp."""
+"""Timing and bookkeeping shared by the benchmarks: one way to time, to stamp, to write results,
+and one command line (run on the GPU, or re-render the report from committed JSON)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pathlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -42,15 +44,6 @@ def time_call(
     return 1e3 * statistics.median(times)
 
 
-def rel_err(x, ref) -> float:
-    """Relative L2 error of ``x`` against ``ref``, in float32 (the correctness check of every
-    benchmark, before anything is timed)."""
-    import jax.numpy as jnp
-
-    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
-
-
 def stamp() -> dict:
     """Card, software and date for every results file."""
     dev = jax.devices()[0]
@@ -63,6 +56,7 @@ def stamp() -> dict:
 
 
 def out_dir(default: str = "out") -> pathlib.Path:
+    """The folder a GPU run writes to: ``$OUT`` (created), else ``default``."""
     path = pathlib.Path(os.environ.get("OUT", default))
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -81,13 +75,22 @@ def merge_payloads(payloads: list[dict]) -> dict:
     return merged
 
 
-def benchmark_cli(argv, doc: str, name, add_arguments, bench, report) -> None:
+def benchmark_cli(
+    argv,
+    doc: str,
+    name,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    bench: Callable[[argparse.Namespace, pathlib.Path], dict],
+    report: Callable[[dict, pathlib.Path, str], None],
+    runs_off_gpu: Callable[[argparse.Namespace], bool] = lambda args: False,
+) -> None:
     """The shared command line of a GPU benchmark.
 
     ``--report JSON [JSON ...]`` re-renders the markdown and PNG next to the first of earlier
     results (any machine; several are merged row by row); otherwise ``bench(args, out_dir) ->
     payload`` runs on the GPU, and its JSON, markdown and PNG land in ``$OUT`` as ``name.*``
-    (``name``: a string, or a function of the parsed arguments).
+    (``name``: a string, or a function of the parsed arguments). ``runs_off_gpu(args)``: this
+    invocation may run without a GPU (a CPU smoke run of the script's own logic).
     """
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,9 +111,9 @@ def benchmark_cli(argv, doc: str, name, add_arguments, bench, report) -> None:
             args.report[0].stem,
         )
         return
-    if jax.default_backend() != "gpu":
-        sys.exit(f"{name} times GPU code; no GPU is visible here.")
     name = name(args) if callable(name) else name
+    if jax.default_backend() != "gpu" and not runs_off_gpu(args):
+        sys.exit(f"{name} times GPU code; no GPU is visible here.")
     out = out_dir()
     payload = bench(args, out)
     write_json(out / f"{name}.json", payload)

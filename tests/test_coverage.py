@@ -1,5 +1,5 @@
-"""The accuracy study (experiments/accuracy.py): its coverage arithmetic against brute force,
-and the ``--quick`` run on the real SmolLM2-135M end to end."""
+"""The coverage study (experiments/coverage.py over experiments/lib): its coverage arithmetic
+against brute force, and the ``--quick`` run on the real SmolLM2-135M end to end."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 
 import pbs_jax
-from experiments import accuracy
+from experiments import coverage
+from experiments.lib import attention_mass as mass
+from experiments.lib.metrics import interpolate
+from experiments.lib.specs import METHOD_BY_KEY
 from tests.conftest import make_qkv
 
 
 def test_help_explains_the_options(capsys):
     with pytest.raises(SystemExit):
-        accuracy.main(["--help"])
+        coverage.main(["--help"])
     text = capsys.readouterr().out
     for option in (
         "--quick",
@@ -34,15 +37,15 @@ def test_help_explains_the_options(capsys):
 def test_layer_coverage_matches_brute_force():
     n, hq, hkv, d = 640, 4, 2, 16
     q, k, v = make_qkv(3, 1, n, hq, hkv, d)
-    plan = accuracy.CoveragePlan(
-        accuracy.sampled_query_rows(n, 128, 3),
-        (accuracy.METHOD_BY_KEY["pbs"], accuracy.METHOD_BY_KEY["antidiagonal"]),
+    plan = mass.CoveragePlan(
+        mass.sampled_query_rows(n, 128, 3),
+        (METHOD_BY_KEY["pbs"], METHOD_BY_KEY["antidiagonal"]),
         (0.5, 1.0),
         (1, 3),
         error_thresholds=(0.5, 1.0),
     )
     assert plan.rows == tuple(range(0, 128)) + tuple(range(256, 384)) + tuple(range(512, 640))
-    coverage, density, error = (np.asarray(x) for x in accuracy.layer_coverage(q, k, v, plan))
+    coverage, density, error = (np.asarray(x) for x in mass.layer_coverage(q, k, v, plan))
     assert coverage.shape == density.shape == (2 * 2 + 2, hq) and error.shape == (2 * 2, hq)
 
     qn, kn, vn = (np.asarray(x, np.float64)[0] for x in (q, k, v))
@@ -69,8 +72,7 @@ def test_layer_coverage_matches_brute_force():
         [("pbs", 0.5), ("pbs", 1.0), ("antidiagonal", 0.5), ("antidiagonal", 1.0)]
     ):
         perm, mask = (
-            np.asarray(x)[0]
-            for x in pbs_jax.pbs_plan(q, k, accuracy.METHOD_BY_KEY[key].config(tau))
+            np.asarray(x)[0] for x in pbs_jax.pbs_plan(q, k, METHOD_BY_KEY[key].config(tau))
         )
         want_coverage, want_error = brute(mask, perm)
         np.testing.assert_allclose(coverage[index], want_coverage, rtol=1e-4)
@@ -88,16 +90,17 @@ def test_layer_coverage_matches_brute_force():
 
 
 def test_interpolate():
-    assert accuracy.interpolate([0.2, 0.6], [1.0, 3.0], 0.4) == pytest.approx(2.0)
-    assert accuracy.interpolate([0.6, 0.2], [3.0, 1.0], 0.2) == pytest.approx(1.0)
-    assert accuracy.interpolate([0.2, 0.6], [1.0, 3.0], 0.7) is None
-    assert accuracy.interpolate([0.2, 0.6], [1.0, 3.0], 0.65, tolerance=0.1) == 3.0
-    assert accuracy.interpolate([0.5], [None], 0.5) is None
+    assert interpolate([0.2, 0.6], [1.0, 3.0], 0.4) == pytest.approx(2.0)
+    assert interpolate([0.6, 0.2], [3.0, 1.0], 0.2) == pytest.approx(1.0)
+    assert interpolate([0.2, 0.6], [1.0, 3.0], 0.7) is None
+    assert interpolate([0.2, 0.6], [1.0, 3.0], 0.65, tolerance=0.1) == 3.0
+    assert interpolate([0.5], [None], 0.5) is None
 
 
 @pytest.mark.slow
+@pytest.mark.pretrained
 def test_quick_run_end_to_end(tmp_path):
-    summary = accuracy.main(["--quick", "--out", str(tmp_path)])
+    summary = coverage.main(["--quick", "--out", str(tmp_path)]).to_json()
     for suffix in (
         ".json",
         ".md",
@@ -106,8 +109,8 @@ def test_quick_run_end_to_end(tmp_path):
         "_vs_density.png",
         "_block_map.png",
     ):
-        assert (tmp_path / f"accuracy_quick{suffix}").stat().st_size > 1000
-    saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
+        assert (tmp_path / f"coverage_quick{suffix}").stat().st_size > 1000
+    saved = json.loads((tmp_path / "coverage_quick.json").read_text())
     assert saved["device"].startswith("CPU") and saved["jax"] == jax.__version__
     assert saved["date"] and saved["quick"] is True
 
@@ -140,9 +143,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert set(result["kept_tasks"]) <= {"passkey", "kv", "copy"}
     assert sum(t["probes"] for t in result["retrieval_full"].values()) == 6
     assert summary["headline"]["1024"]["pbs_tau09_density"] == pytest.approx(pbs["density"])
-    assert "Matched density" in (tmp_path / "accuracy_quick.md").read_text()
+    assert "Matched density" in (tmp_path / "coverage_quick.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.pretrained
 def test_layer_schedule_study_runs_on_the_real_model(tmp_path):
     """experiments/layer_schedule.py at 1K tokens: every schedule on both texts, full attention
     as its own baseline (KL 0, agreement 1), the rest judged against it, and its files."""
