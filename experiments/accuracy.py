@@ -98,6 +98,14 @@ RULES = (
 )
 RULE_BY_KEY = {r.key: r for r in RULES}
 QUICK_RULES = ("full", "paper", "default")
+# The rules the Pareto plot names (label, colour); the other candidates are grey points.
+HIGHLIGHT = {
+    "paper": ("PBS, paper rule (τ 0.9)", "C0"),
+    "paper_t095": ("PBS, paper rule, τ 0.95", "C9"),
+    "meanpool": ("MeanPooling (τ 0.9)", "C1"),
+    "pbs_plus": ("PBS+ (antidiagonal, τ 0.9)", "C2"),
+    "default": ("PBSConfig(): tail 128, proxy 4, τ 0.88", "C3"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,22 +302,35 @@ def write_report(payload: dict, out: pathlib.Path, name: str) -> list[RuleSummar
         )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    paper = next(s for s in summaries if s.rule == "paper")
     for s in summaries:
         if s.rule == "full":
             continue
-        axes[0].scatter(s.mean_density, 100 * s.retained)
-        axes[0].annotate(s.label, (s.mean_density, 100 * s.retained), fontsize=7)
-        axes[1].scatter(s.mean_density, s.mean_delta_nll)
-        axes[1].annotate(s.label, (s.mean_density, s.mean_delta_nll), fontsize=7)
+        style = HIGHLIGHT.get(s.rule)
+        kw = (
+            dict(s=60, color=style[1], label=style[0], zorder=3)
+            if style
+            else dict(s=18, color="0.65")
+        )
+        axes[0].scatter(s.mean_density, 100 * s.retained, **kw)
+        axes[1].scatter(s.mean_density, s.mean_delta_nll, **kw)
+    axes[0].scatter([], [], s=18, color="0.65", label="other candidates (see table)")
+    for ax in axes:  # the density budget: the paper rule's mean density + 0.03
+        ax.axvline(paper.mean_density + 0.03, color="0.5", ls=":", lw=1)
+    axes[0].axhline(95, color="0.5", ls=":", lw=1)
+    axes[1].axhline(paper.mean_delta_nll / 2, color="0.5", ls=":", lw=1)
     axes[0].set(
         xlabel="mean block density",
         ylabel="retrieval kept vs full (%)",
-        title="density vs retrieval",
+        title="density vs retrieval (dotted: +0.03 density, 95%)",
     )
     axes[1].set(
-        xlabel="mean block density", ylabel="ΔNLL vs full (nat/token)", title="density vs ΔNLL"
+        xlabel="mean block density",
+        ylabel="ΔNLL vs full (nat/token)",
+        title="density vs ΔNLL (dotted: half the paper rule's)",
     )
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(
         f"SmolLM2-135M, {payload['dtype']}, {s0['device']}, JAX {s0['jax']}, {s0['date']}",
         fontsize=9,

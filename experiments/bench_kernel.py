@@ -293,7 +293,7 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
 
 
 def bench(args, out: pathlib.Path) -> dict:
-    cfg = PBSConfig()
+    cfg = PBSConfig.paper()
     payload = {
         "stamp": timing.stamp(),
         "tiles": {

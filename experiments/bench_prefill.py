@@ -69,7 +69,7 @@ def bench(args, out: pathlib.Path) -> dict:
     graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
     del model
     h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
-    cfg = PBSConfig()
+    cfg = PBSConfig.paper()
     rows = []
     for n in args.lengths:
         tokens = jax.random.randint(jax.random.key(n), (1, n), 0, config.vocab_size)

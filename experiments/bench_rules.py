@@ -70,6 +70,7 @@ def report(payload, out: pathlib.Path, name: str = "bench_rules"):
         'the op = permutation + selection + lists + kernel (`impl="pallas"`). '
         "Script: `experiments/bench_rules.py`.",
         "",
+        *([f"Note: {payload['note']}", ""] if "note" in payload else []),
         "| N | cuDNN ms | rule | op ms | density | × cuDNN |",
         "|---|---|---|---|---|---|",
     ]

@@ -36,8 +36,8 @@ FLAGGED_LAYERS = (0, 17, 18, 20)  # worst attention-output error under permutati
 
 def schedules(threshold: float) -> dict[str, object]:
     """``{label: attention spec}``: the schedules compared at one threshold."""
-    pbs = PBSAttention(PBSConfig(threshold=threshold), impl="reference")
-    meanpool = PBSAttention(PBSConfig(threshold=threshold, permute=False), impl="reference")
+    pbs = PBSAttention(PBSConfig.paper(threshold=threshold), impl="reference")
+    meanpool = PBSAttention(PBSConfig.paper(threshold=threshold, permute=False), impl="reference")
     return {
         f"PBS τ={threshold}": pbs,
         f"PBS τ={threshold}, layer 0 dense": LayerAttention(pbs, ((0, FULL_ATTENTION),)),

@@ -32,7 +32,7 @@ CHECKS = (
 
 
 def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
-    cfg = PBSConfig(gqa=gqa)
+    cfg = PBSConfig.paper(gqa=gqa)
     q, k, v = structured_qkv(jax.random.key(n + h + d), 1, n, h, hk, d, dtype)
     perm, mask = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
     lists = blocks.index_lists(mask, cfg)
@@ -52,7 +52,7 @@ def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
 
 
 def speed(n, variants=((2, True), (2, False), (3, True))):
-    cfg = PBSConfig()
+    cfg = PBSConfig.paper()
     b, h, hk, d = 1, 32, 8, 128
     q, k, v = kernels.random_qkv(jax.random.key(n), b, n, h, hk, d)
     t = pbs_jax.num_blocks(n, cfg.block_size)

@@ -44,7 +44,7 @@ from pbs_jax import PBSConfig
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
 
-CFG = PBSConfig()  # block 128, segment 256: the layout the kernel runs in the op
+CFG = PBSConfig.paper()  # block 128, segment 256: the layout the kernel runs in the op
 TOL = 2e-2
 TABLE_ROWS = 4  # fastest configs shown per (D, N, gather_kv)
 

@@ -27,7 +27,7 @@ class Method:
     permute: bool
 
     def config(self, threshold: float) -> PBSConfig:
-        return PBSConfig(threshold=threshold, permute=self.permute, selector=self.selector)
+        return PBSConfig.paper(threshold=threshold, permute=self.permute, selector=self.selector)
 
 
 METHODS = (
@@ -81,7 +81,7 @@ class FixedDensityPBS:
     (own-segment blocks always in) replaces its block selection; the kernel runs it."""
 
     density: float
-    cfg: PBSConfig = PBSConfig()
+    cfg: PBSConfig = PBSConfig.paper()
 
     def __call__(self, q, k, v):
         perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
