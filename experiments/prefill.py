@@ -140,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
         "PBS-Attn+) (default: %(default)s)",
     )
     parser.add_argument(
+        "--dense-tail",
+        type=int_at_least(0),
+        default=PBSConfig.dense_tail,
+        metavar="ROWS",
+        help="beyond the paper: the last ROWS query rows (whole blocks) attend to every causal "
+        "block, 0 for the paper's rule (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--proxy-blocks",
+        type=int_at_least(1),
+        default=PBSConfig.proxy_blocks,
+        metavar="N",
+        help="beyond the paper: the last N query blocks estimate the key importance that orders "
+        "each segment, 1 for the paper's rule (default: %(default)s)",
+    )
+    parser.add_argument(
         "--no-permute",
         action="store_true",
         help="disable the key permutation: the MeanPooling block-sparse baseline (its column "

@@ -72,6 +72,8 @@ def test_cli_compares_full_and_pbs(tiny_model_and_text, tmp_path, capsys):
             "32",
             "--threshold",
             "0.5",
+            "--dense-tail",  # the default 128 rows would make all 96 tokens dense
+            "0",
             "--gqa",
             "shared",
             "--impl",
@@ -109,6 +111,8 @@ def test_cli_dense_layers_keep_those_layers_dense(tiny_model_and_text):
             "32",
             "--threshold",
             "0.5",
+            "--dense-tail",  # the default 128 rows would make all 96 tokens dense
+            "0",
             "--impl",
             "reference",
             "--dense-layers",

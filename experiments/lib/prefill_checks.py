@@ -149,6 +149,8 @@ def pbs_config_from_args(args: argparse.Namespace) -> PBSConfig:
         permute=not args.no_permute,
         gqa=args.gqa,
         selector=args.selector,
+        dense_tail=args.dense_tail,
+        proxy_blocks=args.proxy_blocks,
     )
 
 

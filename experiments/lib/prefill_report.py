@@ -175,7 +175,8 @@ def format_report(
         f"{plan.dtype.name}, on {device}",
         f"text:  {plan.text_path}",
         f"{label}: block {cfg.block_size}, segment {cfg.segment_size}, threshold "
-        f"{cfg.threshold}, gqa {cfg.gqa}, permute {cfg.permute}, selector {cfg.selector}, "
+        f"{cfg.threshold}, dense tail {cfg.dense_tail}, proxy blocks {cfg.proxy_blocks}, "
+        f"gqa {cfg.gqa}, permute {cfg.permute}, selector {cfg.selector}, "
         f"sink {cfg.force_sink}, impl {plan.impl}{dense_layers}",
         "",
         format_table(
