@@ -18,7 +18,7 @@ from models.pretrained import (
 )
 from models.runner import JittedLlama
 from models.tokenizer import Tokenizer
-from models.weights import load_gguf, load_safetensors
+from models.weights import config_from_gguf, config_from_hf, load_gguf, load_safetensors
 
 __all__ = [
     "AttentionSpec",
@@ -34,6 +34,8 @@ __all__ = [
     "PBSAttention",
     "PrefillAux",
     "Tokenizer",
+    "config_from_gguf",
+    "config_from_hf",
     "default_checkpoint_path",
     "load_gguf",
     "load_pretrained",

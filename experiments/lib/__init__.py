@@ -11,6 +11,10 @@
 - ``kernels``: the kernel benchmarks' contenders (cuDNN, Triton, Mosaic) and FLOP rates;
 - ``synthetic``: inputs with the attention structure of real long-context heads;
 - ``report``: number formatting, markdown rows, figures, readable JSON;
+- ``cli``: what command lines share: argparse types, progress with elapsed times on stderr;
+- ``prefill_checks`` / ``prefill_report``: pbs-prefill's input checks (text, checkpoint header,
+  length, dense layers; before any weights load) and its table, continuations and summary
+  (experiments/prefill.py is its command line);
 - ``coverage_results`` / ``coverage_study`` / ``coverage_report``: the coverage study's records,
   measurements and report (experiments/coverage.py is its command line).
 """
