@@ -9,6 +9,8 @@ JittedLlama), then ``weights``, ``pretrained``, ``tokenizer``, ``sharding``.
 from models import runner
 from models.attention_spec import FULL_ATTENTION, AttentionSpec, LayerAttention, PBSAttention
 from models.config import PRESETS, Llama3RopeScaling, LlamaConfig
+from models.gguf_loader import config_from_gguf, load_gguf
+from models.hf_loader import config_from_hf, load_safetensors
 from models.modules import KVCache, Llama, PrefillAux
 from models.pretrained import (
     CHECKPOINT_PRESETS,
@@ -18,7 +20,6 @@ from models.pretrained import (
 )
 from models.runner import JittedLlama
 from models.tokenizer import Tokenizer
-from models.weights import config_from_gguf, config_from_hf, load_gguf, load_safetensors
 
 __all__ = [
     "AttentionSpec",

@@ -13,9 +13,10 @@ import re
 import jax.numpy as jnp
 
 from models.config import PRESETS, LlamaConfig
+from models.gguf_loader import load_gguf
+from models.hf_loader import load_safetensors
 from models.modules import Llama
 from models.tokenizer import Tokenizer
-from models.weights import load_gguf, load_safetensors
 
 __all__ = [
     "CHECKPOINT_PRESETS",

@@ -137,11 +137,6 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.proxy_blocks must be >= 1, got {self.proxy_blocks}")
 
     @property
-    def tail_blocks(self) -> int:
-        """Trailing query blocks that attend densely: ``ceil(dense_tail / block_size)``."""
-        return -(-self.dense_tail // self.block_size)
-
-    @property
     def mask_segment_size(self) -> int:
         """Span whose blocks are always computed and token-masked on original positions.
 

@@ -72,9 +72,10 @@ def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
 
 def dense_tail_blocks(t: int, cfg: PBSConfig) -> jax.Array:
     """``[T, T]`` bool: every allowed block (:func:`softmax_domain`) of the last
-    ``cfg.tail_blocks`` query blocks: the rows ``cfg.dense_tail`` computes densely."""
+    ``ceil(cfg.dense_tail / block_size)`` query blocks: the rows ``cfg.dense_tail`` computes
+    densely, rounded up to whole blocks."""
     qb, _ = _block_grid(t)
-    return (qb >= t - cfg.tail_blocks) & softmax_domain(t, cfg)
+    return (qb >= t - num_blocks(cfg.dense_tail, cfg.block_size)) & softmax_domain(t, cfg)
 
 
 def causal_block_count(t: int) -> int:

@@ -20,9 +20,9 @@ from models import (
     Llama3RopeScaling,
     LlamaConfig,
     PBSAttention,
+    load_safetensors,
 )
 from models.testing import random_hf_weights, write_safetensors_folder
-from models.weights import load_safetensors
 from pbs_jax import PBSConfig
 from tests.conftest import TINY, random_tokens
 

@@ -10,6 +10,8 @@ import pytest
 from flax import nnx
 
 from models import PRESETS, JittedLlama, Llama3RopeScaling
+from models.gguf_loader import config_from_gguf, llama3_scaling_from_rope_freqs, load_gguf
+from models.hf_loader import config_from_hf, load_safetensors
 from models.testing import (
     _llama3_rope_divisors,
     config_to_hf,
@@ -18,15 +20,7 @@ from models.testing import (
     write_gguf,
     write_safetensors_folder,
 )
-from models.weights import (
-    config_from_gguf,
-    config_from_hf,
-    gguf_permute_rows,
-    gguf_unpermute_rows,
-    llama3_scaling_from_rope_freqs,
-    load_gguf,
-    load_safetensors,
-)
+from models.weights import gguf_permute_rows, gguf_unpermute_rows
 from tests.conftest import TINY, random_tokens
 
 VARIANTS = {
