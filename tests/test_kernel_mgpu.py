@@ -34,6 +34,13 @@ def hopper(test):
     return pytest.mark.hopper(skip(test))
 
 
+def mgpu_args(c):
+    """The Mosaic kernel's array arguments for a kernel case: q, K/V in slot order, K/V in
+    original order, the lists and the earlier-segment counts."""
+    kp, vp = permute_kv(c.k, c.key_pos), permute_kv(c.v, c.key_pos)
+    return c.q, kp, vp, c.k, c.v, jnp.asarray(c.ids), jnp.asarray(c.full)
+
+
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
@@ -52,29 +59,11 @@ TOL = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 def test_matches_reference(n, d, hq, hk, hp, dtype, density):
     c = make_case(n, n=n, d=d, hq=hq, hk=hk, hp=hp, block_size=128, dtype=dtype, density=density)
     ref = block_sparse_attention_reference(*c.args(), block_size=128)
-    out = block_sparse_attention_mgpu(
-        c.q,
-        permute_kv(c.k, c.key_pos),
-        permute_kv(c.v, c.key_pos),
-        c.k,
-        c.v,
-        jnp.asarray(c.ids),
-        jnp.asarray(c.full),
-        block_size=128,
-        segment_blocks=2,
-    )
+    out = block_sparse_attention_mgpu(*mgpu_args(c), block_size=128, segment_blocks=2)
     assert out.shape == c.q.shape and out.dtype == c.q.dtype
     assert rel_err(out, ref) < TOL[dtype]
     contract = block_sparse_attention_mgpu_reference(
-        c.q,
-        permute_kv(c.k, c.key_pos),
-        permute_kv(c.v, c.key_pos),
-        c.k,
-        c.v,
-        jnp.asarray(c.ids),
-        jnp.asarray(c.full),
-        block_size=128,
-        segment_blocks=2,
+        *mgpu_args(c), block_size=128, segment_blocks=2
     )
     assert rel_err(out, contract) < TOL[dtype]
 
@@ -95,15 +84,7 @@ def test_mgpu_contract_reference_equals_the_token_mask(n, hq, hk, hp, seg_blocks
         n, n=n, d=16, hq=hq, hk=hk, hp=hp, block_size=32, seg_blocks=seg_blocks, density=density
     )
     out = block_sparse_attention_mgpu_reference(
-        c.q,
-        permute_kv(c.k, c.key_pos),
-        permute_kv(c.v, c.key_pos),
-        c.k,
-        c.v,
-        jnp.asarray(c.ids),
-        jnp.asarray(c.full),
-        block_size=32,
-        segment_blocks=seg_blocks,
+        *mgpu_args(c), block_size=32, segment_blocks=seg_blocks
     )
     assert rel_err(out, numpy_oracle(c)) < 1e-5
 
