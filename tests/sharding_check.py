@@ -36,7 +36,10 @@ def main():
         "q_proj_spec": str(q_kernel.sharding.spec),
         "q_proj_shard_shape": list(q_kernel.addressable_shards[0].data.shape),
     }
-    pbs = PBSAttention(PBSConfig(block_size=16, segment_size=32, threshold=0.3), impl="reference")
+    pbs = PBSAttention(
+        PBSConfig(block_size=16, segment_size=32, threshold=0.3, dense_tail=16, proxy_blocks=2),
+        impl="reference",
+    )
     for name, spec in (("full", FULL_ATTENTION), ("pbs", pbs)):
         logits, density = runner(tokens, spec, return_aux=True)
         s_logits, s_density = sharded(tokens, sharding.HeadParallel(spec, mesh), return_aux=True)

@@ -234,7 +234,8 @@ def test_generate_is_greedy_over_full_forwards(tmp_path):
 # PBS attention plugged in
 # ----------------------------------------------------------------------------------------
 
-SMALL_PBS = dict(block_size=16, segment_size=32)
+# The default rule scaled to a tiny model: one dense tail block, a 2-block proxy.
+SMALL_PBS = dict(block_size=16, segment_size=32, dense_tail=16, proxy_blocks=2)
 
 
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])

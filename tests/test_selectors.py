@@ -32,7 +32,7 @@ from tests.conftest import make_qkv, rel_err
 #   MeanPooling on the same input sees pooled keys [0, 0.75, 0] and pooled query 0.5: a flat
 #   [0.289, 0.421, 0.289], so at 0.6 it keeps every block of row 2.
 # --------------------------------------------------------------------------------------------
-HAND_CFG = PBSConfig(
+HAND_CFG = PBSConfig.paper(
     block_size=4,
     segment_size=4,
     threshold=0.6,
@@ -82,7 +82,7 @@ def test_hand_worked_antidiagonal_mask(threshold, last_row, antidiagonal_chunks)
 def test_antidiagonal_chunking_does_not_change_probabilities(n, chunk_bytes, monkeypatch):
     """Query blocks are independent softmax rows: any chunking (T not a multiple of the chunk,
     ragged N) gives the probabilities of scoring all of them at once."""
-    cfg = PBSConfig(block_size=32, segment_size=64, selector="antidiagonal", gqa="shared")
+    cfg = PBSConfig.paper(block_size=32, segment_size=64, selector="antidiagonal", gqa="shared")
     q, k, _ = make_qkv(n, 1, n, 4, 2, 16)
     perm = permutation.compute_permutation(q, k, cfg)
     whole = np.asarray(selection.block_probabilities(q, k, perm, cfg))
@@ -116,7 +116,7 @@ def test_antidiagonal_logits_match_a_loop():
 @pytest.mark.parametrize("n", [200, 256 + 3])
 def test_antidiagonal_threshold_one_is_dense(permute, gqa, n):
     q, k, v = make_qkv(n + permute, 1, n, 4, 2, 16)
-    cfg = PBSConfig(
+    cfg = PBSConfig.paper(
         block_size=16,
         segment_size=32,
         threshold=1.0,
@@ -133,7 +133,7 @@ def test_antidiagonal_threshold_one_is_dense(permute, gqa, n):
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_forced_blocks_present_for_every_selector(selector, permute, gqa):
     q, k, _ = make_qkv(7, 1, 150, 4, 2, 8)
-    cfg = PBSConfig(
+    cfg = PBSConfig.paper(
         block_size=8, segment_size=16, threshold=0.3, gqa=gqa, permute=permute, selector=selector
     )
     perm, mask = (np.asarray(x) for x in pbs_jax.pbs_plan(q, k, cfg))
@@ -150,7 +150,7 @@ def test_forced_blocks_present_for_every_selector(selector, permute, gqa):
 @pytest.mark.parametrize("permute", [False, True])
 def test_antidiagonal_lower_threshold_selects_a_subset(permute):
     q, k, _ = make_qkv(9, 1, 512, 4, 2, 16)
-    cfg = PBSConfig(block_size=16, segment_size=32, permute=permute, selector="antidiagonal")
+    cfg = PBSConfig.paper(block_size=16, segment_size=32, permute=permute, selector="antidiagonal")
     perm = permutation.compute_permutation(q, k, cfg)
     probs = selection.block_probabilities(q, k, perm, cfg)
     rows = np.asarray(probs).sum(-1)
@@ -171,7 +171,7 @@ def test_antidiagonal_lower_threshold_selects_a_subset(permute):
 def test_select_blocks_is_probabilities_then_top_p():
     q, k, _ = make_qkv(3, 2, 300, 2, 2, 8)
     for selector in pbs_jax.SELECTORS:
-        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.8, selector=selector)
+        cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=0.8, selector=selector)
         perm = permutation.compute_permutation(q, k, cfg)
         np.testing.assert_array_equal(
             np.asarray(selection.select_blocks(q, k, perm, cfg)),
@@ -185,7 +185,7 @@ def test_select_blocks_is_probabilities_then_top_p():
 
 def test_antidiagonal_jits_and_gives_finite_outputs():
     q, k, v = make_qkv(5, 2, 333, 6, 2, 16, dtype=jnp.bfloat16)
-    cfg = PBSConfig(block_size=32, segment_size=64, selector="antidiagonal", gqa="shared")
+    cfg = PBSConfig.paper(block_size=32, segment_size=64, selector="antidiagonal", gqa="shared")
     out, aux = jax.jit(
         lambda q, k, v: pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     )(q, k, v)
@@ -198,7 +198,9 @@ def test_permutation_lowers_antidiagonal_density_on_structured_input():
     q, k, v = make_qkv(4, 1, 1024, 2, 2, 16)
     dens = {}
     for permute in (True, False):
-        cfg = PBSConfig(block_size=32, segment_size=64, permute=permute, selector="antidiagonal")
+        cfg = PBSConfig.paper(
+            block_size=32, segment_size=64, permute=permute, selector="antidiagonal"
+        )
         _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
         dens[permute] = float(aux.density)
     assert dens[True] < dens[False]
@@ -245,7 +247,7 @@ def test_sink_local_mask_runs_through_the_reference():
 # Configuration.
 # --------------------------------------------------------------------------------------------
 def test_default_selector_is_meanpool():
-    assert PBSConfig() == PBSConfig(selector="meanpool", antidiagonal_stride=8)
+    assert PBSConfig.paper() == PBSConfig.paper(selector="meanpool", antidiagonal_stride=8)
 
 
 @pytest.mark.parametrize(
@@ -260,7 +262,7 @@ def test_default_selector_is_meanpool():
 )
 def test_bad_selector_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PBSConfig(**kwargs)
+        PBSConfig.paper(**kwargs)
 
 
 @pytest.mark.parametrize("gqa", pbs_jax.GQA_MODES)
