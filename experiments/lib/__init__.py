@@ -4,6 +4,8 @@
 - ``metrics``: the one ``rel_err``, next-token metrics against a reference forward, retrieval
   scoring, interpolation at a density;
 - ``probes``: real texts, retrieval needles and questions, evaluation sequences;
+- ``retrieval``: one-needle prompts whose answer is generated (sparse prefill, dense decode) and
+  scored by exact match (experiments/accuracy.py);
 - ``specs``: the compared attention specs (thresholded selectors, sink + local window, capture,
   fixed density);
 - ``forward``: forward passes of the real model (prefill, scored logits, greedy continuation);
