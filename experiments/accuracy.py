@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from experiments.lib import retrieval, timing
 from experiments.lib.probes import load_texts
-from models import FULL_ATTENTION, JittedLlama, PBSAttention, load_pretrained
+from models import FULL_ATTENTION, JittedLlama, PBSAttention, Tokenizer, load_pretrained
 from pbs_jax import PBSConfig
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -163,13 +163,19 @@ def evaluate(runner, rule: Rule, impl: str, windows, probes, max_new: int) -> Ru
     )
 
 
-def run(args) -> dict:
+def run(args, model: tuple[JittedLlama, Tokenizer] | None = None) -> dict:
+    """The study's JSON payload. ``model``: SmolLM2-135M-Instruct already loaded as (runner,
+    tokenizer) in this backend's dtype (bf16 on GPU, float32 on CPU), e.g. one model shared by
+    the tests; loaded here when None."""
     on_gpu = jax.default_backend() == "gpu"
     impl = "pallas" if on_gpu else "reference"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    print(f"loading SmolLM2-135M-Instruct ({jnp.dtype(dtype).name}) …", flush=True)
-    model, tokenizer = load_pretrained(dtype=dtype)
-    runner = JittedLlama(model)
+    if model is None:
+        print(f"loading SmolLM2-135M-Instruct ({jnp.dtype(dtype).name}) …", flush=True)
+        loaded, tokenizer = load_pretrained(dtype=dtype)
+        runner = JittedLlama(loaded)
+    else:
+        runner, tokenizer = model
     texts = {name: tokenizer.encode(text) for name, (_, text) in load_texts().items()}
     rules = [RULE_BY_KEY[k] for k in args.rules]
     results = []
@@ -361,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> list[RuleSummary]:
+def main(
+    argv: list[str] | None = None, model: tuple[JittedLlama, Tokenizer] | None = None
+) -> list[RuleSummary]:
+    """Run (or only re-render) the study and write its report; ``model``: see ``run``."""
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
@@ -374,7 +383,7 @@ def main(argv: list[str] | None = None) -> list[RuleSummary]:
                 1,
                 1,
             )
-        payload = run(args)
+        payload = run(args, model)
     (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     summaries = write_report(payload, args.out, args.name)
     print((args.out / f"{args.name}.md").read_text())

@@ -54,6 +54,7 @@ from experiments.lib.probes import load_texts
 from experiments.lib.report import RESULTS_DIR, json_text, rounded
 from experiments.lib.specs import METHOD_BY_KEY, METHODS
 from experiments.lib.timing import stamp
+from models import JittedLlama, Tokenizer
 from pbs_jax import PBSConfig
 
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="smoke run: 1024 tokens, one text, coverage "
         "thresholds 0.5/0.9/1.0, every 3rd layer for coverage, 2 probes per task, PBS swept at "
-        "0.5/0.9 and the other methods at 0.9 (under a minute)",
+        "0.5/0.9 and the other methods at 0.9, 8 greedy tokens (about a minute)",
     )
     add("--out", default=None, metavar="DIR", help=f"output folder (default: {RESULTS_DIR})")
     add(
@@ -156,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--new-tokens",
         type=int,
-        default=32,
-        help="greedy tokens decoded after each prefill (default: 32)",
+        default=None,
+        help="greedy tokens decoded after each prefill (default: 32; 8 with --quick)",
     )
     add(
         "--model",
@@ -190,7 +191,7 @@ def settings_from_args(args) -> Settings:
     def pick(quick_value, full_value):
         return quick_value if quick else full_value
 
-    def given_or(given, quick_value, full_value):  # an empty list given is a choice
+    def given_or(given, quick_value, full_value):  # an empty list or 0 given is a choice
         return given if given is not None else pick(quick_value, full_value)
 
     return Settings(
@@ -204,7 +205,7 @@ def settings_from_args(args) -> Settings:
         layer_stride=args.coverage_layer_stride or pick(3, 1),
         query_blocks=args.coverage_query_blocks,
         probes_per_task=args.probes_per_task,
-        new_tokens=args.new_tokens,
+        new_tokens=given_or(args.new_tokens, 8, 32),
         seed=args.seed,
         quick=quick,
     )
@@ -219,8 +220,14 @@ def write_report(summary: results.CoverageSummary, out: pathlib.Path, prefix: st
     return summary
 
 
-def run(argv: list[str] | None = None) -> results.CoverageSummary:
-    """Run the study; write ``<out>/<prefix>.{json,md}`` and the plots; return the summary."""
+def run(
+    argv: list[str] | None = None, model: tuple[JittedLlama, Tokenizer] | None = None
+) -> results.CoverageSummary:
+    """Run the study; write ``<out>/<prefix>.{json,md}`` and the plots; return the summary.
+
+    ``model``: the checkpoint already loaded as (runner, tokenizer), e.g. one model shared by
+    the tests; ``--model`` (or the default checkpoint) is loaded when None.
+    """
     args = build_parser().parse_args(argv)
     if args.report_only:
         path = pathlib.Path(args.report_only)
@@ -233,7 +240,7 @@ def run(argv: list[str] | None = None) -> results.CoverageSummary:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    runner, tokenizer = load_runner(args.model)
+    runner, tokenizer = model or load_runner(args.model)
     config = runner.config
     texts = load_texts()
     layers = list(range(0, config.num_layers, settings.layer_stride))

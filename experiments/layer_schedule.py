@@ -28,7 +28,7 @@ from experiments.lib.metrics import forward_metrics
 from experiments.lib.probes import build_sequence, load_texts
 from experiments.lib.report import RESULTS_DIR, pyplot, save_figure, table_header, table_row
 from experiments.lib.timing import stamp, write_json
-from models import FULL_ATTENTION, LayerAttention, PBSAttention
+from models import FULL_ATTENTION, JittedLlama, LayerAttention, PBSAttention, Tokenizer
 from pbs_jax import PBSConfig
 
 FLAGGED_LAYERS = (0, 17, 18, 20)  # worst attention-output error under permutation (coverage.md)
@@ -87,8 +87,12 @@ def mean_by_length_and_schedule(rows: list[ScheduleRow]) -> dict[tuple, Schedule
     }
 
 
-def run(argv=None) -> dict:
-    """Run the study (or only re-render with ``--report``); returns the JSON payload."""
+def run(argv=None, model: tuple[JittedLlama, Tokenizer] | None = None) -> dict:
+    """Run the study (or only re-render with ``--report``); returns the JSON payload.
+
+    ``model``: SmolLM2-135M-Instruct already loaded as (runner, tokenizer), e.g. one model
+    shared by the tests; loaded here when None.
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -107,7 +111,7 @@ def run(argv=None) -> dict:
         report(payload, args.report.parent)
         return payload
     started = time.perf_counter()
-    runner, tokenizer = load_runner()
+    runner, tokenizer = model or load_runner()
     texts = load_texts()
     specs = schedules(args.threshold)
     rows = []

@@ -2,12 +2,13 @@
 another): the repository's one ``rel_err`` (re-exported), fresh random inputs (never zeros)
 with and without attention structure, a tiny Llama
 config and its tokens, a tiny byte-level BPE vocabulary, random kernel plans and an
-independent float64 kernel oracle; and the skip of ``pretrained`` tests
-where the real checkpoint is not installed."""
+independent float64 kernel oracle; the real model loaded once per session (``smollm2``); and the
+skip of ``pretrained`` tests where the real checkpoint is not installed."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -17,7 +18,8 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from experiments.lib.metrics import rel_err  # noqa: F401 (the one relative error, for tests)
-from models import LlamaConfig, default_checkpoint_path
+from models import JittedLlama, LlamaConfig, default_checkpoint_path, load_pretrained
+from pbs_jax import pbs_plan, permutation, reference
 
 
 def make_qkv(
@@ -29,6 +31,12 @@ def make_qkv(
     towards) at random positions, so attention is sparse the way real heads are and the
     permutation has something to sort.
     """
+    return _random_qkv(seed, b, n, hq, hk, d, jnp.dtype(dtype), structured)
+
+
+# Jitted: drawn op by op, every new shape would compile each random op again (1-3 s on CPU).
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _random_qkv(seed, b, n, hq, hk, d, dtype, structured):
     kq, kk, kv, kh, ku = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(kq, (b, n, hq, d), jnp.float32)
     k = jax.random.normal(kk, (b, n, hk, d), jnp.float32)
@@ -39,6 +47,18 @@ def make_qkv(
         k = k + jnp.where(heavy, 4.0 * np.sqrt(d) * u, 0.0)
         q = q + 1.5 * u * np.sqrt(d) / 2
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+# pbs_jax's plan functions and reference attention are plain functions: called outside jit they
+# run op by op, and op-by-op dispatch compiles every primitive again for each new shape (2-8 s
+# per shape on CPU, against about 1 s for one jit). Tests that draw many shapes call them
+# jitted: the same functions, one compile per shape and configuration.
+jit_plan = jax.jit(pbs_plan, static_argnums=2)  # (q, k, cfg) -> (perm, block mask)
+jit_permutation = jax.jit(permutation.compute_permutation, static_argnums=2)
+jit_block_sparse_reference = jax.jit(  # (q, k, v, perm, mask, block_size)
+    reference.permuted_block_sparse_attention, static_argnums=5
+)
+jit_exact_attention = jax.jit(reference.exact_causal_attention)
 
 
 # Kernel cases: random PBS-like plans in kernel terms, and an independent float64 oracle.
@@ -106,6 +126,15 @@ def random_lists(rng, b, hq, t, seg_blocks, density, extra=2):
     return ids.astype(np.int32), full, total
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))  # jitted: see _random_qkv
+def _normal_qkv(seed, b, n, hq, hk, d, dtype):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (b, n, hq, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, n, hk, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, n, hk, d), jnp.float32).astype(dtype)
+    return q, k, v
+
+
 def make_case(
     seed,
     *,
@@ -121,10 +150,7 @@ def make_case(
     density=0.5,
 ):
     rng = np.random.default_rng(seed)
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (b, n, hq, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (b, n, hk, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, n, hk, d), jnp.float32).astype(dtype)
+    q, k, v = _normal_qkv(seed, b, n, hq, hk, d, jnp.dtype(dtype))
     t = -(-n // block_size)
     kp = segment_key_pos(rng, b, hp, n, seg_blocks * block_size)
     ids, full, total = random_lists(rng, b, hq, t, seg_blocks, density)
@@ -213,6 +239,20 @@ BYTES = sorted(pre_tokenizers.ByteLevel.alphabet())
 MERGES = ["t h", "th e", "Ġ c", "Ġc a", "Ġca t"]
 TOKENS = CONTROL + BYTES + ["th", "the", "Ġc", "Ġca", "Ġcat"]
 TINY_WITH_VOCAB = TINY.replace(vocab_size=len(TOKENS))
+
+
+# ----------------------------------------------------------------------------------------
+# The real model
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (float32) as (JittedLlama, Tokenizer), loaded once for every
+    ``pretrained`` test: the jitted functions are keyed on the (equal) graphdef, so the tests
+    and the studies they run also share every compiled prefill of the same shape and spec."""
+    model, tokenizer = load_pretrained(progress=False)
+    return JittedLlama(model), tokenizer
 
 
 # ----------------------------------------------------------------------------------------

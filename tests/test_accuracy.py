@@ -96,10 +96,10 @@ def test_summary_counts_kept_answers_among_full_attentions():
 
 @pytest.mark.pretrained
 @pytest.mark.slow
-def test_quick_run_on_the_real_model(tmp_path):
+def test_quick_run_on_the_real_model(tmp_path, smollm2):
     """The CPU smoke run: three rules on short prompts through prefill + dense decode; full
     attention keeps all of its own answers, and the report re-renders from its JSON."""
-    summaries = accuracy.main(["--quick", "--out", str(tmp_path)])
+    summaries = accuracy.main(["--quick", "--out", str(tmp_path)], model=smollm2)
     by_rule = {s.rule: s for s in summaries}
     assert set(by_rule) == set(accuracy.QUICK_RULES)
     assert by_rule["full"].retained == 1.0 and by_rule["full"].mean_density == 1.0

@@ -13,7 +13,14 @@ import pytest
 
 import pbs_jax
 from pbs_jax import PBSConfig, blocks, permutation, reference, selection
-from tests.conftest import make_qkv, rel_err
+from tests.conftest import (
+    jit_block_sparse_reference,
+    jit_exact_attention,
+    jit_permutation,
+    jit_plan,
+    make_qkv,
+    rel_err,
+)
 from tests.official_oracle import oracle_block_mask, oracle_pbs, oracle_permutation
 
 SETTINGS = hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
@@ -232,8 +239,8 @@ def test_kv_permutation_invariance(n, blocks_, seed):
     perm = jnp.asarray(np.broadcast_to(perm, (1, 2, n)), jnp.int32)
     t = -(-n // bs)
     every_block = jnp.ones((1, 2, t, t), bool)
-    out = reference.permuted_block_sparse_attention(q, k, v, perm, every_block, bs)
-    assert rel_err(out, reference.exact_causal_attention(q, k, v)) < 1e-5
+    out = jit_block_sparse_reference(q, k, v, perm, every_block, bs)
+    assert rel_err(out, jit_exact_attention(q, k, v)) < 1e-5
 
 
 @hypothesis.given(st.sampled_from([40, 121, 200]), st.integers(0, 10_000))
@@ -258,12 +265,12 @@ def test_fixed_plan_is_causal_in_keys_and_values(n, seed):
     (The plan itself reads the last block of queries: the paper's proxy, as the official code.)"""
     q, k, v = make_qkv(seed, 1, n, 2, 2, 8)
     cfg = PBSConfig.paper(block_size=8, segment_size=16, threshold=0.7)
-    perm, mask = pbs_jax.pbs_plan(q, k, cfg)
+    perm, mask = jit_plan(q, k, cfg)
     i = n // 3
     noise = jax.random.normal(jax.random.key(seed + 7), k[:, i + 1 :].shape)
     k2, v2 = k.at[:, i + 1 :].add(noise), v.at[:, i + 1 :].add(noise)
-    out1 = reference.permuted_block_sparse_attention(q, k, v, perm, mask, 8)
-    out2 = reference.permuted_block_sparse_attention(q, k2, v2, perm, mask, 8)
+    out1 = jit_block_sparse_reference(q, k, v, perm, mask, 8)
+    out2 = jit_block_sparse_reference(q, k2, v2, perm, mask, 8)
     np.testing.assert_array_equal(np.asarray(out1[:, : i + 1]), np.asarray(out2[:, : i + 1]))
 
 
@@ -288,7 +295,7 @@ def test_permutation_is_a_bijection_per_segment(n, blocks_, gqa, seed):
     bs, seg = blocks_
     q, k, _ = make_qkv(seed, 2, n, 4, 2, 8)
     cfg = PBSConfig.paper(block_size=bs, segment_size=seg, gqa=gqa)
-    perm = np.asarray(permutation.compute_permutation(q, k, cfg))
+    perm = np.asarray(jit_permutation(q, k, cfg))
     chex.assert_shape(perm, (2, 4 if gqa == "replicate" else 2, n))
     assert perm.dtype == np.int32
     g = n // seg
@@ -325,7 +332,7 @@ def test_forced_blocks_always_present(n, threshold, gqa, permute, seed):
     cfg = PBSConfig.paper(
         block_size=8, segment_size=16, threshold=threshold, gqa=gqa, permute=permute
     )
-    perm, mask = pbs_jax.pbs_plan(q, k, cfg)
+    perm, mask = jit_plan(q, k, cfg)
     perm, mask = np.asarray(perm), np.asarray(mask)
     t = mask.shape[-1]
     own = cfg.mask_segment_size // 8

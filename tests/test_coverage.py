@@ -99,8 +99,8 @@ def test_interpolate():
 
 @pytest.mark.slow
 @pytest.mark.pretrained
-def test_quick_run_end_to_end(tmp_path):
-    summary = coverage.main(["--quick", "--out", str(tmp_path)]).to_json()
+def test_quick_run_end_to_end(tmp_path, smollm2):
+    summary = coverage.run(["--quick", "--out", str(tmp_path)], model=smollm2).to_json()
     for suffix in (
         ".json",
         ".md",
@@ -148,12 +148,14 @@ def test_quick_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.pretrained
-def test_layer_schedule_study_runs_on_the_real_model(tmp_path):
+def test_layer_schedule_study_runs_on_the_real_model(tmp_path, smollm2):
     """experiments/layer_schedule.py at 1K tokens: every schedule on both texts, full attention
     as its own baseline (KL 0, agreement 1), the rest judged against it, and its files."""
     from experiments import layer_schedule
 
-    payload = layer_schedule.run(["--lengths", "1024", "--new-tokens", "2", "--out", str(tmp_path)])
+    payload = layer_schedule.run(
+        ["--lengths", "1024", "--new-tokens", "2", "--out", str(tmp_path)], model=smollm2
+    )
     rows = payload["rows"]
     schedules = {r["schedule"] for r in rows}
     assert schedules == {"full", *layer_schedule.schedules(0.9)}

@@ -10,16 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import JittedLlama, PBSAttention, load_pretrained, preset_for_checkpoint
+from models import PBSAttention, preset_for_checkpoint
 from pbs_jax import PBSConfig
 
 pytestmark = [pytest.mark.pretrained, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = load_pretrained(progress=False)
-    return JittedLlama(model), tokenizer
 
 
 def perplexity(logits: jax.Array, targets: np.ndarray) -> float:
