@@ -133,6 +133,7 @@ def nll_windows(texts: dict[str, list[int]], length: int, per_text: int) -> np.n
     return np.asarray(rows, np.int32)
 
 
+@jax.jit
 def last_quarter_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Mean next-token NLL over the last quarter of each window: logits ``[W, T, V]``."""
     t = tokens.shape[1]
@@ -147,7 +148,7 @@ def evaluate(runner, rule: Rule, impl: str, windows, probes, max_new: int) -> Ru
     begin = time.perf_counter()
     tokens = jnp.asarray(windows)
     logits, density = runner(tokens, spec, return_aux=True)
-    nll = float(jax.jit(last_quarter_nll)(logits, tokens))
+    nll = float(last_quarter_nll(logits, tokens))
     del logits
     prompts = np.stack([p.tokens for p in probes])
     generated = np.asarray(runner.generate(prompts, max_new, spec))
@@ -176,7 +177,8 @@ def run(args, model: tuple[JittedLlama, Tokenizer] | None = None) -> dict:
         runner = JittedLlama(loaded)
     else:
         runner, tokenizer = model
-    texts = {name: tokenizer.encode(text) for name, (_, text) in load_texts().items()}
+    sources = load_texts()  # {name: (source, text)}, read once
+    texts = {name: tokenizer.encode(text) for name, (_, text) in sources.items()}
     rules = [RULE_BY_KEY[k] for k in args.rules]
     results = []
     for n in args.lengths:
@@ -189,7 +191,7 @@ def run(args, model: tuple[JittedLlama, Tokenizer] | None = None) -> dict:
         "stamp": timing.stamp(),
         "impl": impl,
         "dtype": jnp.dtype(dtype).name,
-        "texts": {name: source for name, (source, _) in load_texts().items()},
+        "texts": {name: source for name, (source, _) in sources.items()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("report", "out")},
         "rules": {
             r.key: {
