@@ -76,10 +76,10 @@ def fixed_density_mask(
     """
     b, h, t = shape
     own = grid.own_segment_blocks(t, cfg)
-    earlier = grid.earlier_segment_blocks(t, cfg)
-    # Counts of the static block grid (concrete even under jit: they depend on T alone).
+    # The static block grid, concrete even under jit (it depends on T alone), so it counts.
     with jax.ensure_compile_time_eval():
-        n_earlier = int(grid.earlier_segment_blocks(t, cfg).sum())
+        earlier = grid.earlier_segment_blocks(t, cfg)
+        n_earlier = int(earlier.sum())
     causal = grid.causal_block_count(t)
     keep_p = 1.0 if n_earlier == 0 else (target * causal - (causal - n_earlier)) / n_earlier
     keep_p = min(max(keep_p, 0.0), 1.0)
