@@ -17,13 +17,14 @@ the model, from the per-layer ops timed alone x layers) and the compiled peak me
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import pbs_jax
 from experiments.lib import timing
@@ -68,7 +69,6 @@ def bench(args, out: pathlib.Path) -> dict:
     # Several GPUs: parameters split by heads, attention run per device on its own heads.
     graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
     del model
-    h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
     cfg = PBSConfig.paper()
     rows = []
     for n in args.lengths:
@@ -85,7 +85,10 @@ def bench(args, out: pathlib.Path) -> dict:
             if name in args.modes
         }
         row = {"n": n, "fixed_density": density, "devices": args.devices}
+        extrapolate = args.extrapolate_full_above and n > args.extrapolate_full_above
         for name, attention in modes.items():
+            if name == "full" and extrapolate:
+                continue  # estimated below from the per-layer attention split
             try:
                 # Compiled once: its memory analysis is the peak, its first call the warm-up
                 # (at 512K one prefill takes tens of seconds, so no run is spent twice).
@@ -115,38 +118,89 @@ def bench(args, out: pathlib.Path) -> dict:
                 f"{row[name]['density']:.3f}, peak {row[name]['peak_gib']:.1f} GiB",
                 flush=True,
             )
+        row["split"] = layer_split(n, density, cfg, config, mesh, row)
+        if extrapolate and "ms" in row.get("pbs_fixed", {}):
+            sp = row["split"]
+            row["full"] = {
+                # PBS (b)'s attention (its plan included) swapped for full attention.
+                "ms": row["pbs_fixed"]["ms"]
+                - sp["attention_pbs_fixed_ms"]
+                + sp["attention_full_ms"],
+                "extrapolated": True,
+            }
         for name in ("pbs_selector", "pbs_fixed"):
             if "ms" in row.get(name, {}) and "ms" in row.get("full", {}):
                 row[name]["speedup_vs_full"] = row["full"]["ms"] / row[name]["ms"]
-                row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
-        if mesh:  # the per-layer split below times one device's ops: only meaningful alone
-            rows.append(row)
-            timing.write_json(out / f"{output_name(args)}.json", {"rows": rows})
-            continue
-        # The split, from one layer's attention ops timed alone.
-        q = jax.random.normal(jax.random.key(1), (1, n, h, d), jnp.bfloat16)
-        k = jax.random.normal(jax.random.key(2), (1, n, hk, d), jnp.bfloat16)
-        v = jax.random.normal(jax.random.key(3), (1, n, hk, d), jnp.bfloat16)
-        dense_ms = timing.time_call(jax.jit(pbs_jax.dense_attention), q, k, v)
-        fixed = jax.jit(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
-        fixed_ms = timing.time_call(fixed, q, k, v)
-        plan_ms = timing.time_call(jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg)), q, k)
-        rest = row.get("full", {}).get("ms", float("nan")) - layers * dense_ms
-        row["split"] = {
-            "attention_full_ms": layers * dense_ms,
-            "attention_pbs_fixed_ms": layers * fixed_ms,
-            "plan_ms": layers * plan_ms,
-            "rest_of_model_ms": rest,
-        }
+                if "peak_gib" in row["full"]:
+                    row[name]["peak_vs_full"] = row[name]["peak_gib"] / row["full"]["peak_gib"]
+        print(f"N={n}{gpus(row)} split: {row['split']}", flush=True)
         rows.append(row)
         timing.write_json(out / f"{output_name(args)}.json", {"rows": rows})  # keep what finished
-        del q, k, v, tokens
+        del tokens
     return {
         "stamp": timing.stamp(),
         "model": "llama-3.1-8b (random bf16 weights)",
         "cfg": dataclasses.asdict(cfg),
         "rows": rows,
     }
+
+
+def gemm_ceiling_tflops(size: int = 8192) -> float:
+    """The card's bf16 matmul rate (TFLOP/s): a square ``size``³ GEMM, jitted, warm."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+    ms = timing.time_call(jax.jit(lambda a, b: a @ b), a, a)
+    return 2 * size**3 / ms / 1e9
+
+
+def rest_of_model_flops(n: int, config: LlamaConfig, devices: int) -> float:
+    """Matmul FLOPs per device of everything but attention in an N-token prefill: the q/k/v/o
+    projections and the SwiGLU MLP of every layer (the last token's logits are negligible)."""
+    d, hd = config.d_model, config.head_dim
+    proj = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * config.ffn_dim
+    return 2.0 * n * proj * config.num_layers / devices
+
+
+def layer_split(n, density, cfg, config, mesh, row) -> dict:
+    """One layer's attention ops timed alone (on each device's own heads when ``mesh``) × layers:
+    full attention, PBS (b)'s attention (plan + lists + kernel) and its plan alone; the rest of
+    the model (a prefill minus its attention) beside its matmul FLOPs at the card's GEMM rate."""
+    h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
+
+    heads = P(None, None, sharding.AXIS, None)
+
+    def per_device(fn, out_spec=heads):
+        """``fn`` jitted, run by each device on its own heads when there is a mesh."""
+        if mesh:
+            fn = jax.shard_map(
+                fn, mesh=mesh, in_specs=(heads,) * 3, out_specs=out_spec, check_vma=False
+            )
+        return jax.jit(fn)
+
+    def operand(shape, key):
+        x = jax.random.normal(jax.random.key(key), shape, jnp.bfloat16)
+        return jax.device_put(x, NamedSharding(mesh, heads)) if mesh else x
+
+    q, k, v = operand((1, n, h, d), 1), operand((1, n, hk, d), 2), operand((1, n, hk, d), 3)
+    dense = per_device(pbs_jax.dense_attention)
+    fixed = per_device(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
+    # The plan's block mask [B, Hq, T, T]: heads on axis 1.
+    plan = per_device(
+        lambda q, k, v: pbs_jax.pbs_plan(q, k, cfg)[1], P(None, sharding.AXIS, None, None)
+    )
+    split = {
+        "attention_full_ms": layers * timing.time_call(dense, q, k, v, min_reps=2),
+        "attention_pbs_fixed_ms": layers * timing.time_call(fixed, q, k, v, min_reps=2),
+        "plan_ms": layers * timing.time_call(plan, q, k, v, min_reps=2),
+    }
+    devices = mesh.shape[sharding.AXIS] if mesh else 1
+    ceiling = gemm_ceiling_tflops()
+    split["gemm_ceiling_tflops"] = ceiling
+    split["rest_at_ceiling_ms"] = rest_of_model_flops(n, config, devices) / ceiling / 1e9
+    if "ms" in row.get("full", {}) and not row["full"].get("extrapolated"):
+        split["rest_of_model_ms"] = row["full"]["ms"] - split["attention_full_ms"]
+    elif "ms" in row.get("pbs_fixed", {}):
+        split["rest_of_model_ms"] = row["pbs_fixed"]["ms"] - split["attention_pbs_fixed_ms"]
+    return split
 
 
 def gpus(row) -> str:
@@ -168,54 +222,48 @@ def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
         'PBS (a): the real selector with impl="auto" (random weights give dense plans, so '
         "auto falls back to cuDNN). PBS (b): real permutation + selection computed, kernel at "
         "Llama-3.1-8B's measured density (paper Table 5). Split: one layer's ops timed "
-        "alone × 32. Peak: XLA's compiled memory of the whole prefill.",
+        "alone × 32 (on each GPU's own heads); PBS (b)'s attention includes its plan. Rest of "
+        "the model: a prefill minus its attention; in brackets, its matmul FLOPs at the "
+        "card's measured bf16 GEMM rate (a square 8192³ GEMM). ≈: the full prefill estimated "
+        "as PBS (b)'s with its attention swapped for full attention's, both timed alone on "
+        "one layer. Peak: XLA's compiled memory of the whole prefill, per GPU.",
         "",
         "| N | full ms | PBS (a) ms (density, ×) | PBS (b) ms (density, ×) | attention full / "
-        "PBS (b) ms | plan ms | rest of model ms | peak GiB full / (b) |",
+        "PBS (b) ms | plan ms | rest of model ms (at the GEMM ceiling) | peak GiB per GPU "
+        "full / (b) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
-        if not all("speedup_vs_full" in r.get(m, {}) for m in ("pbs_selector", "pbs_fixed")):
 
-            def cell(m):
-                x = r.get(m)
-                if x is None:
-                    return "not run"
-                if "error" in x:
-                    return x["error"][:60] + "…"
-                extra = (
-                    f" ({x['density']:.2f}, {x['speedup_vs_full']:.2f}×)"
-                    if "speedup_vs_full" in x and m != "full"
-                    else ""
-                )
-                return f"{x['ms']:.1f}{extra}"
+        def cell(m, r=r):
+            x = r.get(m)
+            if x is None:
+                return "not run"
+            if "error" in x:
+                return x["error"][:60] + "…"
+            approx = "≈ " if x.get("extrapolated") else ""
+            extra = (
+                f" ({x['density']:.2f}, {x['speedup_vs_full']:.2f}×)"
+                if "speedup_vs_full" in x and m != "full"
+                else ""
+            )
+            return f"{approx}{x['ms']:.1f}{extra}"
 
-            peak = " / ".join(
-                f"{r[m]['peak_gib']:.1f}"
-                for m in ("full", "pbs_fixed")
-                if "peak_gib" in r.get(m, {})
-            )
-            sp = r.get("split", {})
-            split = (
-                f"{sp['attention_full_ms']:.1f} / {sp['attention_pbs_fixed_ms']:.1f} | "
-                f"{sp['plan_ms']:.1f} | {sp['rest_of_model_ms']:.1f}"
-                if sp
-                else " | | "
-            )
-            lines.append(
-                f"| {r['n']}{gpus(r)} | "
-                + " | ".join(cell(m) for m in ("full", "pbs_selector", "pbs_fixed"))
-                + f" | {split} | {peak} |"
-            )
-            continue
-        a, b, s = r["pbs_selector"], r["pbs_fixed"], r["split"]
+        peak = " / ".join(
+            f"{r[m]['peak_gib']:.1f}" for m in ("full", "pbs_fixed") if "peak_gib" in r.get(m, {})
+        )
+        sp = r.get("split", {})
+        split = (
+            f"{sp['attention_full_ms']:.1f} / {sp['attention_pbs_fixed_ms']:.1f} | "
+            f"{sp['plan_ms']:.1f} | {sp.get('rest_of_model_ms', float('nan')):.1f}"
+            + (f" ({sp['rest_at_ceiling_ms']:.0f})" if "rest_at_ceiling_ms" in sp else "")
+            if sp
+            else " | | "
+        )
         lines.append(
-            f"| {r['n']}{gpus(r)} | {r['full']['ms']:.1f} | {a['ms']:.1f} ({a['density']:.2f}, "
-            f"{a['speedup_vs_full']:.2f}×) | {b['ms']:.1f} ({b['density']:.2f}, "
-            f"{b['speedup_vs_full']:.2f}×) | {s['attention_full_ms']:.1f} / "
-            f"{s['attention_pbs_fixed_ms']:.1f} | {s['plan_ms']:.1f} | "
-            f"{s['rest_of_model_ms']:.1f} | "
-            f"{r['full']['peak_gib']:.1f} / {b['peak_gib']:.1f} |"
+            f"| {r['n']}{gpus(r)} | "
+            + " | ".join(cell(m) for m in ("full", "pbs_selector", "pbs_fixed"))
+            + f" | {split} | {peak} |"
         )
     if payload.get("note"):
         lines += ["", payload["note"]]
@@ -276,6 +324,14 @@ def add_arguments(parser):
         default=["full", "pbs_selector", "pbs_fixed"],
         choices=["full", "pbs_selector", "pbs_fixed"],
         help="which prefills to time (default: all three)",
+    )
+    parser.add_argument(
+        "--extrapolate-full-above",
+        type=int,
+        default=0,
+        help="above this N, the full prefill is not run but estimated: PBS (b)'s prefill with "
+        "its per-layer attention and plan replaced by full attention, each timed alone on one "
+        "layer × layers (0: always run it)",
     )
 
 
