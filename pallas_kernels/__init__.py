@@ -8,17 +8,27 @@ Public API:
   block_sparse_attention(...)           the Triton kernel
   block_sparse_attention_mgpu(...)      the Mosaic GPU kernel
   mgpu_supported(q, block_size)         whether the Mosaic GPU kernel can run q here
-  block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...)
-                                        pure-jnp oracles of the two kernels' contracts
+  proxy_importance(q_proxy, k)          the planner's key importance, logits never in HBM
+  proxy_importance_supported(q_proxy, k)  whether proxy_importance takes these operands
+  ImportanceTiles, importance_tiles     proxy_importance's static tiling and its default
+  block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
+  proxy_importance_reference(...)       pure-jnp oracles of the kernels' contracts
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu, mgpu_supported
+from pallas_kernels.importance import (
+    ImportanceTiles,
+    importance_tiles,
+    proxy_importance,
+    proxy_importance_supported,
+)
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.reference import (
     block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
+    proxy_importance_reference,
 )
 from pallas_kernels.tiles import DEFAULT_TILES, TileConfig, get_tiles
 
@@ -30,6 +40,11 @@ __all__ = [
     "mgpu_supported",
     "block_sparse_attention_reference",
     "block_sparse_attention_mgpu_reference",
+    "proxy_importance",
+    "proxy_importance_supported",
+    "proxy_importance_reference",
+    "ImportanceTiles",
+    "importance_tiles",
     "TileConfig",
     "DEFAULT_TILES",
     "get_tiles",

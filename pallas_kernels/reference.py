@@ -1,5 +1,6 @@
-"""Pure-jnp oracles of the kernels' contracts: `block_sparse_attention` (Triton) and
-`block_sparse_attention_mgpu` (Mosaic GPU), each with its kernel's signature and semantics.
+"""Pure-jnp oracles of the kernels' contracts: `block_sparse_attention` (Triton),
+`block_sparse_attention_mgpu` (Mosaic GPU) and `proxy_importance`, each with its kernel's
+signature and semantics.
 
 It expands the block lists into a dense [B, Hq, N, N] boolean over (query row, key slot),
 applies the token mask, and runs an fp32 softmax. O(B * Hq * N^2) memory: for tests and small
@@ -17,7 +18,11 @@ from jax import lax
 
 from pallas_kernels import _checks
 
-__all__ = ["block_sparse_attention_reference", "block_sparse_attention_mgpu_reference"]
+__all__ = [
+    "block_sparse_attention_reference",
+    "block_sparse_attention_mgpu_reference",
+    "proxy_importance_reference",
+]
 
 
 def block_sparse_attention_reference(
@@ -167,3 +172,25 @@ def block_sparse_attention_mgpu_reference(
     p = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)  # every row sees itself
     out = jnp.einsum("bhij,bjhd->bihd", p, vv, precision=lax.Precision.HIGHEST)
     return out.astype(q.dtype)
+
+
+def proxy_importance_reference(q_proxy: jax.Array, k: jax.Array) -> jax.Array:
+    """Mean softmax probability that each key receives from the proxy rows, per query head.
+
+    The contract of ``pallas_kernels.proxy_importance`` (any shapes and dtypes here), and the
+    planner's importance proxy off GPU: the logits ``[B, Hkv, G, P, L]`` are materialised.
+
+    Args:
+      q_proxy: ``[B, P, Hq, D]``; k: ``[B, L, Hkv, D]``, Hq a multiple of Hkv (query head h
+        reads key head ``h // (Hq // Hkv)``).
+    Returns:
+      ``[B, Hq, L]`` float32: softmax over all L keys of ``q·k / √D`` (no causal mask, fp32
+      accumulation), averaged over the P rows.
+    """
+    b, p, hq, d = q_proxy.shape
+    l, hkv = k.shape[1], k.shape[2]
+    proxy = q_proxy.reshape(b, p, hkv, hq // hkv, d)
+    logits = jnp.einsum(
+        "bpkgd,blkd->bkgpl", proxy, k, preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(d))
+    return jax.nn.softmax(logits, axis=-1).mean(axis=-2).reshape(b, hq, l)

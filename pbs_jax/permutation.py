@@ -10,7 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import slot_order
+from pallas_kernels import (
+    proxy_importance,
+    proxy_importance_reference,
+    proxy_importance_supported,
+    slot_order,
+)
 from pbs_jax.config import PBSConfig
 
 # Rows of K/V in slot order ``[B, N, Hkv, D] → [B, N, Hp, D]``: one gather rule for the planner,
@@ -31,21 +36,23 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
       ``[B, Hp, G*S]`` float32, G = N // segment_size complete segments; Hp = Hq (replicate) or
       Hkv (shared: the group's per-head scores averaged). Softmax over complete-segment keys only,
       no causal mask, fp32, averaged over the proxy rows (official semantics).
+
+    One rule, two evaluations: on GPU the Pallas kernel ``proxy_importance`` (its logits never
+    reach HBM); elsewhere, and for shapes the kernel does not take, its pure-jnp statement
+    ``proxy_importance_reference`` (interpret mode would be slow inside the op).
     """
-    b, n, hq, d = q.shape
+    b, n, hq, _ = q.shape
     hkv = k.shape[2]
-    group = hq // hkv
     complete = (n // cfg.segment_size) * cfg.segment_size
     proxy = q[:, max(n - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
-    proxy = proxy.reshape(b, proxy.shape[1], hkv, group, d)
     keys = k[:, :complete]  # [B, L, Hkv, D]
-    logits = jnp.einsum(
-        "bpkgd,blkd->bkgpl", proxy, keys, preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(d))
-    probs = jax.nn.softmax(logits, axis=-1).mean(axis=-2)  # [B, Hkv, G, L]
+    if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
+        per_head = proxy_importance(proxy, keys)
+    else:
+        per_head = proxy_importance_reference(proxy, keys)  # [B, Hq, L]
     if cfg.gqa == "shared":
-        return probs.mean(axis=2)
-    return probs.reshape(b, hq, complete)
+        return per_head.reshape(b, hkv, hq // hkv, complete).mean(axis=2)
+    return per_head
 
 
 def segment_permutation(scores: jax.Array, seq_len: int, cfg: PBSConfig) -> jax.Array:

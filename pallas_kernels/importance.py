@@ -1,0 +1,325 @@
+"""Key importance of a query proxy without materialising its logits (Pallas/Triton).
+
+The planner orders each segment's keys by the mean softmax attention that a proxy of P query
+rows (the last few query blocks) pays them. Written with XLA, the logits ``[B, Hq, P, L]``
+float32 go through HBM: at L = 128K keys, P = 512 rows and 32 heads that is 8 GiB written and
+read back twice (softmax, then the row mean). Here they never leave the chip:
+
+* pass 1 (:func:`_row_stats_kernel`), grid ``(key splits, row tiles, B, Hq)``: one program
+  walks ``split_keys`` keys in ``block_keys`` tiles with an online softmax and writes each row's
+  running max and sum of exponentials over its split, ``[B, Hq, splits, P]`` (a few MiB at
+  128K). jnp combines the splits with a logsumexp: ``lse [B, Hq, P]``, one number per row;
+* pass 2 (:func:`_column_sums_kernel`), grid ``(key tiles, B, Hq)``: one program owns
+  ``block_keys`` keys, loops over the P rows in ``block_rows`` tiles (``lax.fori_loop``),
+  recomputes the logits tile and accumulates the column sums of ``exp(s - lse_row)``; dividing
+  by P gives the mean probability of each key.
+
+The logits are computed twice (2·P·L·D multiply-adds per head, against the XLA path's one pass
+plus ~3 HBM round trips of P·L floats), which is the usual trade of flash-style kernels. All
+accumulation is float32 (``preferred_element_type``); inputs stay in their own dtype. Softmax
+in base 2 (log2(e) folded into the scale), as in :mod:`block_sparse_attention`.
+
+The pure-jnp statement of the same contract is
+``pallas_kernels.reference.proxy_importance_reference``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+__all__ = [
+    "ImportanceTiles",
+    "importance_tiles",
+    "proxy_importance",
+    "proxy_importance_supported",
+]
+
+_LOG2E = math.log2(math.e)
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+_MAX_HEAD_DIM = 256
+# Initial running max of pass 1 (log2 units): finite so that exp2(_M_INIT - m) is an exact 0,
+# never inf - inf = NaN. Every split walks at least one key tile, so it is always replaced.
+_M_INIT = -1e30
+
+
+def _is_pow2(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceTiles:
+    """Static tiling of the two importance passes (hashable: a jit static argument).
+
+    block_rows: proxy rows per logits tile (pass 1: rows per program; pass 2: rows per loop
+                step). Must divide P.
+    block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program).
+                Must divide L.
+    split_keys: keys walked by one pass-1 program; L / split_keys splits (the last one may be
+                short) give the grid enough programs at long L while the partial statistics
+                stay small (``B·Hq·(L/split_keys)·P`` pairs of floats). A multiple of
+                block_keys.
+    num_warps, num_stages: Triton launch parameters of both passes.
+
+    Tiles are powers of two >= 16: Triton's ``tl.dot`` needs every dimension >= 16 and every
+    tensor dimension a power of two. The logits tile ``block_rows × block_keys`` float32 lives
+    in registers: 128 × 128 is 64 floats per thread at 8 warps.
+    """
+
+    block_rows: int = 128
+    block_keys: int = 128
+    split_keys: int = 4096
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_rows", "block_keys", "split_keys"):
+            val = getattr(self, name)
+            if not _is_pow2(val) or val < 16:
+                raise ValueError(
+                    f"ImportanceTiles.{name} must be a power of two >= 16, got {val!r}"
+                )
+        if self.split_keys < self.block_keys:
+            raise ValueError(
+                f"ImportanceTiles.split_keys={self.split_keys} must be a multiple of "
+                f"block_keys={self.block_keys} (a split walks whole key tiles)"
+            )
+        if not _is_pow2(self.num_warps) or self.num_warps > 32:
+            raise ValueError(
+                f"ImportanceTiles.num_warps must be a power of two in [1, 32], "
+                f"got {self.num_warps!r}"
+            )
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(
+                f"ImportanceTiles.num_stages must be an int >= 1, got {self.num_stages!r}"
+            )
+
+
+# Starting points, not measured (no benchmark yet): 128 × 128 tiles at 8 warps for 16-bit
+# inputs (the attention kernel's measured best for D 128 is the same shape); 64 × 64 at 4 warps
+# for float32 (IEEE dots, twice the register bytes per element).
+_DEFAULT_TILES = {
+    "bfloat16": ImportanceTiles(128, 128, num_warps=8, num_stages=2),
+    "float16": ImportanceTiles(128, 128, num_warps=8, num_stages=2),
+    "float32": ImportanceTiles(64, 64, num_warps=4, num_stages=2),
+}
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two dividing ``n`` and at most ``cap`` (both positive)."""
+    return min(n & -n, cap)
+
+
+def importance_tiles(num_rows: int, num_keys: int, dtype) -> ImportanceTiles:
+    """Default tiles for P proxy rows and L keys of ``dtype``, shrunk (never grown) to divide
+    P and L.
+
+    Raises:
+      ValueError: P or L not a multiple of 16 (no valid Triton tile divides it).
+    """
+    name = jnp.dtype(dtype).name
+    base = _DEFAULT_TILES.get(name, _DEFAULT_TILES["float32"])
+    for what, n in (("P (proxy rows)", num_rows), ("L (keys)", num_keys)):
+        if n <= 0 or n % 16:
+            raise ValueError(f"proxy_importance needs {what} a positive multiple of 16, got {n}")
+    return dataclasses.replace(
+        base,
+        block_rows=_largest_pow2_divisor(num_rows, base.block_rows),
+        block_keys=_largest_pow2_divisor(num_keys, base.block_keys),
+    )
+
+
+def _validate(q_proxy, k, tiles) -> ImportanceTiles:
+    """Check the contract (static: shapes and dtypes); return the tiles to use."""
+    for name, x in (("q_proxy", q_proxy), ("k", k)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be a 4-d array [B, rows, heads, D], got {x!r:.80}")
+        if jnp.dtype(x.dtype).name not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    b, p, hq, d = q_proxy.shape
+    kb, l, hkv, kd = k.shape
+    if q_proxy.dtype != k.dtype:
+        raise ValueError(f"q_proxy and k must share a dtype, got {q_proxy.dtype} and {k.dtype}")
+    if kb != b:
+        raise ValueError(f"q_proxy and k must share the batch size, got {b} and {kb}")
+    if kd != d:
+        raise ValueError(f"q_proxy and k must share the head dim, got {d} and {kd}")
+    if hkv <= 0 or hq % hkv:
+        raise ValueError(f"Hq={hq} (q_proxy) must be a positive multiple of Hkv={hkv} (k)")
+    if not _is_pow2(d) or not 16 <= d <= _MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim must be a power of two in [16, {_MAX_HEAD_DIM}] (a Triton dot operand), "
+            f"got {d}"
+        )
+    if tiles is None:
+        return importance_tiles(p, l, q_proxy.dtype)
+    if not isinstance(tiles, ImportanceTiles):
+        raise ValueError(f"tiles must be an ImportanceTiles or None, got {type(tiles).__name__}")
+    if p % tiles.block_rows:
+        raise ValueError(f"tiles.block_rows={tiles.block_rows} must divide P={p} (proxy rows)")
+    if l % tiles.block_keys:
+        raise ValueError(f"tiles.block_keys={tiles.block_keys} must divide L={l} (keys)")
+    return tiles
+
+
+def proxy_importance_supported(q_proxy, k) -> bool:
+    """Whether :func:`proxy_importance` accepts these operands with its default tiles."""
+    try:
+        _validate(q_proxy, k, None)
+    except ValueError:
+        return False
+    return True
+
+
+def proxy_importance(
+    q_proxy: jax.Array,
+    k: jax.Array,
+    *,
+    tiles: ImportanceTiles | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Mean softmax probability that each key receives from the proxy rows, per query head.
+
+    ``out[b, h, j] = (1/P) Σ_i softmax_j(q_proxy[b, i, h] · k[b, j, h // (Hq/Hkv)] / √D)``:
+    softmax over all L keys (no causal mask), averaged over the P rows, float32.
+
+    Args:
+      q_proxy: ``[B, P, Hq, D]`` proxy queries, P a multiple of 16.
+      k: ``[B, L, Hkv, D]`` keys, L a multiple of 16, Hq a multiple of Hkv, same dtype as
+        q_proxy (float32, bfloat16 or float16); D a power of two in [16, 256].
+      tiles: :class:`ImportanceTiles`; default :func:`importance_tiles` (P, L, dtype).
+      interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
+
+    Returns:
+      ``[B, Hq, L]`` float32.
+
+    Raises:
+      ValueError: bad ranks, dtypes, shapes, head counts, head dim or tiles (the message names
+        the argument and the rule).
+    """
+    tiles = _validate(q_proxy, k, tiles)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _proxy_importance(q_proxy, k, tiles=tiles, interpret=bool(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def _proxy_importance(q_proxy, k, *, tiles: ImportanceTiles, interpret: bool):
+    b, p, hq, d = q_proxy.shape
+    l, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bm, bn = tiles.block_rows, tiles.block_keys
+    split_keys = min(tiles.split_keys, pl.cdiv(l, bn) * bn)  # never longer than L itself
+    num_splits = pl.cdiv(l, split_keys)
+    common = dict(
+        qk_scale=_LOG2E / math.sqrt(d),
+        precision=lax.Precision.HIGHEST if q_proxy.dtype == jnp.float32 else None,
+    )
+    compiler_params = plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+    def kv_head(h):
+        return lax.div(h, group)  # lax.div, as jax ops do for program-id math
+
+    # Pass 1: per (split, row tile, batch, head) the running max and exp-sum of its split.
+    stats_shape = jax.ShapeDtypeStruct((b, hq, num_splits, p), jnp.float32)
+    stats_spec = pl.BlockSpec((None, None, None, bm), lambda s, r, bi, h: (bi, h, s, r))
+    row_max, row_sum = pl.pallas_call(
+        functools.partial(
+            _row_stats_kernel,
+            block_keys=bn,
+            split_tiles=split_keys // bn,
+            num_key_tiles=l // bn,
+            **common,
+        ),
+        out_shape=(stats_shape, stats_shape),
+        grid=(num_splits, p // bm, b, hq),
+        in_specs=[
+            pl.BlockSpec((None, bm, None, d), lambda s, r, bi, h: (bi, r, h, 0)),
+            # The whole key sequence of one kv head: only a base pointer for Triton; the loop
+            # addresses its tiles.
+            pl.BlockSpec((None, l, None, d), lambda s, r, bi, h: (bi, 0, kv_head(h), 0)),
+        ],
+        out_specs=(stats_spec, stats_spec),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name=f"pbs_importance_stats_m{bm}_n{bn}",
+    )(q_proxy, k)
+
+    # Splits → one log2-sum-exp2 per row, [B, Hq, P] (tiny: no kernel needed).
+    top = row_max.max(axis=2)
+    lse = top + jnp.log2(jnp.sum(row_sum * jnp.exp2(row_max - top[:, :, None]), axis=2))
+
+    # Pass 2: per (key tile, batch, head) the column sums of the probabilities over all rows.
+    return pl.pallas_call(
+        functools.partial(
+            _column_sums_kernel, block_rows=bm, num_row_tiles=p // bm, inv_rows=1.0 / p, **common
+        ),
+        out_shape=jax.ShapeDtypeStruct((b, hq, l), jnp.float32),
+        grid=(l // bn, b, hq),
+        in_specs=[
+            pl.BlockSpec((None, p, None, d), lambda j, bi, h: (bi, 0, h, 0)),
+            pl.BlockSpec((None, bn, None, d), lambda j, bi, h: (bi, j, kv_head(h), 0)),
+            pl.BlockSpec((None, None, p), lambda j, bi, h: (bi, h, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, bn), lambda j, bi, h: (bi, h, j)),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name=f"pbs_importance_columns_m{bm}_n{bn}",
+    )(q_proxy, k, lse)
+
+
+def _row_stats_kernel(
+    q_ref, k_ref, max_ref, sum_ref, *, block_keys, split_tiles, num_key_tiles, qk_scale, precision
+):
+    """One program: ``block_rows`` proxy rows against the key tiles of one split.
+
+    q_ref [bm, D], k_ref [L, D]; max_ref, sum_ref [bm] (log2 units: the row max of
+    s = q·k·log2(e)/√D over the split, and Σ exp2(s - max)).
+    """
+    first = pl.program_id(0) * split_tiles
+    # The last split may be short; every split holds at least one tile.
+    count = jnp.minimum(split_tiles, num_key_tiles - first)
+    q = q_ref[...]
+
+    def step(t, carry):
+        m_prev, l_prev = carry
+        keys = k_ref[pl.ds((first + t) * block_keys, block_keys), :]
+        s = jnp.dot(q, keys.T, precision=precision, preferred_element_type=jnp.float32)
+        s = s * qk_scale  # [bm, bn]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        l_new = l_prev * jnp.exp2(m_prev - m_new) + jnp.sum(jnp.exp2(s - m_new[:, None]), axis=1)
+        return m_new, l_new
+
+    bm = q.shape[0]
+    carry = (jnp.full((bm,), _M_INIT, jnp.float32), jnp.zeros((bm,), jnp.float32))
+    m, l = lax.fori_loop(0, count, step, carry)
+    max_ref[...] = m
+    sum_ref[...] = l
+
+
+def _column_sums_kernel(
+    q_ref, k_ref, lse_ref, out_ref, *, block_rows, num_row_tiles, inv_rows, qk_scale, precision
+):
+    """One program: ``block_keys`` keys against all P proxy rows, ``block_rows`` at a time.
+
+    q_ref [P, D], k_ref [bn, D], lse_ref [P] (log2 units), out_ref [bn]: the mean over rows of
+    exp2(s - lse_row), i.e. of the row softmax over all L keys.
+    """
+    keys = k_ref[...]
+
+    def step(r, acc):
+        start = r * block_rows
+        q = q_ref[pl.ds(start, block_rows), :]
+        lse = lse_ref[pl.ds(start, block_rows)]
+        s = jnp.dot(q, keys.T, precision=precision, preferred_element_type=jnp.float32)
+        return acc + jnp.sum(jnp.exp2(s * qk_scale - lse[:, None]), axis=0)
+
+    acc = lax.fori_loop(0, num_row_tiles, step, jnp.zeros((keys.shape[0],), jnp.float32))
+    out_ref[...] = acc * inv_rows

@@ -1,0 +1,263 @@
+"""The planner's kernels and sort-free rules against their oracles.
+
+- ``proxy_importance`` (Pallas, interpret mode here) against ``proxy_importance_reference``, and
+  the segment permutation it induces against the reference importances;
+- ``key_importance``'s GPU path (the kernel) against its CPU path (the reference), both GQA modes;
+- the sort-free ``top_p_blocks`` against the sort-based rule it replaced (kept here only as the
+  oracle), mask for mask, on many random rows with ties, zeros and empty rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (
+    ImportanceTiles,
+    importance_tiles,
+    proxy_importance,
+    proxy_importance_reference,
+    proxy_importance_supported,
+)
+from pbs_jax import PBSConfig, permutation, selection
+from tests.conftest import make_qkv
+
+HEAD_DIM = 16  # small: interpret mode runs every tile's dot on the CPU
+SEGMENT = 256
+
+# --------------------------------------------------------------------------------------------
+# proxy_importance
+# --------------------------------------------------------------------------------------------
+
+# (dtype, P rows, L keys, GQA group, tiles): every P, L, GQA and dtype of the contract, the
+# default tiles and pass 1 in several splits (the last one short: 768 keys in splits of 512).
+IMPORTANCE_CASES = [
+    ("float32", 128, 768, 3, None),
+    ("float32", 256, 256, 1, ImportanceTiles(64, 64, split_keys=128, num_warps=4)),
+    ("bfloat16", 256, 768, 3, ImportanceTiles(128, 128, split_keys=512)),
+    ("bfloat16", 128, 256, 1, None),
+]
+BATCH, MAX_ROWS, Q_HEADS, KV_HEADS = 2, 3 * SEGMENT, 6, 2
+
+
+def _qk(dtype):
+    """One draw (a single compile of the conftest sampler) that every case slices:
+    ``q [2, 768, 6, 16]``, ``k [2, 768, 2, 16]``, with heavy-hitter keys."""
+    q, k, _ = make_qkv(7, BATCH, MAX_ROWS, Q_HEADS, KV_HEADS, HEAD_DIM)
+    return q.astype(dtype), k.astype(dtype)
+
+
+@functools.cache
+def _importance_pair(dtype: str, p: int, l: int, group: int, tiles):
+    """(kernel, reference) importances ``[B, Hq, L]`` of one case, computed once per session."""
+    q, k = _qk(jnp.dtype(dtype))
+    q_proxy, keys = q[:, -p:, : KV_HEADS * group], k[:, :l]
+    kernel = proxy_importance(q_proxy, keys, tiles=tiles, interpret=True)
+    return np.asarray(kernel), np.asarray(proxy_importance_reference(q_proxy, keys))
+
+
+@pytest.mark.parametrize("dtype,p,l,group,tiles", IMPORTANCE_CASES)
+def test_proxy_importance_matches_reference(dtype, p, l, group, tiles):
+    kernel, reference = _importance_pair(dtype, p, l, group, tiles)
+    chex.assert_shape(kernel, (BATCH, KV_HEADS * group, l))
+    assert kernel.dtype == np.float32
+    chex.assert_trees_all_close(kernel, reference, rtol=1e-5, atol=1e-9)
+    # Each row's softmax sums to 1, so does their mean.
+    chex.assert_trees_all_close(kernel.sum(-1), np.ones(kernel.shape[:2]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,p,l,group,tiles", IMPORTANCE_CASES)
+def test_kernel_permutation_sorts_reference_importance(dtype, p, l, group, tiles):
+    """The kernel's order equals the reference's up to ties: the reference importances read in
+    the kernel's slot order never increase inside a segment (beyond float noise)."""
+    kernel, reference = _importance_pair(dtype, p, l, group, tiles)
+    cfg = PBSConfig(segment_size=SEGMENT)
+    perm = np.asarray(permutation.segment_permutation(jnp.asarray(kernel), l, cfg))
+    in_kernel_order = np.take_along_axis(reference, perm, axis=-1)
+    steps = np.diff(in_kernel_order.reshape(*reference.shape[:2], l // SEGMENT, SEGMENT), axis=-1)
+    assert steps.max() <= 1e-6
+
+
+@pytest.mark.parametrize("gqa", ["replicate", "shared"])
+def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa):
+    """``key_importance`` on GPU (the kernel, run here in interpret mode) equals its CPU path
+    (the reference), in both GQA modes: one semantics, two evaluations. (The kernel's shapes
+    are the first importance case's: no new compile.)"""
+    cfg = PBSConfig(block_size=32, segment_size=SEGMENT, proxy_blocks=4, gqa=gqa)  # P = 128
+    q, k = _qk(jnp.float32)  # N = L = 768, GQA 3
+    on_cpu = permutation.key_importance(q, k, cfg)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(
+        permutation, "proxy_importance", functools.partial(proxy_importance, interpret=True)
+    )
+    on_gpu = permutation.key_importance(q, k, cfg)
+    chex.assert_shape(on_gpu, (BATCH, cfg.num_perm_heads(Q_HEADS, KV_HEADS), MAX_ROWS))
+    chex.assert_trees_all_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-9)
+
+
+def test_default_tiles_shrink_to_divide():
+    assert importance_tiles(512, 131072, jnp.bfloat16) == ImportanceTiles(128, 128)
+    tiles = importance_tiles(48, 96, jnp.float32)
+    assert (tiles.block_rows, tiles.block_keys) == (16, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        importance_tiles(40, 256, jnp.float32)
+
+
+def _operands(b=1, p=32, hq=2, d=16, l=64, hkv=1, dtype=jnp.float32, k_dtype=None):
+    q = jnp.zeros((b, p, hq, d), dtype)
+    k = jnp.zeros((b, l, hkv, d), k_dtype or dtype)
+    return q, k
+
+
+@pytest.mark.parametrize(
+    "operands,tiles,match",
+    [
+        (_operands(p=40), None, "P \\(proxy rows\\)"),
+        (_operands(l=72), None, "L \\(keys\\)"),
+        (_operands(hq=3, hkv=2), None, "multiple of Hkv"),
+        (_operands(d=24), None, "head dim"),
+        (_operands(k_dtype=jnp.bfloat16), None, "share a dtype"),
+        (_operands(dtype=jnp.int32), None, "dtype must be"),
+        ((jnp.zeros((32, 2, 16)), jnp.zeros((1, 64, 1, 16))), None, "4-d"),
+        (_operands(p=32), ImportanceTiles(64, 16), "block_rows=64 must divide P=32"),
+        (_operands(l=64), ImportanceTiles(16, 128), "block_keys=128 must divide L=64"),
+        (_operands(), "tiles", "ImportanceTiles or None"),
+    ],
+)
+def test_proxy_importance_rejects_bad_operands(operands, tiles, match):
+    with pytest.raises(ValueError, match=match):
+        proxy_importance(*operands, tiles=tiles, interpret=True)
+    if tiles is None:
+        assert not proxy_importance_supported(*operands)
+
+
+def test_bad_tiles_are_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        ImportanceTiles(block_rows=48)
+    with pytest.raises(ValueError, match="split_keys"):
+        ImportanceTiles(block_keys=128, split_keys=64)
+    with pytest.raises(ValueError, match="num_warps"):
+        ImportanceTiles(num_warps=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Sort-free top-p
+# --------------------------------------------------------------------------------------------
+
+
+def sorted_top_p_oracle(probs, allowed, threshold):
+    """The sort-based rule ``top_p_blocks`` used before (the oracle only): sort each row, keep the
+    sorted prefix whose mass before each position is < threshold, cut at its last value."""
+    if threshold >= 1.0:
+        return jnp.broadcast_to(allowed, probs.shape)
+    sorted_probs = -jnp.sort(-probs, axis=-1)
+    mass = jnp.cumsum(sorted_probs, axis=-1)
+    mass_before = jnp.concatenate([jnp.zeros_like(mass[..., :1]), mass[..., :-1]], axis=-1)
+    keep_count = jnp.sum(mass_before < threshold, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_probs, keep_count - 1, axis=-1)
+    return allowed & (probs >= cutoff)
+
+
+THRESHOLDS = [0.5, 0.88, 0.9, 0.95, 1.0]
+_sort_free = jax.jit(selection.top_p_blocks, static_argnums=2)
+_sorted = jax.jit(sorted_top_p_oracle, static_argnums=2)
+
+
+def _random_rows(rng, rows, t, kind):
+    """``probs [rows, T]`` float32 (0 where not allowed) and ``allowed [rows, T]``.
+
+    kinds: ``softmax`` (random logits of random spread, renormalised over the allowed blocks),
+    ``ties`` (sixty-fourths summing to 1: many exact ties across the cut) and ``dyadic``
+    (multiples of 1/16, not normalised): every partial sum exact in float32, so the masks must
+    agree whatever the order of the additions, even where a mass equals the threshold;
+    ``sparse`` (mostly exact zeros, renormalised).
+    Each row allows a random prefix of random length (1 to T: the blocks after it are zeros
+    that are not allowed, as the causal rows of a selection) at a random density, including
+    rows with nothing allowed.
+    """
+    density = rng.choice([0.0, 0.2, 0.5, 0.9, 1.0], size=(rows, 1))
+    length = rng.integers(1, t + 1, size=(rows, 1))  # rows of every length share one shape
+    allowed = (rng.random((rows, t)) < density) & (np.arange(t) < length)
+    if kind == "softmax":
+        logits = rng.normal(size=(rows, t)) * rng.choice([0.1, 1.0, 4.0, 20.0], size=(rows, 1))
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+    elif kind == "ties":  # 64 sixty-fourths dealt to the allowed blocks: exact sums, ties
+        shares = np.where(allowed, rng.random((rows, t)) ** 3, 0.0)
+        shares = shares / np.maximum(shares.sum(-1, keepdims=True), 1e-300)
+        weights = np.stack([rng.multinomial(64, row) if row.any() else row for row in shares])
+        weights = weights / 64.0
+    elif kind == "dyadic":
+        weights = rng.integers(0, 17, size=(rows, t)) / 16.0
+    else:  # sparse
+        weights = rng.random((rows, t)) * (rng.random((rows, t)) < 0.15)
+    weights = np.where(allowed, weights, 0.0)
+    if kind in ("softmax", "sparse"):
+        total = weights.sum(-1, keepdims=True)
+        weights = weights / np.where(total > 0, total, 1.0)
+    return jnp.asarray(weights, jnp.float32), jnp.asarray(allowed)
+
+
+def _decided_by_rounding(probs, threshold):
+    """``[rows]`` bool: rows where some mass before a sorted position lies within float32
+    rounding of the threshold in exact arithmetic (float64 here). Both rules then decide by the
+    rounding of their own order of additions (sorted cumulative sum vs masked row sum), so
+    neither answer is the rule's; every other row must agree exactly."""
+    if threshold >= 1.0:
+        return np.zeros(probs.shape[0], bool)
+    sorted_probs = -np.sort(-np.asarray(probs, np.float64), axis=-1)
+    mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+    return np.any(np.abs(mass_before - threshold) < 1e-6, axis=-1)
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_sort_free_top_p_equals_sorted_rule(threshold):
+    rng = np.random.default_rng(int(threshold * 100))
+    for kind in ("softmax", "ties", "dyadic", "sparse"):
+        probs, allowed = _random_rows(rng, 4000, 48, kind)
+        sort_free = np.asarray(_sort_free(probs, allowed, threshold))
+        oracle = np.asarray(_sorted(probs, allowed, threshold))
+        # Dyadic rows add exactly: no row may differ. Elsewhere only rows whose exact partial
+        # masses come within rounding of the threshold (next to none) are left out.
+        exact = kind in ("ties", "dyadic")
+        ambiguous = _decided_by_rounding(probs, threshold) & (not exact)
+        assert np.mean(ambiguous) < 0.002, kind
+        np.testing.assert_array_equal(
+            np.where(ambiguous[..., None], False, sort_free),
+            np.where(ambiguous[..., None], False, oracle),
+            err_msg=f"{kind} rows, threshold={threshold}",
+        )
+
+
+@hypothesis.given(
+    st.lists(st.integers(0, 8), min_size=12, max_size=12),
+    st.lists(st.booleans(), min_size=12, max_size=12),
+    st.sampled_from(THRESHOLDS),
+)
+@hypothesis.settings(max_examples=200, deadline=None)
+def test_sort_free_top_p_on_tied_rows(levels, allowed, threshold):
+    """Rows of eighths (exact sums; ties everywhere), allowed anywhere, zeros elsewhere."""
+    allowed = np.asarray(allowed)
+    probs = jnp.asarray(np.where(allowed, np.asarray(levels) / 8.0, 0.0), jnp.float32)[None]
+    allowed = jnp.asarray(allowed)[None]
+    np.testing.assert_array_equal(
+        np.asarray(_sort_free(probs, allowed, threshold)),
+        np.asarray(_sorted(probs, allowed, threshold)),
+    )
+
+
+def test_sort_free_top_p_broadcasts_allowed_over_heads():
+    """``allowed [T, T]`` against ``probs [B, H, T, T]``, as ``select_from_probabilities``."""
+    rng = np.random.default_rng(3)
+    probs = jnp.asarray(rng.dirichlet(np.ones(9) * 0.3, size=(2, 3, 9)), jnp.float32)
+    allowed = jnp.asarray(np.tril(np.ones((9, 9), bool)))
+    probs = jnp.where(allowed, probs, 0.0)
+    np.testing.assert_array_equal(
+        np.asarray(_sort_free(probs, allowed, 0.9)), np.asarray(_sorted(probs, allowed, 0.9))
+    )
