@@ -1,11 +1,13 @@
 """Capture real attention inputs for bench_kernel: post-RoPE q/k/v of SmolLM2 on real text.
 
-  python -m experiments.capture_qkv                       # → experiments/results/smollm2_qkv_8k.npz
+  python -m experiments.capture_qkv                  # → ./smollm2_qkv_8k.npz (layers 0 and 29)
   python -m experiments.capture_qkv --layers 4 --out x.npz
 
-Runs the pretrained model (dense attention; a few minutes on 2 CPU cores at 8K, no GPU needed)
-on the first 8192 tokens of a real text and keeps a few layers spread over depth as bfloat16:
-``python -m experiments.bench_kernel --captured PATH`` times ``impl="auto"`` on them.
+Runs the pretrained model (dense attention, float32; ~5 CPU-minutes at 8K, no GPU needed) on the
+first 8192 tokens of a real text (the prose of experiments/lib/probes.load_texts) and keeps a few
+layers spread over depth as bfloat16: 15 MiB per layer (q 9 heads, k and v 3 heads, D=64), so
+the default 2 layers stay at 30 MiB (4 layers: 60 MiB). Not committed: carry it to the GPU, where
+``python -m experiments.bench_kernel --captured PATH`` times ``impl="auto"`` on it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from experiments.lib import capture
 from experiments.lib.cli import int_at_least, step
 from experiments.lib.forward import load_runner
 
-DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "smollm2_qkv_8k.npz"
+DEFAULT_OUT = pathlib.Path("smollm2_qkv_8k.npz")
 
 
 def main(argv=None):

@@ -204,9 +204,15 @@ def choose(
 def floor_density(seq_len: int, cfg: PBSConfig) -> float:
     """The least density any plan can have: the forced blocks alone (own segment, sink, dense
     tail), from the static block grid (a Python float, also under jit)."""
-    with jax.ensure_compile_time_eval():
-        forced = selection.forced_blocks(identity_permutation(1, 1, seq_len), 1, cfg)
-        return float(blocks.density(forced).reshape(()))
+    with jax.ensure_compile_time_eval():  # concrete even while the op is being traced
+        return float(_forced_density(seq_len, cfg))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forced_density(seq_len: int, cfg: PBSConfig) -> jax.Array:
+    # One compiled call: op by op, each grid op would compile on its own for every new N.
+    forced = selection.forced_blocks(identity_permutation(1, 1, seq_len), 1, cfg)
+    return blocks.density(forced).reshape(())
 
 
 def estimate_config(cfg: PBSConfig) -> PBSConfig:
