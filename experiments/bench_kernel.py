@@ -1,17 +1,29 @@
-"""Kernel and whole-op benchmark of PBS attention against cuDNN, side by side on one card.
+"""Kernel and whole-op benchmark of PBS attention against cuDNN, side by side on one card, and
+the measurement of ``impl="auto"``'s cost table (pbs_jax/cost_model.py).
 
 Run on a GPU (one call does everything: correctness first, then timing, then the report):
-  python -m experiments.bench_kernel            # writes $OUT/bench_kernel.json (+ .md, .png)
+  python -m experiments.capture_qkv --out qkv.npz   # once, on any machine (CPU: a few minutes)
+  python -m experiments.bench_kernel --captured qkv.npz
+                                     # writes $OUT/bench_kernel.json (+ .md, .png) and prints the
+                                     # cost table's Python literal for pbs_jax/cost_model.py
   python -m experiments.bench_kernel --report experiments/results/bench_kernel.json
                                                 # re-renders the markdown table and the plots
+  python -m experiments.bench_kernel --smoke    # the script's logic on CPU (tiny, untimed)
 
 Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
   * cuDNN: jax.nn.dot_product_attention(implementation="cudnn", is_causal=True);
   * our kernels at 100% density (every causal block listed) and at fixed densities 10/20/40%
     (random earlier-segment blocks plus the always-computed own-segment blocks): the Triton
     kernel and the Mosaic GPU kernel (Hopper);
-  * the whole op, pbs_attention(impl="pallas"), on inputs with planted local + heavy-hitter
-    structure (experiments/lib/synthetic.py), its time split by stage.
+  * the plan stage by stage, each jitted alone on its real inputs (structured input): proxy,
+    permutation sort, block scores, top-p selection, index lists, the whole plan as one jit,
+    ``impl="auto"``'s estimate stage and the K/V slot-order copy before the Mosaic kernel;
+  * the whole op, pbs_attention(impl="pallas"), on structured input;
+  * ``impl="auto"`` on four input families against min(cuDNN, kernel at the plan's density):
+    random (``random_qkv``), structured (``structured_qkv``), weakly structured (the same with
+    ``structure=WEAK_STRUCTURE``: plans of density ~0.9) and q/k/v captured from SmolLM2
+    (``--captured``: its own shape, 2+ layers as the batch, D=64, 9/3 heads, timed at its own
+    length only, 8K).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import statistics
 import sys
 
 import jax
@@ -27,15 +40,33 @@ import jax.numpy as jnp
 import numpy as np
 
 import pbs_jax
-from experiments.lib import kernels, timing
+from experiments.lib import capture, kernels, timing
 from experiments.lib.metrics import rel_err
 from experiments.lib.report import pyplot, save_figure
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import get_tiles, mgpu_supported
-from pbs_jax import PBSConfig, blocks, permutation, selection
+from pbs_jax import PBSConfig, blocks, cost_model, permutation, selection
 
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 DENSITIES = (0.1, 0.2, 0.4)
+FAMILIES = ("random", "structured", "weak", "captured")
+# structured_qkv's planted logits scaled by this: PBS plans of density ~0.88 at 8K and 32K
+# (PBSConfig.paper(), measured on CPU with 8/2 heads), as inputs with weak structure give.
+WEAK_STRUCTURE = 0.1
+# From this length on each call is timed fewer times (a call takes 50-250 ms there).
+LONG = 65536
+# Estimates leaving out fewer blocks than this fraction say nothing about the gain (noise).
+MIN_LEFT_OUT = 0.02
+
+
+def timer(n: int, smoke: bool = False):
+    """``time(fn, *args) -> ms`` for length ``n``: fewer repeats at long lengths; one untimed-
+    quality run per call in smoke mode (the script's logic on CPU)."""
+    if smoke:
+        return functools.partial(timing.time_call, min_reps=1, max_reps=1, budget_s=0.0)
+    if n >= LONG:
+        return functools.partial(timing.time_call, min_reps=3, budget_s=1.0)
+    return timing.time_call
 
 
 def mgpu_fn(cfg):
@@ -53,6 +84,42 @@ def op_kernel_fn(cfg):
             q, k, v, perm, blocks.BlockLists(*lists), cfg
         )
     )
+
+
+@functools.cache
+def op_fns(cfg: PBSConfig) -> dict:
+    """Every jitted function the bench times, built once per configuration (so each compiles
+    once per shape)."""
+
+    def stage(fn):
+        return jax.jit(functools.partial(fn, cfg=cfg))
+
+    return {
+        "proxy": stage(permutation.key_importance),
+        "permutation": jax.jit(
+            lambda scores, n: permutation.segment_permutation(scores, n, cfg), static_argnums=1
+        ),
+        "block_scores": stage(selection.block_probabilities),
+        "top_p": stage(selection.select_from_probabilities),
+        "lists": stage(blocks.index_lists),
+        "plan": jax.jit(
+            lambda q, k: (lambda perm, mask: (perm, blocks.index_lists(mask, cfg)))(
+                *pbs_jax.pbs_plan(q, k, cfg)
+            )
+        ),
+        "estimate": stage(cost_model.estimate_density),
+        "kv_copy": jax.jit(
+            lambda k, v, perm: (permutation.gather_keys(k, perm), permutation.gather_keys(v, perm))
+        ),
+        "op_kernel": op_kernel_fn(cfg),
+        "pallas": jax.jit(
+            functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="pallas", return_aux=True)
+        ),
+        "auto": jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto")),
+        "auto_aux": jax.jit(
+            functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto", return_aux=True)
+        ),
+    }
 
 
 def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
@@ -79,12 +146,74 @@ def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
     }
 
 
-def bench_length(n, args, cfg):
+def plan_stages(q, k, v, cfg, time) -> dict:
+    """Each plan stage jitted alone on its real inputs (ms), the whole plan as one jit, the
+    estimate stage of ``impl="auto"`` and the K/V slot-order copy the Mosaic kernel needs."""
+    fns = op_fns(cfg)
+    n = q.shape[1]
+    scores = fns["proxy"](q, k)
+    perm = fns["permutation"](scores, n)
+    probs = fns["block_scores"](q, k, perm)
+    mask = fns["top_p"](probs, perm)
+    return {
+        "proxy_ms": time(fns["proxy"], q, k),
+        "permutation_ms": time(fns["permutation"], scores, n),
+        "block_scores_ms": time(fns["block_scores"], q, k, perm),
+        "top_p_ms": time(fns["top_p"], probs, perm),
+        "lists_ms": time(fns["lists"], mask),
+        "plan_ms": time(fns["plan"], q, k),
+        "estimate_ms": time(fns["estimate"], q, k),
+        "kv_copy_ms": time(fns["kv_copy"], k, v, perm),
+    }
+
+
+def family_inputs(name: str, n: int, args, captured):
+    """(q, k, v) of an input family at length n, or None where the family has no input there
+    (the captured q/k/v exist at their own length only)."""
     b, h, hk, d = 1, args.heads, args.kv_heads, args.dim
+    if name == "random":
+        return kernels.random_qkv(jax.random.key(n), b, n, h, hk, d)
+    if name == "structured":
+        return structured_qkv(jax.random.key(n + 1), b, n, h, hk, d, jnp.bfloat16)
+    if name == "weak":
+        return structured_qkv(
+            jax.random.key(n + 2), b, n, h, hk, d, jnp.bfloat16, structure=WEAK_STRUCTURE
+        )
+    if name == "captured":
+        return captured if captured is not None and captured[0].shape[1] == n else None
+    raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
+
+
+def family_row(q, k, v, cfg, cudnn_ms, time) -> dict:
+    """``impl="auto"`` on one input against the best of its two choices, cuDNN and the kernel at
+    the plan's density (the plan not counted: the target is an auto as fast as the faster)."""
+    fns = op_fns(cfg)
+    _, aux = fns["pallas"](q, k, v)
+    lists = fns["lists"](aux.block_mask)
+    kernel_ms = time(fns["op_kernel"], q, k, v, aux.perm, *lists)
+    auto_ms = time(fns["auto"], q, k, v)
+    best = min(cudnn_ms, kernel_ms)
+    return {
+        "shape": list(q.shape) + [k.shape[2]],
+        "density": float(aux.density),
+        "estimate_density": float(fns["estimate"](q, k)),
+        "cudnn_ms": cudnn_ms,
+        "kernel_ms": kernel_ms,
+        "auto_ms": auto_ms,
+        "auto_sparse": bool(fns["auto_aux"](q, k, v)[1].sparse),
+        "best_ms": best,
+        "auto_vs_best": best / auto_ms,
+    }
+
+
+def bench_length(n, args, cfg, captured=None):
+    b, h, hk, d = 1, args.heads, args.kv_heads, args.dim
+    time = timer(n, args.smoke)
+    fns = op_fns(cfg)
     q, k, v = kernels.random_qkv(jax.random.key(n), b, n, h, hk, d)
     t = pbs_jax.num_blocks(n, cfg.block_size)
     row = {"n": n}
-    row["cudnn_ms"] = timing.time_call(kernels.cudnn_attention, q, k, v)
+    row["cudnn_ms"] = time(kernels.cudnn_attention, q, k, v)
     row["cudnn_tflops"] = kernels.causal_tflops(b, h, n, d, row["cudnn_ms"])
     ident = permutation.identity_permutation(b, h, n)
     contenders = {"kernel": kernels.triton_kernel(cfg)}
@@ -94,7 +223,7 @@ def bench_length(n, args, cfg):
         mask = blocks.fixed_density_mask(jax.random.key(7), (b, h, t), target, cfg)
         lists = blocks.index_lists(mask, cfg)
         for name, run in contenders.items():
-            ms = timing.time_call(run, q, k, v, ident, *lists)
+            ms = time(run, q, k, v, ident, *lists)
             computed = int(mask.sum())
             key = f"{name}_d{int(round(target * 100))}"
             row[key] = {
@@ -103,94 +232,172 @@ def bench_length(n, args, cfg):
                 "computed_tflops": kernels.computed_tflops(d, cfg.block_size, computed, ms),
                 "speedup_vs_cudnn": row["cudnn_ms"] / ms,
             }
-    auto = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto"))
-    # impl="auto" on unstructured input: plans come out dense, so it should fall back to cuDNN.
-    row["auto_random_ms"] = timing.time_call(auto, q, k, v)
     del q, k, v
 
-    # The whole op on structured input, stage by stage, in the default (replicate) GQA mode;
-    # then the total of the shared mode (one permutation per KV head, contiguous K/V).
-    q, k, v = structured_qkv(jax.random.key(n + 1), b, n, h, hk, d, jnp.bfloat16)
-    shared = jax.jit(
-        functools.partial(
-            pbs_jax.pbs_attention,
-            cfg=dataclasses.replace(cfg, gqa="shared"),
-            impl="pallas",
-            return_aux=True,
-        )
-    )
-    out_s, aux_s = shared(q, k, v)
-    row["whole_op_shared"] = {
-        "ms": timing.time_call(lambda q, k, v: shared(q, k, v)[0], q, k, v),
-        "density": float(aux_s.density),
-        "finite": bool(jnp.isfinite(out_s).all()),
-    }
-    row["whole_op_shared"]["speedup_vs_cudnn"] = row["cudnn_ms"] / row["whole_op_shared"]["ms"]
-    perm_fn = jax.jit(functools.partial(permutation.compute_permutation, cfg=cfg))
-    select_fn = jax.jit(lambda q, k, perm: selection.select_blocks(q, k, perm, cfg))
-    lists_fn = jax.jit(functools.partial(blocks.index_lists, cfg=cfg))
-    whole = jax.jit(
-        functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="pallas", return_aux=True)
-    )
-    perm = perm_fn(q, k)
-    mask = select_fn(q, k, perm)
-    lists = lists_fn(mask)
-    out, aux = whole(q, k, v)
-    finite = bool(jnp.isfinite(out).all())
-    stages = {
-        "permutation_ms": timing.time_call(perm_fn, q, k),
-        "selection_ms": timing.time_call(select_fn, q, k, perm),
-        "index_lists_ms": timing.time_call(lists_fn, mask),
-        "kernel_ms": timing.time_call(op_kernel_fn(cfg), q, k, v, perm, *lists),
-    }
-    total = timing.time_call(lambda q, k, v: whole(q, k, v)[0], q, k, v)
-    row["auto_structured_ms"] = timing.time_call(auto, q, k, v)
-    dens = float(aux.density)
+    # The plan stage by stage and the whole op, on structured input.
+    q, k, v = family_inputs("structured", n, args, None)
+    row["stages"] = stages = plan_stages(q, k, v, cfg, time)
+    out, aux = fns["pallas"](q, k, v)
+    total = time(lambda q, k, v: fns["pallas"](q, k, v)[0], q, k, v)
+    del q, k, v
+
+    row["families"] = {}
+    for name in args.families:
+        inputs = family_inputs(name, n, args, captured)
+        if inputs is None:
+            continue
+        cudnn_ms = row["cudnn_ms"]
+        if inputs[0].shape != (b, n, h, d):  # the captured family has its own shape
+            cudnn_ms = time(kernels.cudnn_attention, *inputs)
+        row["families"][name] = family_row(*inputs, cfg, cudnn_ms, time)
+        del inputs
+
+    # The columns of earlier runs, from the stages above.
+    structured = row["families"].get("structured")
+    plan = stages["proxy_ms"] + stages["permutation_ms"]
+    select = stages["block_scores_ms"] + stages["top_p_ms"]
+    kernel_ms = structured["kernel_ms"] if structured else float("nan")
     row["whole_op"] = {
         "ms": total,
-        "density": dens,
-        "finite": finite,
-        **stages,
-        "overhead_fraction": (
-            stages["permutation_ms"] + stages["selection_ms"] + stages["index_lists_ms"]
-        )
-        / total,
+        "density": float(aux.density),
+        "finite": bool(jnp.isfinite(out).all()),
+        "permutation_ms": plan,
+        "selection_ms": select,
+        "index_lists_ms": stages["lists_ms"],
+        "kernel_ms": kernel_ms,
+        "overhead_fraction": (plan + select + stages["lists_ms"]) / total,
         "speedup_vs_cudnn": row["cudnn_ms"] / total,
         "kernel_computed_tflops": kernels.computed_tflops(
-            d, cfg.block_size, int(mask.sum()), stages["kernel_ms"]
+            d, cfg.block_size, int(aux.block_mask.sum()), kernel_ms
         ),
     }
+    for name in ("random", "structured"):
+        if name in row["families"]:
+            row[f"auto_{name}_ms"] = row["families"][name]["auto_ms"]
     return row
 
 
-BREAK_EVEN_MARGIN = 0.9
+# ---- the cost table ---------------------------------------------------------------------------
 
 
-def break_even_densities(rows, kern: str) -> dict:
-    """N → the largest density at which plan + kernel ``kern`` ("mgpu" or "kernel", the Triton
-    one) still beats cuDNN, with a safety margin: the source of ``AUTO_BREAK_EVEN`` and
-    ``AUTO_BREAK_EVEN_TRITON`` in pbs_jax/attention.py. The kernel's time is interpolated
-    linearly between the measured densities (its rate falls at low density, so no 1/d model);
-    the plan is the whole op's permutation + selection + lists."""
-    out = {}
+def kernel_points(row, kern: str) -> list[tuple[float, float]]:
+    """(density, ms) of kernel ``kern`` ("mgpu" or "kernel", the Triton one) at 100/40/20/10%."""
+    return [(row[f"{kern}_d{x}"]["density"], row[f"{kern}_d{x}"]["ms"]) for x in (100, 40, 20, 10)]
+
+
+def length_costs(row) -> cost_model.LengthCosts:
+    """One length of the cost table from a row: cuDNN, the kernel fits (the Mosaic one with the
+    K/V copy made before it), the estimate and the rest of the plan."""
+    st = row["stages"]
+    mosaic = None
+    if "mgpu_d100" in row:
+        mosaic = cost_model.fit_kernel(kernel_points(row, "mgpu"), round(st["kv_copy_ms"], 4))
+    return cost_model.LengthCosts(
+        seq_len=row["n"],
+        cudnn_ms=round(row["cudnn_ms"], 4),
+        triton=cost_model.fit_kernel(kernel_points(row, "kernel")),
+        mosaic=mosaic,
+        estimate_ms=round(st["estimate_ms"], 4),
+        plan_ms=round(st["plan_ms"], 4),
+    )
+
+
+def sparsity_gain(rows) -> float:
+    """The estimate's calibration (``cost_model.predicted_density``): over every family and
+    length, the median ratio of the blocks the PBS plan leaves out to those the estimate leaves
+    out, where the estimate leaves out at least MIN_LEFT_OUT; 1.0 where none does."""
+    ratios = [
+        (1 - f["density"]) / (1 - f["estimate_density"])
+        for r in rows
+        for f in r.get("families", {}).values()
+        if 1 - f["estimate_density"] >= MIN_LEFT_OUT
+    ]
+    return round(statistics.median(ratios), 3) if ratios else 1.0
+
+
+def cost_table(payload) -> cost_model.CardCosts | None:
+    """The card's cost table from a payload's rows (None: fewer than two lengths with stages)."""
+    rows = [r for r in payload["rows"] if "stages" in r]
+    if len(rows) < 2:
+        return None
+    st, shape = payload["stamp"], payload["shape"]
+    return cost_model.CardCosts(
+        device_kind=st["device"],
+        source=f"experiments/bench_kernel.py ({st['device']}, JAX {st['jax']}, {st['date']})",
+        sparsity_gain=sparsity_gain(rows),
+        lengths=tuple(length_costs(r) for r in rows),
+        shape=cost_model.CallShape(batch=1, q_heads=shape["heads"], head_dim=shape["dim"]),
+    )
+
+
+def cost_table_literal(table: cost_model.CardCosts, name: str = "CARD") -> str:
+    """Python source of ``table`` for pbs_jax/cost_model.py (run ``ruff format`` after pasting)."""
+    lines = [
+        f"{name} = CardCosts(",
+        f"    device_kind={table.device_kind!r},",
+        f"    source={table.source!r},",
+        f"    sparsity_gain={table.sparsity_gain!r},",
+        "    lengths=(",
+        *(f"        {c!r}," for c in table.lengths),
+        "    ),",
+        f"    shape={table.shape!r},",
+        ")",
+    ]
+    return "\n".join(lines)
+
+
+def stage_lines(rows) -> list[str]:
+    """The plan stage table (rows of runs that timed the stages)."""
+    rows = [r for r in rows if "stages" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Plan stages on structured input, each jitted alone on its real inputs (ms), their sum "
+        'and the plan as one jit (what the op pays); the estimate is impl="auto"\'s cheap '
+        "stage, the K/V copy what the Mosaic kernel's input preparation adds:",
+        "",
+        "| N | proxy | permutation sort | block scores | top-p | lists | sum | plan (one jit) | "
+        "plan / cuDNN | estimate | K/V copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        if f"{kern}_d100" not in r:
-            continue
-        pts = sorted(
-            (r[f"{kern}_{k}"]["density"], r[f"{kern}_{k}"]["ms"])
-            for k in ("d10", "d20", "d40", "d100")
+        st = r["stages"]
+        parts = ("proxy_ms", "permutation_ms", "block_scores_ms", "top_p_ms", "lists_ms")
+        lines.append(
+            f"| {r['n']} | "
+            + " | ".join(f"{st[p]:.3f}" for p in parts)
+            + f" | {sum(st[p] for p in parts):.3f} | {st['plan_ms']:.3f} | "
+            f"{100 * st['plan_ms'] / r['cudnn_ms']:.1f}% | {st['estimate_ms']:.3f} | "
+            f"{st['kv_copy_ms']:.3f} |"
         )
-        w = r["whole_op"]
-        budget = r["cudnn_ms"] - (w["permutation_ms"] + w["selection_ms"] + w["index_lists_ms"])
-        dens = [d for d, _ in pts]
-        times = [t for _, t in pts]
-        if budget <= times[0]:
-            out[r["n"]] = None
-        elif budget >= times[-1]:
-            out[r["n"]] = round(BREAK_EVEN_MARGIN * dens[-1], 2)
-        else:
-            out[r["n"]] = round(BREAK_EVEN_MARGIN * float(np.interp(budget, times, dens)), 2)
-    return out
+    return lines
+
+
+def family_lines(rows) -> list[str]:
+    """impl="auto" on the input families, against the better of its two choices."""
+    cells = [(r["n"], name, f) for r in rows for name, f in r.get("families", {}).items()]
+    if not cells:
+        return []
+    lines = [
+        "",
+        'impl="auto" per input family: min(cuDNN, kernel at the plan\'s density) / auto time '
+        "(target ≥ 0.97: auto as fast as the faster of its two choices, its planning included); "
+        "density: the PBS plan's; estimate: the MeanPooling density on unpermuted keys that "
+        "auto computes first. The captured family (SmolLM2 q/k/v, its layers as the batch, "
+        "D=64, 9/3 heads) exists at its capture length only, with its own cuDNN time.",
+        "",
+        "| N | family | density | estimate | cuDNN ms | kernel ms | auto ms (took) | min / auto |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, name, f in cells:
+        took = "kernel" if f["auto_sparse"] else "cuDNN"
+        lines.append(
+            f"| {n} | {name} | {f['density']:.3f} | {f['estimate_density']:.3f} | "
+            f"{f['cudnn_ms']:.3f} | {f['kernel_ms']:.3f} | {f['auto_ms']:.3f} ({took}) | "
+            f"{f['auto_vs_best']:.2f} |"
+        )
+    return lines
 
 
 def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
@@ -223,34 +430,36 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
         w = r["whole_op"]
         cell = lambda x: f"{x['ms']:.2f} ({x['computed_tflops']:.0f}, {x['speedup_vs_cudnn']:.2f}×)"
         mg = lambda key: cell(r[key]) if key in r else "—"
+        shared = r.get("whole_op_shared")
+        shared_cell = (
+            f"{shared['ms']:.2f} ({shared['density']:.2f}, {shared['speedup_vs_cudnn']:.2f}×)"
+            if shared
+            else "—"
+        )
+        auto = lambda key: f"{r['cudnn_ms'] / r[key]:.2f}×" if key in r else "—"
         lines.append(
             f"| {r['n']} | {r['cudnn_ms']:.2f} ({r['cudnn_tflops']:.0f}) | {mg('mgpu_d100')} | "
             f"{mg('mgpu_d40')} | {mg('mgpu_d20')} | {mg('mgpu_d10')} | {cell(k100)} | "
             f"{cell(r['kernel_d20'])} | "
             f"{w['ms']:.2f} ({w['density']:.2f}, {w['speedup_vs_cudnn']:.2f}×) | "
             f"{w['permutation_ms']:.2f} / {w['selection_ms']:.2f} / {w['index_lists_ms']:.2f} / "
-            f"{w['kernel_ms']:.2f} | {100 * w['overhead_fraction']:.1f}% | "
-            f"{r['whole_op_shared']['ms']:.2f} ({r['whole_op_shared']['density']:.2f}, "
-            f"{r['whole_op_shared']['speedup_vs_cudnn']:.2f}×) | "
-            f"{r['cudnn_ms'] / r['auto_structured_ms']:.2f}× / "
-            f"{r['cudnn_ms'] / r['auto_random_ms']:.2f}× |"
+            f"{w['kernel_ms']:.2f} | {100 * w['overhead_fraction']:.1f}% | {shared_cell} | "
+            f"{auto('auto_structured_ms')} / {auto('auto_random_ms')} |"
         )
-    lines += [
-        "",
-        'Break-even density of impl="auto" per N (`break_even_densities`: where plan + '
-        "kernel time equals cuDNN's, interpolated on the measured density curve, times "
-        f"{BREAK_EVEN_MARGIN}):",
-        "",
-    ]
-    for kern, label in (("mgpu", "Mosaic"), ("kernel", "Triton")):
-        table = break_even_densities(rows, kern)
-        if table:
-            lines.append(
-                f"- {label}: "
-                + ", ".join(
-                    f"{n}: {d:.2f}" if d is not None else f"{n}: never" for n, d in table.items()
-                )
-            )
+    lines += stage_lines(rows) + family_lines(rows)
+    table = cost_table(payload)
+    if table is not None:
+        lines += [
+            "",
+            'The cost table of impl="auto" measured here (pbs_jax/cost_model.py; kernel fits: '
+            "least squares over the 100/40/20/10% points, the Mosaic fit with the K/V copy; "
+            "sparsity gain: the median ratio, over the families and lengths above, of the blocks "
+            "the PBS plan leaves out to those the estimate leaves out):",
+            "",
+            "```python",
+            cost_table_literal(table),
+            "```",
+        ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
     plt = pyplot()
@@ -265,6 +474,8 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
         ("whole_op", "k*-", 10, "whole op, replicate GQA (structured input)"),
         ("whole_op_shared", "m*--", 8, "whole op, shared GQA"),
     ):
+        if not all(key in r for r in rows):
+            continue
         ax1.plot(ns, [r[key]["speedup_vs_cudnn"] for r in rows], style, ms=size, label=label)
     ax1.axhline(1.0, color="gray", ls="--", lw=1)
     ax1.set_xscale("log", base=2)
@@ -294,6 +505,9 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
 
 def bench(args, out: pathlib.Path) -> dict:
     cfg = PBSConfig.paper()
+    captured, captured_meta = None, None
+    if "captured" in args.families and args.captured is not None:
+        captured, captured_meta = capture.load(args.captured)
     payload = {
         "stamp": timing.stamp(),
         "tiles": {
@@ -304,26 +518,43 @@ def bench(args, out: pathlib.Path) -> dict:
         },
         "cfg": {k: getattr(cfg, k) for k in ("block_size", "segment_size", "threshold")},
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim},
-        "check": check_correctness(cfg),
+        "families": list(args.families),
+        "weak_structure": WEAK_STRUCTURE,
+        "captured": captured_meta
+        and {**captured_meta, "path": str(args.captured), "shape": list(captured[0].shape)},
+        "check": check_correctness(cfg, **SMOKE_CHECK) if args.smoke else check_correctness(cfg),
         "rows": [],
     }
     print("correctness:", payload["check"], flush=True)
     if not payload["check"]["ok"]:
         timing.write_json(out / "bench_kernel.json", payload)
         sys.exit("kernel disagrees with the reference: not timing it")
+    if "captured" in args.families and captured is None:
+        print("no --captured file: the captured family is left out", flush=True)
     for n in args.lengths:
-        payload["rows"].append(bench_length(n, args, cfg))
+        payload["rows"].append(bench_length(n, args, cfg, captured))
         timing.write_json(out / "bench_kernel.json", payload)  # keep what finished
         r = payload["rows"][-1]
+        autos = ", ".join(f"{name} {f['auto_vs_best']:.2f}" for name, f in r["families"].items())
         print(
             f"N={n}: cudnn {r['cudnn_ms']:.2f} ms, triton100 {r['kernel_d100']['ms']:.2f}, "
             f"mosaic100 {r.get('mgpu_d100', {}).get('ms', float('nan')):.2f}, "
             f"mosaic20 {r.get('mgpu_d20', {}).get('ms', float('nan')):.2f}, "
-            f"whole {r['whole_op']['ms']:.2f} "
-            f"(density {r['whole_op']['density']:.2f})",
+            f"plan {r['stages']['plan_ms']:.3f}, estimate {r['stages']['estimate_ms']:.3f}, "
+            f"whole {r['whole_op']['ms']:.2f} (density {r['whole_op']['density']:.2f}); "
+            f"auto min/auto: {autos}",
             flush=True,
         )
+    table = cost_table(payload)
+    if table is not None:
+        payload["cost_table"] = dataclasses.asdict(table)
+        print("\n# The cost table for pbs_jax/cost_model.py:\n" + cost_table_literal(table))
     return payload
+
+
+# --smoke: the script's logic on CPU at a tiny shape (the kernels in interpret mode), untimed.
+SMOKE_SHAPE = dict(heads=2, kv_heads=1, dim=64, lengths=[512, 1024])
+SMOKE_CHECK = dict(n=512, h=2, hk=1, d=64)
 
 
 def add_arguments(parser):
@@ -334,13 +565,41 @@ def add_arguments(parser):
         default=list(LENGTHS),
         help="sequence lengths to time (default: 4K..128K)",
     )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILIES,
+        default=list(FAMILIES),
+        help="input families on which impl=auto is timed (default: all four)",
+    )
+    parser.add_argument(
+        "--captured",
+        type=pathlib.Path,
+        default=None,
+        help="q/k/v captured by experiments/capture_qkv.py (the captured family, at its length)",
+    )
     parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
     parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads (default 8)")
     parser.add_argument("--dim", type=int, default=128, help="head dim (default 128)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run the script's logic on CPU at a tiny shape (numbers meaningless)",
+    )
+
+
+def parse_smoke(args):
+    """Under --smoke, the tiny shape replaces the defaults; runs off the GPU."""
+    if args.smoke:
+        for key, value in SMOKE_SHAPE.items():
+            setattr(args, key, value)
+    return args.smoke
 
 
 def main(argv=None):
-    timing.benchmark_cli(argv, __doc__, "bench_kernel", add_arguments, bench, report)
+    timing.benchmark_cli(
+        argv, __doc__, "bench_kernel", add_arguments, bench, report, runs_off_gpu=parse_smoke
+    )
 
 
 if __name__ == "__main__":

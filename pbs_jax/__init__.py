@@ -1,10 +1,8 @@
 """pbs_jax: Permuted Block-Sparse Attention (arXiv 2510.21270) in JAX — the functional core."""
 
 from pbs_jax.attention import (
-    AUTO_BREAK_EVEN,
     IMPLS,
     PBSAux,
-    auto_max_density,
     dense_attention,
     kernel_attention,
     pbs_attention,
@@ -20,6 +18,7 @@ from pbs_jax.blocks import (
     sink_local_window,
 )
 from pbs_jax.config import GQA_MODES, SELECTORS, PBSConfig
+from pbs_jax.cost_model import CardCosts, card_costs, estimate_density
 from pbs_jax.grid import (
     causal_block_count,
     computed_causal_blocks,
@@ -41,14 +40,14 @@ from pbs_jax.reference import exact_causal_attention, permuted_block_sparse_atte
 from pbs_jax.selection import block_probabilities, select_blocks, select_from_probabilities
 
 __all__ = [
-    "AUTO_BREAK_EVEN",
     "BlockLists",
+    "CardCosts",
     "IMPLS",
     "PBSAux",
     "PBSConfig",
     "SELECTORS",
-    "auto_max_density",
     "block_probabilities",
+    "card_costs",
     "causal_block_count",
     "compute_permutation",
     "dense_attention",
@@ -61,6 +60,7 @@ __all__ = [
     "softmax_domain",
     "GQA_MODES",
     "density",
+    "estimate_density",
     "fixed_density_mask",
     "gather_keys",
     "identity_permutation",

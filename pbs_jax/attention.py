@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mgpu_supported, planned_attention
-from pbs_jax import blocks, reference
+from pbs_jax import blocks, cost_model, reference
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import num_blocks, segment_blocks
 from pbs_jax.permutation import compute_permutation, identity_permutation
@@ -17,24 +17,6 @@ from pbs_jax.selection import select_blocks
 
 IMPLS = ("auto", "reference", "pallas")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-# impl="auto" on GPU: where the sparse path cannot pay, dense cuDNN attention runs instead.
-# (length, density) pairs: from this length on, the kernel path is taken when the plan's
-# density is at most this: where plan + kernel time equals cuDNN's, less a 10% margin, from
-# experiments/bench_kernel.py (`break_even_densities`; 32/8 heads, D=128). Below the first
-# length the plan's fixed cost alone is most of cuDNN's time.
-# Both from results/bench_kernel.md (H100, JAX 0.11.2, 2026-11-26): the Mosaic GPU kernel,
-# which the op runs on Hopper, and the Triton kernel, which it runs on other GPUs (measured on
-# the same H100; other cards may differ).
-AUTO_BREAK_EVEN = ((8192, 0.29), (16384, 0.62), (32768, 0.80), (65536, 0.85), (131072, 0.90))
-AUTO_BREAK_EVEN_TRITON = ((8192, 0.13), (16384, 0.39), (32768, 0.54), (65536, 0.57), (131072, 0.66))
-
-
-def auto_max_density(seq_len: int, mosaic: bool = True) -> float | None:
-    """Largest density at which ``impl="auto"`` takes the kernel; None: always dense."""
-    table = AUTO_BREAK_EVEN if mosaic else AUTO_BREAK_EVEN_TRITON
-    usable = [d for n, d in table if seq_len >= n]
-    return usable[-1] if usable else None
 
 
 class PBSAux(NamedTuple):
@@ -44,7 +26,9 @@ class PBSAux(NamedTuple):
     block_mask: ``[B, Hq, T, T]`` bool, computed (query block, key-slot block) pairs.
     density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
     sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
-      take dense attention instead: short sequences, or a plan too dense to pay).
+      take dense attention instead, where the cost model says the kernel cannot beat cuDNN: then
+      perm and block_mask are the plan it computed and rejected, or the identity and every
+      causal block when it decided before planning).
     """
 
     perm: jax.Array
@@ -163,10 +147,10 @@ def pbs_attention(
       k, v: ``[B, N, Hkv, D]``, Hq a multiple of Hkv.
       cfg: static :class:`PBSConfig`.
       impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
-        mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel, or
-        cuDNN dense attention where sparsity cannot pay: below the break-even length, or a plan
-        denser than the break-even density of ``AUTO_BREAK_EVEN``, decided on device without a
-        host sync).
+        mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel or
+        cuDNN dense attention, whichever the card's measured cost model
+        (:mod:`pbs_jax.cost_model`) says is faster, asked before planning, after a cheap
+        density estimate and after the plan, on device without a host sync).
         Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
         as the official code does.
       return_aux: also return :class:`PBSAux`.
@@ -206,32 +190,20 @@ _forward = jax.jit(_forward_only, static_argnums=(3, 4, 5))
 def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
     """The op's body on validated arrays (traced once per static configuration)."""
     b, n, hq, _ = q.shape
-    t = num_blocks(n, cfg.block_size)
 
     auto_gpu = impl == "auto" and _on_gpu()
-    if n <= cfg.segment_size or (auto_gpu and auto_max_density(n) is None):
+    if n <= cfg.segment_size or (auto_gpu and not _auto_may_pay(q, cfg)):
         out = _dense(q, k, v, impl)
-        perm = identity_permutation(b, cfg.num_perm_heads(hq, k.shape[2]), n)
-        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-        block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
+        perm, block_mask, dens = _dense_plan(b, n, hq, k.shape[2], cfg)
         sparse = jnp.bool_(False)
-        dens = jnp.mean(blocks.density(block_mask))
+    elif auto_gpu:
+        out, perm, block_mask, dens, sparse = _auto_on_gpu(q, k, v, cfg)
     else:
         perm, block_mask = pbs_plan(q, k, cfg)
         dens = jnp.mean(blocks.density(block_mask))
-        if impl == "pallas" or auto_gpu:
-
-            def sparse_path(q, k, v):
-                return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
-
-            if auto_gpu:
-                sparse = dens <= auto_max_density(n, mgpu_supported(q, cfg.block_size))
-                out = jax.lax.cond(
-                    sparse, sparse_path, lambda q, k, v: _dense(q, k, v, impl), q, k, v
-                )
-            else:
-                sparse = jnp.bool_(True)
-                out = sparse_path(q, k, v)
+        if impl == "pallas":
+            sparse = jnp.bool_(True)
+            out = kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
         else:
             sparse = jnp.bool_(True)
             out = reference.permuted_block_sparse_attention(
@@ -240,3 +212,61 @@ def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
     if not return_aux:
         return out
     return out, PBSAux(perm, block_mask, dens, sparse)
+
+
+def _dense_plan(b: int, n: int, hq: int, hkv: int, cfg: PBSConfig):
+    """The aux of dense attention: identity ``perm [B, Hp, N]``, every causal block
+    ``[B, Hq, T, T]``, density 1."""
+    t = num_blocks(n, cfg.block_size)
+    perm = identity_permutation(b, cfg.num_perm_heads(hq, hkv), n)
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
+    return perm, block_mask, jnp.mean(blocks.density(block_mask))
+
+
+def _auto_costs(q: jax.Array, cfg: PBSConfig):
+    """(this card's cost table, the call's shape, whether the op runs the Mosaic kernel)."""
+    b, _, hq, d = q.shape
+    shape = cost_model.CallShape(batch=b, q_heads=hq, head_dim=d)
+    return cost_model.card_costs(), shape, mgpu_supported(q, cfg.block_size)
+
+
+def _auto_may_pay(q: jax.Array, cfg: PBSConfig) -> bool:
+    """``impl="auto"``, at trace time: can even a plan of only forced blocks beat cuDNN?"""
+    table, shape, mosaic = _auto_costs(q, cfg)
+    n = q.shape[1]
+    floor = cost_model.floor_density(n, cfg)
+    return cost_model.choose(table, n, floor, stage=cost_model.AT_TRACE, shape=shape, mosaic=mosaic)
+
+
+def _auto_on_gpu(q, k, v, cfg: PBSConfig):
+    """``impl="auto"`` past the trace-time check (:mod:`pbs_jax.cost_model`): the estimate, and
+    unless it predicts a loss the plan, then the kernel or cuDNN, whichever is faster at the
+    plan's density (the plan is spent by then). Returns (out, perm, block_mask, density, sparse).
+    """
+    b, n, hq, _ = q.shape
+    table, shape, mosaic = _auto_costs(q, cfg)
+
+    def choose(density, stage):
+        return cost_model.choose(table, n, density, stage=stage, shape=shape, mosaic=mosaic)
+
+    def dense(q, k, v):
+        return _dense(q, k, v, "auto")
+
+    def planned(q, k, v):
+        perm, block_mask = pbs_plan(q, k, cfg)
+        dens = jnp.mean(blocks.density(block_mask))
+
+        def sparse_path(q, k, v):
+            return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
+
+        sparse = choose(dens, cost_model.AFTER_PLAN)
+        return jax.lax.cond(sparse, sparse_path, dense, q, k, v), perm, block_mask, dens, sparse
+
+    def skipped(q, k, v):
+        return dense(q, k, v), *_dense_plan(b, n, hq, k.shape[2], cfg), jnp.bool_(False)
+
+    predicted = cost_model.predicted_density(
+        table, cost_model.estimate_density(q, k, cfg), cost_model.floor_density(n, cfg)
+    )
+    return jax.lax.cond(choose(predicted, cost_model.AFTER_ESTIMATE), planned, skipped, q, k, v)

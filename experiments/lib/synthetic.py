@@ -30,6 +30,7 @@ def structured_qkv(
     local_width: float = 256.0,
     segment_size: int = 256,
     noise: float = 1.0,
+    structure: float = 1.0,
 ):
     """``q [B, N, Hq, D]``, ``k, v [B, N, Hkv, D]`` with local + heavy-hitter attention.
 
@@ -40,7 +41,10 @@ def structured_qkv(
     sink). Scattered, they are what a within-segment permutation gathers into fewer blocks; a
     fixed count makes the important blocks a shrinking fraction as N grows, as in real models.
     The local kernel is a sum of rotary-like cosines, so q_i·k_j depends on i - j only.
+    ``structure`` scales both planted logits (``local_logit`` and ``heavy_logit``) at once: 1 is
+    the benchmarks' structured family, smaller values fade into the noise (plans grow denser).
     """
+    local_logit, heavy_logit = structure * local_logit, structure * heavy_logit
     d = head_dim
     n_pos = d // 2 - 1  # feature pairs for position; the last feature carries the heavy direction
     kq, kk, kv, kh, ks = jax.random.split(key, 5)

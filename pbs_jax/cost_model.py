@@ -1,0 +1,303 @@
+"""The measured cost model behind ``impl="auto"``: when the block-sparse path beats cuDNN.
+
+One table per card kind (``jax.devices()[0].device_kind``), measured by
+``experiments/bench_kernel.py`` at B=1, Hq=32, Hkv=8, D=128, bf16 (:data:`MEASURED_SHAPE`),
+and per measured length N:
+
+- ``cudnn_ms``: cuDNN's dense causal attention;
+- the kernel as ``fixed_ms + per_density_ms · density`` (:class:`KernelFit`), least squares over
+  the bench's 100/40/20/10 % densities; the Mosaic fit includes the K/V slot-order copy that the
+  op makes before that kernel;
+- ``estimate_ms``: ``impl="auto"``'s estimate stage (:func:`estimate_density`);
+- ``plan_ms``: the rest of the plan (permutation, selection, index lists), jitted as one.
+
+Between measured lengths every quantity is interpolated linearly in (log N, log ms), i.e. as a
+power law; outside them the nearest segment's power law is extended, except that plan costs
+below the first length are held at that length's (its fixed launch costs dominate there, so a
+power law would promise a plan cheaper than it is). Other shapes are scaled from the measured
+one, an assumption rather than a measurement: attention (cuDNN and kernel) ∝ B·Hq·D (its work
+is B·Hq·D·N²; the N² is in the table), the plan and the estimate ∝ B·Hq (their long-N work is the
+T×T block scores and top-p of every query head, which do not depend on D; the D-dependent proxy
+and pooling are small next to them).
+
+The rule (:func:`choose`): the kernel is worth it when the kernel's time at the density plus
+what is still to pay of the planning is below cuDNN's time. ``impl="auto"`` asks it three times,
+each time with less still to pay (what is spent is sunk):
+
+1. ``AT_TRACE`` (static, trace time): at the floor density (:func:`floor_density`, forced blocks
+   only), with estimate and plan still to pay. No: dense, and no plan at all.
+2. ``AFTER_ESTIMATE`` (on device): at the density predicted from the estimate
+   (:func:`predicted_density`), with the plan still to pay. No: dense, the plan skipped.
+3. ``AFTER_PLAN`` (on device): at the plan's own density, nothing left to pay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pbs_jax import blocks, selection
+from pbs_jax.config import PBSConfig
+from pbs_jax.permutation import identity_permutation
+
+AT_TRACE, AFTER_ESTIMATE, AFTER_PLAN = "trace", "estimate", "plan"
+STAGES = (AT_TRACE, AFTER_ESTIMATE, AFTER_PLAN)
+# A fitted fixed cost is kept at least this (ms): the fit stays positive, so it interpolates
+# geometrically.
+_MIN_MS = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class CallShape:
+    """What attention's cost scales with besides N: batch, query heads, head dim."""
+
+    batch: int
+    q_heads: int
+    head_dim: int
+
+
+MEASURED_SHAPE = CallShape(batch=1, q_heads=32, head_dim=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFit:
+    """Kernel time as a line in the block density: ``fixed_ms + per_density_ms · density``."""
+
+    fixed_ms: float
+    per_density_ms: float
+
+    def ms(self, density):
+        """Time at ``density`` (a float, or a traced scalar)."""
+        return self.fixed_ms + self.per_density_ms * density
+
+
+def fit_kernel(points: Sequence[tuple[float, float]], extra_fixed_ms: float = 0.0) -> KernelFit:
+    """Least-squares line through ``(density, ms)`` points, plus ``extra_fixed_ms`` (the copy the
+    op makes before the kernel). A negative intercept is refitted through ~0 (a kernel does not
+    take negative time at low density)."""
+    d = np.array([p[0] for p in points], np.float64)
+    ms = np.array([p[1] for p in points], np.float64)
+    slope, fixed = np.polyfit(d, ms, 1)
+    if fixed < _MIN_MS:
+        fixed = _MIN_MS
+        slope = float(np.dot(d, ms - fixed) / np.dot(d, d))
+    return KernelFit(round(float(fixed) + extra_fixed_ms, 4), round(float(slope), 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthCosts:
+    """Measured costs (ms) at one length, at the table's shape. ``mosaic`` is None on cards
+    without the Mosaic GPU kernel (the op runs Triton there)."""
+
+    seq_len: int
+    cudnn_ms: float
+    triton: KernelFit
+    mosaic: KernelFit | None
+    estimate_ms: float
+    plan_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CardCosts:
+    """One card's cost table.
+
+    lengths: ascending, at least two. sparsity_gain: the estimate's calibration (see
+    :func:`predicted_density`). source: where and when it was measured.
+    """
+
+    device_kind: str
+    source: str
+    sparsity_gain: float
+    lengths: tuple[LengthCosts, ...]
+    shape: CallShape = MEASURED_SHAPE
+
+    def __post_init__(self):
+        ns = [c.seq_len for c in self.lengths]
+        if len(ns) < 2 or ns != sorted(set(ns)):
+            raise ValueError(f"a cost table needs >= 2 ascending lengths, got {ns}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCosts:
+    """The costs (ms) of one call: a length and shape, the kernel the op runs there."""
+
+    cudnn_ms: float
+    kernel: KernelFit
+    estimate_ms: float
+    plan_ms: float
+
+
+def _log_interp(ns: Sequence[int], values: Sequence[float], n: int, hold_below: bool) -> float:
+    """``values`` at lengths ``ns`` (ascending) → the value at ``n``: linear in (log N, log v)
+    between the two bracketing lengths, the end segment's power law beyond them (or, with
+    ``hold_below``, the first value below the first length)."""
+    if hold_below and n <= ns[0]:
+        return float(values[0])
+    i = int(np.clip(np.searchsorted(ns, n) - 1, 0, len(ns) - 2))
+    lo, hi = max(values[i], _MIN_MS), max(values[i + 1], _MIN_MS)
+    w = math.log(n / ns[i]) / math.log(ns[i + 1] / ns[i])
+    return float(lo * (hi / lo) ** w)
+
+
+def op_costs(
+    table: CardCosts, seq_len: int, shape: CallShape = MEASURED_SHAPE, mosaic: bool = True
+) -> OpCosts:
+    """The table at ``seq_len``, scaled to ``shape`` (module docstring), for the Mosaic kernel
+    (``mosaic`` and measured) or the Triton one."""
+    rows = table.lengths
+    ns = [c.seq_len for c in rows]
+    fits = [c.mosaic if mosaic and c.mosaic is not None else c.triton for c in rows]
+    m = table.shape
+    attention = (shape.batch * shape.q_heads * shape.head_dim) / (m.batch * m.q_heads * m.head_dim)
+    plan = (shape.batch * shape.q_heads) / (m.batch * m.q_heads)
+
+    def at(values, hold_below=False):
+        return _log_interp(ns, values, seq_len, hold_below)
+
+    return OpCosts(
+        cudnn_ms=attention * at([c.cudnn_ms for c in rows]),
+        kernel=KernelFit(
+            attention * at([f.fixed_ms for f in fits]),
+            attention * at([f.per_density_ms for f in fits]),
+        ),
+        estimate_ms=plan * at([c.estimate_ms for c in rows], hold_below=True),
+        plan_ms=plan * at([c.plan_ms for c in rows], hold_below=True),
+    )
+
+
+def still_to_pay_ms(costs: OpCosts, stage: str) -> float:
+    """Planning time not yet spent at ``stage`` (one of :data:`STAGES`)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return {
+        AT_TRACE: costs.estimate_ms + costs.plan_ms,
+        AFTER_ESTIMATE: costs.plan_ms,
+        AFTER_PLAN: 0.0,
+    }[stage]
+
+
+def choose(
+    table: CardCosts,
+    seq_len: int,
+    density,
+    *,
+    stage: str = AFTER_PLAN,
+    shape: CallShape = MEASURED_SHAPE,
+    mosaic: bool = True,
+):
+    """Whether the kernel path beats cuDNN: kernel(density) + planning still to pay < cuDNN.
+
+    ``density``: a float (then a Python bool comes back) or a traced scalar (a traced bool: the
+    choice stays on device). What is already spent is sunk and does not count.
+    """
+    costs = op_costs(table, seq_len, shape, mosaic)
+    return costs.kernel.ms(density) + still_to_pay_ms(costs, stage) < costs.cudnn_ms
+
+
+@functools.lru_cache(maxsize=64)
+def floor_density(seq_len: int, cfg: PBSConfig) -> float:
+    """The least density any plan can have: the forced blocks alone (own segment, sink, dense
+    tail), from the static block grid (a Python float, also under jit)."""
+    with jax.ensure_compile_time_eval():  # concrete even while the op is being traced
+        return float(_forced_density(seq_len, cfg))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forced_density(seq_len: int, cfg: PBSConfig) -> jax.Array:
+    # One compiled call: op by op, each grid op would compile on its own for every new N.
+    forced = selection.forced_blocks(identity_permutation(1, 1, seq_len), 1, cfg)
+    return blocks.density(forced).reshape(())
+
+
+def estimate_config(cfg: PBSConfig) -> PBSConfig:
+    """The estimate's rule: ``cfg``'s top-p and forced blocks with MeanPooling scores over
+    unpermuted keys (the paper's MeanPooling baseline), one key pooling per KV head."""
+    return dataclasses.replace(cfg, permute=False, selector="meanpool", gqa="shared")
+
+
+def estimate_density(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
+    """The cheap stage of ``impl="auto"``: the block density of :func:`estimate_config`'s plan.
+
+    Args:
+      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]``.
+    Returns:
+      float32 scalar, averaged over batch and heads. No sort of keys and no proxy pass: pooled
+      block logits ``T × T`` per head, their causal softmax and the same top-p rule.
+    """
+    est = estimate_config(cfg)
+    b, n, hq, _ = q.shape
+    perm = identity_permutation(b, est.num_perm_heads(hq, k.shape[2]), n)
+    return jnp.mean(blocks.density(selection.select_blocks(q, k, perm, est)))
+
+
+def predicted_density(table: CardCosts, estimate, floor: float):
+    """The PBS density predicted from the estimate: ``max(floor, 1 - gain · (1 - estimate))``.
+
+    A heuristic, calibrated per table: permuting keys gathers the important ones, so the PBS plan
+    drops more blocks than MeanPooling over unpermuted keys; ``table.sparsity_gain`` is the
+    median ratio of the blocks the two leave out (1 - density), measured by bench_kernel over its
+    input families and lengths. It is not a bound: a plan can come out denser or sparser than
+    predicted, and the after-plan choice (:data:`AFTER_PLAN`) then still takes the faster path;
+    only the plan's time is lost (or, predicted too dense, the kernel's gain).
+    """
+    return jnp.maximum(floor, 1.0 - table.sparsity_gain * (1.0 - estimate))
+
+
+# ---- the tables -----------------------------------------------------------------------------
+# Re-measured by `python -m experiments.bench_kernel` on the card (it prints the literal to paste
+# here, and keeps it in its JSON under "cost_table").
+
+H100 = CardCosts(
+    device_kind="NVIDIA H100 80GB HBM3",
+    # Kernel fits, cuDNN and plan (permutation + selection + lists) from
+    # experiments/results/bench_kernel.json (JAX 0.11.2, 2026-11-26). That run timed neither the
+    # estimate stage nor the K/V copy: estimate_ms is its selection stage (the same pooled scores
+    # and top-p, plus the permuted pooling the estimate skips: an upper bound), and the Mosaic
+    # fits leave out the copy. sparsity_gain 1.0 (no gain: predicted = estimate) until measured.
+    source="experiments/results/bench_kernel.json (H100, JAX 0.11.2, 2026-11-26)",
+    sparsity_gain=1.0,
+    lengths=(
+        LengthCosts(
+            4096, 0.4228, KernelFit(0.1557, 0.4019), KernelFit(0.1158, 0.2828), 0.1633, 0.5382
+        ),
+        LengthCosts(
+            8192, 1.0941, KernelFit(0.2258, 1.4511), KernelFit(0.1983, 0.8186), 0.1775, 0.6314
+        ),
+        LengthCosts(
+            16384, 3.8474, KernelFit(0.3661, 5.2695), KernelFit(0.2657, 3.5101), 0.4253, 1.1673
+        ),
+        LengthCosts(
+            32768, 14.4092, KernelFit(0.5221, 20.5868), KernelFit(0.6113, 13.7032), 0.5195, 1.6845
+        ),
+        LengthCosts(
+            65536, 56.4792, KernelFit(0.8433, 83.0822), KernelFit(1.3557, 55.1022), 1.0927, 3.092
+        ),
+        LengthCosts(
+            131072,
+            252.5001,
+            KernelFit(0.0001, 334.7773),
+            KernelFit(0.4526, 235.6727),
+            3.2078,
+            7.1829,
+        ),
+    ),
+)
+
+# device_kind → table. A card not listed falls back to the H100's (the closest measured card;
+# on a slower or faster card the kernel/cuDNN ratios it rests on are usually alike, but the
+# plan's share is not: measure the card and add its table).
+COST_TABLES: dict[str, CardCosts] = {H100.device_kind: H100}
+FALLBACK = H100
+
+
+def card_costs(device_kind: str | None = None) -> CardCosts:
+    """The table of ``device_kind`` (default: the first device's), else :data:`FALLBACK`."""
+    if device_kind is None:
+        device_kind = getattr(jax.devices()[0], "device_kind", "")
+    return COST_TABLES.get(device_kind, FALLBACK)

@@ -1,0 +1,220 @@
+"""impl="auto"'s cost model (pbs_jax/cost_model.py) on hand-worked tables: the kernel fits, the
+interpolation in log N and the shape scaling, the decision at its three points, the floor and
+estimate densities; that impl="auto" on CPU is still the reference; and the bench's cost-table
+helpers and the capture file round trip (experiments)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench_kernel
+from experiments.lib import capture
+from pbs_jax import PBSConfig, attention, blocks, cost_model, pbs_attention, selection
+from pbs_jax.cost_model import (
+    AFTER_ESTIMATE,
+    AFTER_PLAN,
+    AT_TRACE,
+    CallShape,
+    CardCosts,
+    KernelFit,
+    LengthCosts,
+)
+from pbs_jax.permutation import identity_permutation
+from tests.conftest import make_qkv
+
+
+def toy_table(sparsity_gain=2.0, mosaic=True) -> CardCosts:
+    """Two lengths a factor 4 apart: cuDNN ∝ N² (1 → 16 ms), the kernel ∝ N² too, the estimate
+    and the plan ∝ N (1 → 4, 3 → 12 ms)."""
+    return CardCosts(
+        device_kind="toy",
+        source="by hand",
+        sparsity_gain=sparsity_gain,
+        lengths=(
+            LengthCosts(
+                1000, 10.0, KernelFit(2.0, 20.0), KernelFit(1.0, 10.0) if mosaic else None, 1.0, 3.0
+            ),
+            LengthCosts(
+                4000,
+                160.0,
+                KernelFit(32.0, 320.0),
+                KernelFit(16.0, 160.0) if mosaic else None,
+                4.0,
+                12.0,
+            ),
+        ),
+    )
+
+
+def test_fit_kernel_by_hand():
+    # Points on 1 + 2·d: the line itself; the extra fixed cost (a copy) is added.
+    points = [(1.0, 3.0), (0.4, 1.8), (0.2, 1.4), (0.1, 1.2)]
+    assert cost_model.fit_kernel(points) == KernelFit(1.0, 2.0)
+    assert cost_model.fit_kernel(points, 0.25) == KernelFit(1.25, 2.0)
+    # 2·d - 0.5 would be negative at low density: refitted through (0, 1e-4),
+    # slope = Σ d (ms - 1e-4) / Σ d² = (0.5·0.4999 + 1.4999) / 1.25 = 1.39988.
+    assert cost_model.fit_kernel([(0.5, 0.5), (1.0, 1.5)]) == KernelFit(0.0001, 1.3999)
+    assert KernelFit(1.0, 2.0).ms(0.25) == 1.5
+
+
+def test_op_costs_interpolate_in_log_n_and_scale_with_the_shape():
+    table = toy_table()
+    at_1000 = cost_model.op_costs(table, 1000)
+    assert at_1000 == cost_model.OpCosts(10.0, KernelFit(1.0, 10.0), 1.0, 3.0)
+    # 2000 is halfway in log N: quantities ∝ N² are 4× those at 1000, those ∝ N 2×.
+    mid = cost_model.op_costs(table, 2000)
+    assert mid.cudnn_ms == pytest.approx(40.0)
+    assert mid.kernel.fixed_ms == pytest.approx(4.0)
+    assert mid.kernel.per_density_ms == pytest.approx(40.0)
+    assert (mid.estimate_ms, mid.plan_ms) == pytest.approx((2.0, 6.0))
+    # Beyond the table the end segment's power law; below it the plan is held (fixed costs).
+    assert cost_model.op_costs(table, 8000).cudnn_ms == pytest.approx(640.0)
+    assert cost_model.op_costs(table, 8000).plan_ms == pytest.approx(24.0)
+    low = cost_model.op_costs(table, 500)
+    assert low.cudnn_ms == pytest.approx(2.5)
+    assert (low.estimate_ms, low.plan_ms) == (1.0, 3.0)
+    # B·Hq·D = 2·16·64 is half the measured 1·32·128: attention halves; the plan ∝ B·Hq stays.
+    scaled = cost_model.op_costs(table, 1000, CallShape(batch=2, q_heads=16, head_dim=64))
+    assert scaled == cost_model.OpCosts(5.0, KernelFit(0.5, 5.0), 1.0, 3.0)
+    # The Triton fit where the Mosaic kernel does not run, or was not measured.
+    triton = KernelFit(2.0, 20.0)
+    assert cost_model.op_costs(table, 1000, mosaic=False).kernel == triton
+    assert cost_model.op_costs(toy_table(mosaic=False), 1000).kernel == triton
+
+
+def test_choose_at_the_three_points_by_hand():
+    """At N=1000: cuDNN 10, kernel 1 + 10·d, estimate 1, plan 3 (ms)."""
+    table = toy_table()
+
+    def choose(density, stage):
+        return cost_model.choose(table, 1000, density, stage=stage)
+
+    # d = 0.5: kernel 6. After the plan 6 < 10; plan still to pay 9 < 10; both 10, not < 10.
+    assert choose(0.5, AFTER_PLAN) and choose(0.5, AFTER_ESTIMATE)
+    assert not choose(0.5, AT_TRACE)
+    # d = 0.8: kernel 9 beats cuDNN once the plan is spent (sunk), not before.
+    assert choose(0.8, AFTER_PLAN) and not choose(0.8, AFTER_ESTIMATE)
+    assert not choose(0.95, AFTER_PLAN)  # 10.5
+    # Traced densities give the same answer, on device.
+    traced = jax.jit(lambda d: cost_model.choose(table, 1000, d, stage=AFTER_PLAN))
+    assert bool(traced(jnp.float32(0.8))) and not bool(traced(jnp.float32(0.95)))
+    with pytest.raises(ValueError, match="stage"):
+        cost_model.choose(table, 1000, 0.5, stage="later")
+
+
+def test_predicted_density_by_hand():
+    table = toy_table(sparsity_gain=2.0)
+    # 1 - 2·(1 - 0.9) = 0.8; a low estimate is held at the floor.
+    assert float(cost_model.predicted_density(table, 0.9, 0.1)) == pytest.approx(0.8)
+    assert float(cost_model.predicted_density(table, 0.3, 0.1)) == pytest.approx(0.1)
+
+
+def test_floor_density_by_hand():
+    # N = 1024: T = 8, 36 causal blocks; segments of 2 blocks: 4 × 3 own-segment causal blocks,
+    # plus the sink for the 6 query blocks after the first segment → 18 / 36.
+    assert cost_model.floor_density(1024, PBSConfig.paper()) == 0.5
+    # A dense last block row adds its earlier-segment blocks but the sink's: 5 more → 23 / 36.
+    assert cost_model.floor_density(1024, PBSConfig(threshold=0.9)) == pytest.approx(23 / 36)
+    # Under jit too (a Python float at trace time).
+    assert jax.jit(lambda: jnp.float32(cost_model.floor_density(1024, PBSConfig.paper())))() == 0.5
+
+
+def test_estimate_is_the_meanpool_baseline_density():
+    """The estimate is the unpermuted MeanPooling rule (one key pooling per KV head), exactly."""
+    cfg = PBSConfig(threshold=0.8)
+    q, k, _ = make_qkv(1, 1, 768, 4, 2, 16)
+    baseline = dataclasses.replace(cfg, permute=False)
+    select = jax.jit(selection.select_blocks, static_argnums=3)
+    mask = select(q, k, identity_permutation(1, 4, 768), baseline)
+    want = float(jnp.mean(blocks.density(mask)))
+    got = float(jax.jit(cost_model.estimate_density, static_argnums=2)(q, k, cfg))
+    assert got == pytest.approx(want, abs=1e-6)
+    assert 0.0 < got < 1.0
+
+
+def test_card_costs_and_table_checks():
+    assert cost_model.card_costs("NVIDIA H100 80GB HBM3") is cost_model.H100
+    assert cost_model.card_costs("a card never measured") is cost_model.FALLBACK
+    one = toy_table().lengths[:1]
+    with pytest.raises(ValueError, match="2 ascending lengths"):
+        dataclasses.replace(toy_table(), lengths=one)
+
+
+def test_auto_on_cpu_is_the_reference():
+    cfg = PBSConfig(threshold=0.8)
+    q, k, v = make_qkv(2, 1, 768, 2, 1, 16)
+    out, aux = pbs_attention(q, k, v, cfg, impl="auto", return_aux=True)
+    ref, ref_aux = pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(aux.block_mask), np.asarray(ref_aux.block_mask))
+    assert bool(aux.sparse)
+
+
+def test_auto_gpu_path_traces():
+    """The GPU branch of auto (estimate, then plan and kernel or cuDNN under lax.cond) traces on
+    CPU with consistent branch outputs (it cannot run the GPU choice here)."""
+    cfg = PBSConfig(threshold=0.8)
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16)
+    out, perm, mask, dens, sparse = jax.eval_shape(
+        lambda q, k, v: attention._auto_on_gpu(q, k, v, cfg), q, kv, kv
+    )
+    assert out.shape == (1, 1024, 4, 64) and out.dtype == jnp.bfloat16
+    assert perm.shape == (1, 4, 1024) and mask.shape == (1, 4, 8, 8)
+    assert dens.shape == () and sparse.dtype == jnp.bool_
+
+
+# ---- experiments: the bench's cost table, the capture file -------------------------------------
+
+
+def bench_row(n, scale):
+    """A bench row on 1 + 2·d (× scale) at every measured density, with its stages."""
+    row = {"n": n, "cudnn_ms": 4.0 * scale}
+    for d in (100, 40, 20, 10):
+        row[f"kernel_d{d}"] = {"density": d / 100, "ms": scale * (1 + 2 * d / 100)}
+        row[f"mgpu_d{d}"] = {"density": d / 100, "ms": scale * (0.5 + d / 100)}
+    row["stages"] = {"estimate_ms": 0.1, "plan_ms": 0.5, "kv_copy_ms": 0.05}
+    row["families"] = {
+        "a": {"density": 0.6, "estimate_density": 0.8},  # left out 0.4 / 0.2 → 2
+        "b": {"density": 0.9, "estimate_density": 0.9},  # → 1
+        "c": {"density": 0.5, "estimate_density": 0.99},  # estimate leaves out < 2%: ignored
+    }
+    return row
+
+
+def test_bench_cost_table_and_its_literal():
+    payload = {
+        "stamp": {"device": "Toy GPU", "jax": "0", "date": "today"},
+        "shape": {"heads": 32, "kv_heads": 8, "dim": 128},
+        "rows": [bench_row(4096, 1.0), bench_row(8192, 4.0)],
+    }
+    table = bench_kernel.cost_table(payload)
+    assert table.sparsity_gain == 1.5  # the median of 2 and 1, over both lengths
+    first = table.lengths[0]
+    assert first.triton == KernelFit(1.0, 2.0)
+    assert first.mosaic == KernelFit(0.55, 1.0)  # the K/V copy in the fixed cost
+    assert (first.cudnn_ms, first.estimate_ms, first.plan_ms) == (4.0, 0.1, 0.5)
+    literal = bench_kernel.cost_table_literal(table, "TOY")
+    names = {"CardCosts": CardCosts, "LengthCosts": LengthCosts, "KernelFit": KernelFit}
+    names["CallShape"] = CallShape
+    exec(literal, names)
+    assert names["TOY"] == table
+    assert bench_kernel.cost_table({**payload, "rows": payload["rows"][:1]}) is None
+
+
+def test_capture_layers_and_file_round_trip(tmp_path):
+    assert capture.spread_layers(30, 4) == (0, 10, 19, 29)
+    assert capture.spread_layers(2, 4) == (0, 1)
+    x = np.asarray(jnp.linspace(-3, 3, 2 * 8 * 3 * 4, dtype=jnp.bfloat16)).reshape(2, 8, 3, 4)
+    captured = {"q": x, "k": x[:, :, :1], "v": -x[:, :, :1]}
+    capture.save(tmp_path / "c.npz", captured, layers=(0, 5), text="toy")
+    (q, k, v), meta = capture.load(tmp_path / "c.npz")
+    assert q.dtype == jnp.bfloat16 and math.prod(k.shape) == 2 * 8 * 4
+    np.testing.assert_array_equal(np.asarray(v, np.float32), -np.asarray(x[:, :, :1], np.float32))
+    assert meta == {"layers": "(0, 5)", "text": "toy"}
