@@ -65,7 +65,9 @@ class ImportanceTiles:
     split_keys: keys walked by one pass-1 program; L / split_keys splits (the last one may be
                 short) give the grid enough programs at long L while the partial statistics
                 stay small (``B·Hq·(L/split_keys)·P`` pairs of floats). A multiple of
-                block_keys.
+                block_keys. 1024: at 8K keys, 32 heads and one proxy block pass 1 has 256
+                programs of 8 tiles (4096 gave 64 programs walking 32 tiles each: 0.25 ms
+                for the whole proxy on an H200, latency-bound).
     num_warps, num_stages: Triton launch parameters of both passes.
 
     Tiles are powers of two >= 16: Triton's ``tl.dot`` needs every dimension >= 16 and every
@@ -75,7 +77,7 @@ class ImportanceTiles:
 
     block_rows: int = 128
     block_keys: int = 128
-    split_keys: int = 4096
+    split_keys: int = 1024
     num_warps: int = 8
     num_stages: int = 2
 

@@ -190,7 +190,12 @@ def proxy_importance_reference(q_proxy: jax.Array, k: jax.Array) -> jax.Array:
     b, p, hq, d = q_proxy.shape
     l, hkv = k.shape[1], k.shape[2]
     proxy = q_proxy.reshape(b, p, hkv, hq // hkv, d)
+    # HIGHEST: float32 inputs exactly, also on GPUs whose XLA default is TF32.
     logits = jnp.einsum(
-        "bpkgd,blkd->bkgpl", proxy, k, preferred_element_type=jnp.float32
+        "bpkgd,blkd->bkgpl",
+        proxy,
+        k,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
     ) / jnp.sqrt(jnp.float32(d))
     return jax.nn.softmax(logits, axis=-1).mean(axis=-2).reshape(b, hq, l)

@@ -59,7 +59,8 @@ def _importance_pair(dtype: str, p: int, l: int, group: int, tiles):
     """(kernel, reference) importances ``[B, Hq, L]`` of one case, computed once per session."""
     q, k = _qk(jnp.dtype(dtype))
     q_proxy, keys = q[:, -p:, : KV_HEADS * group], k[:, :l]
-    kernel = proxy_importance(q_proxy, keys, tiles=tiles, interpret=True)
+    # interpret=None: the compiled kernel on a GPU, interpret mode elsewhere.
+    kernel = proxy_importance(q_proxy, keys, tiles=tiles, interpret=None)
     return np.asarray(kernel), np.asarray(proxy_importance_reference(q_proxy, keys))
 
 
