@@ -11,8 +11,14 @@ Public API:
   proxy_importance(q_proxy, k)          the planner's key importance, logits never in HBM
   proxy_importance_supported(q_proxy, k)  whether proxy_importance takes these operands
   ImportanceTiles, importance_tiles     proxy_importance's static tiling and its default
+  pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
+                                        the meanpool selector's top-p mask in one launch
+  pooled_top_p_supported(pooled_q, pooled_k)  whether pooled_top_p_blocks takes these operands
+  PooledTopPTiles, pooled_top_p_tiles, MAX_POOLED_BLOCKS  its static tiling, default, largest T
+  masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
-  proxy_importance_reference(...)       pure-jnp oracles of the kernels' contracts
+  proxy_importance_reference(...), pooled_top_p_blocks_reference(...),
+  pooled_block_probabilities_reference(...)  pure-jnp oracles of the kernels' contracts
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
 
@@ -25,12 +31,22 @@ from pallas_kernels.importance import (
     proxy_importance_supported,
 )
 from pallas_kernels.planned import planned_attention, slot_order
+from pallas_kernels.pooled_top_p import (
+    MAX_POOLED_BLOCKS,
+    PooledTopPTiles,
+    pooled_top_p_blocks,
+    pooled_top_p_supported,
+    pooled_top_p_tiles,
+)
 from pallas_kernels.reference import (
     block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
+    pooled_block_probabilities_reference,
+    pooled_top_p_blocks_reference,
     proxy_importance_reference,
 )
 from pallas_kernels.tiles import DEFAULT_TILES, TileConfig, get_tiles
+from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [
     "planned_attention",
@@ -45,6 +61,15 @@ __all__ = [
     "proxy_importance_reference",
     "ImportanceTiles",
     "importance_tiles",
+    "pooled_top_p_blocks",
+    "pooled_top_p_supported",
+    "pooled_top_p_blocks_reference",
+    "pooled_block_probabilities_reference",
+    "PooledTopPTiles",
+    "pooled_top_p_tiles",
+    "MAX_POOLED_BLOCKS",
+    "masked_softmax",
+    "top_p_blocks",
     "TileConfig",
     "DEFAULT_TILES",
     "get_tiles",

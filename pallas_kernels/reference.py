@@ -1,6 +1,6 @@
 """Pure-jnp oracles of the kernels' contracts: `block_sparse_attention` (Triton),
-`block_sparse_attention_mgpu` (Mosaic GPU) and `proxy_importance`, each with its kernel's
-signature and semantics.
+`block_sparse_attention_mgpu` (Mosaic GPU), `proxy_importance` and `pooled_top_p_blocks`, each
+with its kernel's signature and semantics.
 
 It expands the block lists into a dense [B, Hq, N, N] boolean over (query row, key slot),
 applies the token mask, and runs an fp32 softmax. O(B * Hq * N^2) memory: for tests and small
@@ -17,11 +17,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _checks
+from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [
     "block_sparse_attention_reference",
     "block_sparse_attention_mgpu_reference",
     "proxy_importance_reference",
+    "pooled_block_probabilities_reference",
+    "pooled_top_p_blocks_reference",
 ]
 
 
@@ -199,3 +202,43 @@ def proxy_importance_reference(q_proxy: jax.Array, k: jax.Array) -> jax.Array:
         precision=jax.lax.Precision.HIGHEST,
     ) / jnp.sqrt(jnp.float32(d))
     return jax.nn.softmax(logits, axis=-1).mean(axis=-2).reshape(b, hq, l)
+
+
+def pooled_block_probabilities_reference(
+    pooled_q: jax.Array, pooled_k: jax.Array, domain: jax.Array
+) -> jax.Array:
+    """The block distribution of the mean-pooling selector, from pooled blocks.
+
+    The planner's ``meanpool`` block scores off GPU, and the first half of
+    ``pallas_kernels.pooled_top_p_blocks``'s contract.
+
+    Args:
+      pooled_q: ``[B, T, Hq, D]`` float32 block means of the queries; pooled_k: ``[B, T, Hp, D]``
+        float32 block means of the (permuted) keys, Hq a multiple of Hp (query head h reads
+        head ``h // (Hq // Hp)``); domain: ``[T, T]`` bool (or int, nonzero = allowed), the key
+        blocks that compete in each query block's softmax.
+    Returns:
+      ``[B, Hq, T, T]`` float32: the softmax over the allowed key blocks of
+      ``pooled_q · pooled_k / √D`` (fp32, HIGHEST precision), 0 elsewhere and on rows with
+      nothing allowed.
+    """
+    b, t, hq, d = pooled_q.shape
+    hp = pooled_k.shape[2]
+    grouped = pooled_q.reshape(b, t, hp, hq // hp, d)
+    logits = jnp.einsum("bqpgd,bkpd->bpgqk", grouped, pooled_k, precision=lax.Precision.HIGHEST)
+    logits = logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
+    return masked_softmax(logits, domain.astype(jnp.bool_))
+
+
+def pooled_top_p_blocks_reference(
+    pooled_q: jax.Array, pooled_k: jax.Array, domain: jax.Array, threshold: float
+) -> jax.Array:
+    """The contract of ``pallas_kernels.pooled_top_p_blocks`` (any T, D and dtype here).
+
+    Args: as :func:`pooled_block_probabilities_reference`; threshold: a Python float in (0, 1].
+    Returns:
+      ``[B, Hq, T, T]`` bool: the top-p blocks (``pallas_kernels.top_p.top_p_blocks``) of each
+      query block's distribution, without any forced block.
+    """
+    probs = pooled_block_probabilities_reference(pooled_q, pooled_k, domain)
+    return top_p_blocks(probs, domain.astype(jnp.bool_), threshold)

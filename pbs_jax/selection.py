@@ -10,6 +10,11 @@ Every selector is two steps, and only the first differs between selectors:
      stride-sampled anti-diagonal q·k products, its mass summed per block;
 2. :func:`select_from_probabilities`: the smallest top-p set reaching the threshold, then the
    forced blocks (the sink and every block of the query's own segment).
+
+The row rules (masked softmax, sort-free top-p) live in ``pallas_kernels.top_p``, so that on
+GPU :func:`select_blocks` runs ``"meanpool"``'s logits, softmax and top-p as one Pallas kernel
+(``pallas_kernels.pooled_top_p_blocks``) with the very same rules, then the same forced blocks
+(:func:`with_forced_blocks`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import (
+    pooled_block_probabilities_reference,
+    pooled_top_p_blocks,
+    pooled_top_p_supported,
+)
+from pallas_kernels.top_p import masked_softmax, top_p_blocks
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import dense_tail_blocks, num_blocks, own_segment_blocks, softmax_domain
 from pbs_jax.permutation import gather_keys, inverse_permutation
@@ -70,88 +81,13 @@ def pooled_permuted_keys(
     return summed.reshape(b, g * per_segment, hp, d)[:, :t] / block_size
 
 
-def pooled_block_logits(
-    q: jax.Array, k: jax.Array, perm: jax.Array, block_size: int, segment_size: int
-) -> jax.Array:
-    """Scaled dot products of pooled query blocks and pooled permuted key blocks.
-
-    Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
-    Returns:
-      ``[B, Hq, T, T]`` float32.
-    """
-    b, _, hq, d = q.shape
-    hp = perm.shape[1]
-    pq = mean_pool_blocks(q, block_size)
-    pk = pooled_permuted_keys(k, perm, block_size, segment_size)
-    t = pq.shape[1]
-    pq = pq.reshape(b, t, hp, hq // hp, d)
-    logits = jnp.einsum("bqpgd,bkpd->bpgqk", pq, pk, precision=jax.lax.Precision.HIGHEST)
-    return logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
-
-
-# Bisection steps of the top-p cut-off: the bit patterns of the non-negative float32 values
-# up to +inf are the integers [0, 0x7F800000], fewer than 2**31, so 31 halvings reach one.
-_CUTOFF_BISECTION_STEPS = 31
-_POSITIVE_INF_BITS = 0x7F800000
-
-
-def top_p_blocks(probs: jax.Array, allowed: jax.Array, threshold: float) -> jax.Array:
-    """Smallest set of highest-probability blocks whose cumulative mass reaches ``threshold``.
-
-    Args:
-      probs: ``[..., T]`` float32 row-softmax over the allowed blocks (0 elsewhere), >= 0.
-      allowed: ``[..., T]`` bool (broadcastable).
-    Returns:
-      ``[..., T]`` bool. In the row sorted by decreasing probability, sorted position p is kept
-      iff the mass before it is < threshold (cumulative ≥ threshold inclusive, as the official
-      code). A row whose mass never reaches the threshold keeps all its allowed blocks (the
-      paper's Alg. 2: k = min({…} ∪ {i})). ``threshold >= 1`` keeps every allowed block
-      outright, so fp rounding of the row sum cannot drop one (the official code's integer-1
-      path). Blocks tied with the last kept value are all kept (the official sort breaks such
-      ties arbitrarily).
-
-    Sort-free. Write s_1 ≥ … ≥ s_T for the sorted row, K for the number of kept sorted
-    positions (a prefix: the mass before position i grows with i; K ≥ 1 as 0 < threshold) and
-    c = s_K; the mask is ``allowed & (probs >= c)``. Let ``G(v) = Σ_{p_j > v} p_j``, the mass
-    strictly above v, non-increasing in v. Then c is the smallest v ≥ 0 with G(v) < threshold:
-
-    * G(c) < threshold: the values > c are exactly the sorted positions before the first copy
-      f ≤ K of c, so G(c) = mass before f ≤ mass before K < threshold;
-    * every v < c has G(v) ≥ threshold, when K < T: all of s_1 … s_K exceed v, so G(v) ≥
-      s_1 + … + s_K = mass before K + 1 ≥ threshold (position K + 1 is not kept);
-    * when K = T (the row never reaches the threshold) a smaller v may qualify too, down to 0,
-      but no value of the row lies below c = min(row), so ``probs >= v`` keeps the whole row
-      either way: all allowed blocks, as required.
-
-    G is a step function, so that smallest v is found by bisection over the ordered bit
-    patterns of non-negative float32 values (``_CUTOFF_BISECTION_STEPS`` masked row sums, all
-    rows at once) instead of a sort per row; the answer keeps the same mask. Float addition is
-    monotone, so G summed in float32 is still non-increasing and the bisection exact for it;
-    only the order of the additions differs from the sorted cumulative sum, which matters only
-    where a partial mass lies within rounding of the threshold.
-    """
-    if threshold >= 1.0:
-        return jnp.broadcast_to(allowed, probs.shape)
-    probs = probs.astype(jnp.float32)
-
-    def mass_above(bits):  # [..., 1] int32 → G(value of bits), [..., 1]
-        cut = jax.lax.bitcast_convert_type(bits, jnp.float32)
-        return jnp.sum(jnp.where(probs > cut, probs, 0.0), axis=-1, keepdims=True)
-
-    def halve(_, bounds):
-        # Invariant: G(hi) < threshold, and the answer lies in [lo, hi]. Once lo == hi the
-        # step is a no-op (mid == hi passes), so a fixed trip count is exact.
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        below = mass_above(mid) < threshold
-        return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
-
-    rows = probs.shape[:-1] + (1,)
-    lo = jnp.zeros(rows, jnp.int32)
-    hi = jnp.full(rows, _POSITIVE_INF_BITS, jnp.int32)  # G(+inf) = 0 < threshold
-    _, cutoff_bits = jax.lax.fori_loop(0, _CUTOFF_BISECTION_STEPS, halve, (lo, hi))
-    return allowed & (probs >= jax.lax.bitcast_convert_type(cutoff_bits, jnp.float32))
+def pooled_blocks(
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The MeanPooling selector's inputs: ``pooled_q [B, T, Hq, D]`` (:func:`mean_pool_blocks`)
+    and ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`), float32."""
+    pooled_q = mean_pool_blocks(q, cfg.block_size)
+    return pooled_q, pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size)
 
 
 def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
@@ -171,15 +107,16 @@ def meanpool_block_probabilities(
     Args:
       q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
     Returns:
-      ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits over the
-      allowed key blocks; 0 elsewhere and on rows with nothing allowed.
+      ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits
+      ``pooled_q · pooled_k / √D`` over the allowed key blocks (:func:`softmax_domain`); 0
+      elsewhere and on rows with nothing allowed. The statement is
+      ``pallas_kernels.pooled_block_probabilities_reference``, the contract of the selection
+      kernel :func:`select_blocks` runs on GPU.
     """
     t = num_blocks(q.shape[1], cfg.block_size)
-    logits = pooled_block_logits(q, k, perm, cfg.block_size, cfg.segment_size)
-    allowed = softmax_domain(t, cfg)
-    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
-    # Rows with nothing allowed (the first segment's query blocks) are all -inf: NaN → select none.
-    return jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
+    return pooled_block_probabilities_reference(
+        *pooled_blocks(q, k, perm, cfg), softmax_domain(t, cfg)
+    )
 
 
 def antidiagonal_logits(q: jax.Array, k_slots: jax.Array, stride: int) -> jax.Array:
@@ -256,9 +193,8 @@ def antidiagonal_block_probabilities(
             1,
         )
         domain = blocks_allowed & (columns[None, :] <= rows[:, None]) & real_columns[None, :]
-        probs = jax.nn.softmax(jnp.where(domain, logits, -jnp.inf), axis=-1)
         real_rows = rows * stride < n
-        probs = jnp.where(domain.any(axis=-1, keepdims=True) & real_rows[:, None], probs, 0.0)
+        probs = jnp.where(real_rows[:, None], masked_softmax(logits, domain), 0.0)
         return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
 
     mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
@@ -294,6 +230,11 @@ def forced_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Arra
     return forced
 
 
+def with_forced_blocks(top_p_mask: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+    """``top_p_mask [B, Hq, T, T]`` bool | :func:`forced_blocks`: the block mask of a selection."""
+    return top_p_mask | forced_blocks(perm, top_p_mask.shape[1], cfg)
+
+
 def select_from_probabilities(probs: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
     """The top-p rule plus the forced blocks, shared by every selector.
 
@@ -304,8 +245,9 @@ def select_from_probabilities(probs: jax.Array, perm: jax.Array, cfg: PBSConfig)
       ``block_mask [B, Hq, T, T]`` bool.
     """
     t = probs.shape[-1]
-    mask = top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold))
-    return mask | forced_blocks(perm, probs.shape[1], cfg)
+    return with_forced_blocks(
+        top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold)), perm, cfg
+    )
 
 
 def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
@@ -317,5 +259,18 @@ def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -
       perm: ``[B, Hp, N]`` original position of each slot.
     Returns:
       ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
+
+    One rule, two evaluations for ``"meanpool"``: on GPU the Pallas kernel
+    ``pooled_top_p_blocks`` (logits, softmax and top-p in one launch) for the pooled blocks it
+    takes (T up to ``pallas_kernels.MAX_POOLED_BLOCKS``); elsewhere, and for every other
+    selector, :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
     """
+    if cfg.selector == "meanpool" and jax.default_backend() == "gpu":
+        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg)
+        if pooled_top_p_supported(pooled_q, pooled_k):
+            t = pooled_q.shape[1]
+            top_p_mask = pooled_top_p_blocks(
+                pooled_q, pooled_k, softmax_domain(t, cfg), float(cfg.threshold)
+            )
+            return with_forced_blocks(top_p_mask, perm, cfg)
     return select_from_probabilities(block_probabilities(q, k, perm, cfg), perm, cfg)

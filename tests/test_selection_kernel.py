@@ -1,0 +1,203 @@
+"""The mean-pooling selection kernel against the jnp selection it replaces on GPU.
+
+- ``pooled_top_p_blocks`` (Pallas, interpret mode here) equals the jnp path's top-p mask
+  ``top_p_blocks(block_probabilities(...))`` exactly, and with the forced blocks OR-ed in it
+  equals ``select_from_probabilities``: T not a power of two, GQA 1 and 4, both softmax domains
+  (with and without permutation), thresholds 0.5 / 0.9 / 1.0, default and explicit tiles;
+- ``select_blocks``' GPU path (the kernel, run here in interpret mode) equals its CPU path;
+- the contract's validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (
+    MAX_POOLED_BLOCKS,
+    PooledTopPTiles,
+    pooled_top_p_blocks,
+    pooled_top_p_supported,
+    pooled_top_p_tiles,
+)
+from pbs_jax import PBSConfig, grid, selection
+from tests.conftest import make_qkv
+
+BLOCK, SEGMENT = 16, 64  # 4 blocks per segment: the permuted domain has several segments
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    num_blocks: int  # T
+    seq_len: int  # N: a partial last block where N < 16 T
+    q_heads: int
+    kv_heads: int
+    gqa: str  # "replicate": Hp = Hq (GQA 1); "shared": Hp = Hkv (GQA Hq / Hkv)
+    permute: bool  # softmax domain: earlier segments (True) or the causal blocks (False)
+    threshold: float
+    head_dim: int = 16
+    tiles: PooledTopPTiles | None = None
+
+    @property
+    def cfg(self) -> PBSConfig:
+        return PBSConfig.paper(
+            block_size=BLOCK,
+            segment_size=SEGMENT,
+            permute=self.permute,
+            gqa=self.gqa,
+            threshold=self.threshold,
+        )
+
+
+CASES = [
+    Case(5, 75, 4, 4, "replicate", True, 1.0),
+    Case(24, 380, 4, 1, "shared", True, 0.5),
+    # Two head-dim chunks per dot and 32-row tiles (T_pad = 128).
+    Case(70, 1110, 4, 4, "replicate", False, 0.9, head_dim=32, tiles=PooledTopPTiles(32, 16)),
+]
+GPU_PATH_CASE = CASES[1]  # GQA 4, the permuted domain
+
+
+@functools.cache
+def _qk():
+    """One draw (a single compile of the conftest sampler) that every case slices:
+    ``q [2, 1120, 4, 32]``, ``k [2, 1120, 4, 32]``, with heavy-hitter keys."""
+    q, k, _ = make_qkv(11, 2, 1120, 4, 4, 32)
+    return q, k
+
+
+def _random_permutation(case: Case, num_perm_heads: int) -> np.ndarray:
+    """``perm [2, Hp, N]``: each complete segment shuffled at random (identity without
+    permute); the selection does not care how a permutation was found."""
+    n = case.seq_len
+    perm = np.broadcast_to(np.arange(n, dtype=np.int32), (2, num_perm_heads, n)).copy()
+    if case.permute:
+        rng = np.random.default_rng(case.num_blocks)
+        segments = n // SEGMENT
+        order = np.argsort(rng.random((2, num_perm_heads, segments, SEGMENT)), axis=-1)
+        shuffled = order + np.arange(segments)[:, None] * SEGMENT
+        perm[..., : segments * SEGMENT] = shuffled.reshape(2, num_perm_heads, -1)
+    return perm
+
+
+@functools.cache
+def _jnp_selection(case: Case):
+    """Operands and the jnp path's masks of one case (one compile per case): ``q, k, perm`` and
+    ``(pooled_q, pooled_k, domain, top_p, forced, selected)``, masks ``[B, Hq, T, T]``."""
+    cfg = case.cfg
+    q, k = _qk()
+    q = q[:, : case.seq_len, : case.q_heads, : case.head_dim]
+    k = k[:, : case.seq_len, : case.kv_heads, : case.head_dim]
+    perm = jnp.asarray(_random_permutation(case, cfg.num_perm_heads(case.q_heads, case.kv_heads)))
+
+    @jax.jit
+    def run(q, k, perm):
+        probs = selection.block_probabilities(q, k, perm, cfg)
+        domain = grid.softmax_domain(case.num_blocks, cfg)
+        return (
+            *selection.pooled_blocks(q, k, perm, cfg),
+            domain,
+            selection.top_p_blocks(probs, domain, case.threshold),
+            selection.forced_blocks(perm, case.q_heads, cfg),
+            selection.select_from_probabilities(probs, perm, cfg),
+        )
+
+    return q, k, perm, run(q, k, perm)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c.num_blocks}-{c.gqa}-{c.threshold}")
+def test_kernel_equals_jnp_selection(case):
+    *_, (pooled_q, pooled_k, domain, top_p, forced, selected) = _jnp_selection(case)
+    assert pooled_q.shape == (2, case.num_blocks, case.q_heads, case.head_dim)
+    mask = pooled_top_p_blocks(
+        pooled_q, pooled_k, domain, case.threshold, tiles=case.tiles, interpret=True
+    )
+    assert mask.dtype == jnp.bool_ and mask.shape == top_p.shape
+    mask, top_p = np.asarray(mask), np.asarray(top_p)
+    np.testing.assert_array_equal(mask, top_p)
+    np.testing.assert_array_equal(mask | np.asarray(forced), np.asarray(selected))
+    # Not vacuous: something is selected, and below τ = 1 not every allowed block.
+    allowed_count = np.asarray(domain).sum() * top_p.shape[0] * top_p.shape[1]
+    assert 0 < top_p.sum() <= allowed_count
+    assert (top_p.sum() < allowed_count) == (case.threshold < 1.0)
+
+
+def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch):
+    """``select_blocks`` on GPU (the kernel, interpret mode here) equals its CPU path (the jnp
+    selection): one rule, two evaluations, the forced blocks OR-ed in by the same function."""
+    case = GPU_PATH_CASE
+    q, k, perm, (*_, selected) = _jnp_selection(case)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    calls = []
+
+    def interpreted_kernel(*args, **kwargs):
+        calls.append(args[0].shape)
+        return pooled_top_p_blocks(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(selection, "pooled_top_p_blocks", interpreted_kernel)
+    on_gpu = jax.jit(functools.partial(selection.select_blocks, cfg=case.cfg))(q, k, perm)
+    assert calls, "the GPU path did not run the kernel"
+    np.testing.assert_array_equal(np.asarray(on_gpu), np.asarray(selected))
+
+
+def test_default_tiles_follow_t():
+    assert pooled_top_p_tiles(5, 16) == PooledTopPTiles(16, 16, num_warps=4)
+    assert pooled_top_p_tiles(64, 128) == PooledTopPTiles(16, 128, num_warps=4)
+    assert pooled_top_p_tiles(1024, 128) == PooledTopPTiles(16, 16, num_warps=8)
+    assert pooled_top_p_tiles(MAX_POOLED_BLOCKS, 64) == PooledTopPTiles(16, 16, num_warps=8)
+
+
+def _operands(b=1, t=8, hq=2, hp=1, d=16, q_dtype=jnp.float32, k_t=None):
+    pooled_q = jnp.zeros((b, t, hq, d), q_dtype)
+    pooled_k = jnp.zeros((b, t if k_t is None else k_t, hp, d), jnp.float32)
+    return pooled_q, pooled_k
+
+
+_DOMAIN8 = jnp.tril(jnp.ones((8, 8), jnp.bool_))
+
+
+@pytest.mark.parametrize(
+    "operands,domain,threshold,tiles,match",
+    [
+        (_operands(hq=3, hp=2), _DOMAIN8, 0.9, None, "multiple of Hp"),
+        (_operands(d=24), _DOMAIN8, 0.9, None, "head dim"),
+        (_operands(q_dtype=jnp.bfloat16), _DOMAIN8, 0.9, None, "float32"),
+        (_operands(k_t=9), _DOMAIN8, 0.9, None, "pooled_k must be"),
+        ((jnp.zeros((8, 2, 16)), jnp.zeros((1, 8, 1, 16))), _DOMAIN8, 0.9, None, "4-d"),
+        (_operands(t=MAX_POOLED_BLOCKS + 1), None, 0.9, None, "pooled blocks"),
+        (_operands(), _DOMAIN8[:7], 0.9, None, "domain must be"),
+        (_operands(), _DOMAIN8.astype(jnp.float32), 0.9, None, "bool or integer"),
+        (_operands(), _DOMAIN8, 0.0, None, "threshold"),
+        (_operands(), _DOMAIN8, 1.5, None, "threshold"),
+        (_operands(), _DOMAIN8, jnp.float32(0.9), None, "threshold"),
+        (_operands(), _DOMAIN8, 0.9, PooledTopPTiles(32, 16), "block_rows=32"),
+        (_operands(d=16), _DOMAIN8, 0.9, PooledTopPTiles(16, 32), "depth_chunk=32"),
+        (_operands(), _DOMAIN8, 0.9, "tiles", "PooledTopPTiles or None"),
+    ],
+)
+def test_rejects_bad_operands(operands, domain, threshold, tiles, match):
+    if domain is None:
+        t = operands[0].shape[1]
+        domain = jnp.zeros((t, t), jnp.bool_)
+    with pytest.raises(ValueError, match=match):
+        pooled_top_p_blocks(*operands, domain, threshold, tiles=tiles, interpret=True)
+
+
+def test_supported():
+    assert pooled_top_p_supported(*_operands(t=MAX_POOLED_BLOCKS))
+    assert not pooled_top_p_supported(*_operands(t=MAX_POOLED_BLOCKS + 1))
+    assert not pooled_top_p_supported(*_operands(d=8))
+
+
+def test_bad_tiles_are_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        PooledTopPTiles(block_rows=8)
+    with pytest.raises(ValueError, match="power of two"):
+        PooledTopPTiles(depth_chunk=48)
+    with pytest.raises(ValueError, match="num_warps"):
+        PooledTopPTiles(num_warps=3)
