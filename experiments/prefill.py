@@ -6,11 +6,15 @@ reports in ONE table: block density (mean and per layer), relative logit error a
 agreement against dense, and the jitted prefill time. Then it decodes the first greedy tokens
 after each prefill (dense decode against each prefill's KV cache) and prints them side by side.
 
+Several texts (``pbs-prefill a.txt b.txt`` or ``--text`` repeated) run as ONE right-padded batch
+of different lengths (each row equals that text prefilled alone), and the report is per row.
+
 Every argument is checked before the model is loaded (a user error is one line and exit status
 2, never a traceback), and every long step says what it does and how long it took.
 
     pbs-prefill                                   # typing.py, 2048 tokens on CPU / 8192 on GPU
     python -m experiments.prefill --length 4096 --threshold 0.95 --gqa shared
+    pbs-prefill a.txt --text b.txt --text c.txt   # one ragged batch of three rows
 """
 
 from __future__ import annotations
@@ -70,10 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "text",
-        nargs="?",
+        nargs="*",
         default=None,
-        help="UTF-8 text file to prefill (default: the source of Python's typing.py). Its "
-        "first LENGTH tokens are used.",
+        help="UTF-8 text file(s) to prefill (default: the source of Python's typing.py). The "
+        "first LENGTH tokens of each are used; several texts run as one batch of different "
+        "lengths (right padding) and are reported row by row.",
+    )
+    parser.add_argument(
+        "--text",
+        dest="more_texts",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="one more text file for the batch (repeatable; after the positional ones)",
     )
     parser.add_argument(
         "--length",
@@ -212,20 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def time_prefill(runner: JittedLlama, tokens, attention, max_len, *, name, warmup, repeats):
+def time_prefill(
+    runner: JittedLlama, tokens, attention, max_len, *, name, warmup, repeats, lengths=None
+):
     """(best seconds, (last logits, cache, PrefillAux)) of the jitted prefill.
 
     The prefill is compiled ahead of time (``lower_prefill``), so no run is spent on compiling;
     then ``warmup`` untimed runs, then the best of ``repeats`` timed runs. The timed function is
     the real prefill (KV cache + last logits); it also hands back the last hidden states and
-    densities, so the metrics need no second forward.
+    densities, so the metrics need no second forward. ``lengths [B]``: a ragged batch.
     """
     with step(f"{name}: compile (no run)"):
-        lowered = runner.lower_prefill(tokens, attention, max_len=max_len, return_aux=True)
+        lowered = runner.lower_prefill(
+            tokens, attention, max_len=max_len, return_aux=True, lengths=lengths
+        )
         compiled = lowered.compile()
+    dynamic = (tokens,) if lengths is None else (tokens, jnp.asarray(lengths, jnp.int32))
 
     def run():
-        return jax.block_until_ready(compiled(runner.graphdef, runner.state, tokens))
+        return jax.block_until_ready(compiled(runner.graphdef, runner.state, *dynamic))
 
     result = None
     if warmup:
@@ -242,28 +260,33 @@ def time_prefill(runner: JittedLlama, tokens, attention, max_len, *, name, warmu
 
 
 def greedy_continuation(
-    runner: JittedLlama, last_logits, cache, length: int, num_tokens: int, *, name: str
-) -> list[int]:
+    runner: JittedLlama, last_logits, cache, length, num_tokens: int, *, name: str
+) -> list[list[int]]:
     """The first ``num_tokens`` greedy tokens after a prefill (dense decode, one jitted step per
-    token so a bar can count them): last_logits [1,V], the prefill's cache -> list of ids.
+    token so a bar can count them): last_logits [B,V], the prefill's cache -> ids per row.
 
-    Token 1 is the argmax of the prefill's own last logits; each later one costs a decode step.
+    ``length``: the prompt length (an int), or per-row lengths [B] of a ragged batch, each row
+    continuing from its own position. Token 1 is the argmax of the prefill's own last logits;
+    each later one costs a decode step.
     """
-    token = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)  # [1]
+    position = length if isinstance(length, int) else jnp.asarray(length, jnp.int32)
+    token = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)  # [B]
     ids = [token]
     description = f"greedy decode after the {name} prefill"
     with bar(None, description, unit="token", total=num_tokens, initial=1) as progress:
-        for position in range(length, length + num_tokens - 1):
-            logits, cache = runner.decode_step(token, cache, position)
+        for step_index in range(num_tokens - 1):
+            logits, cache = runner.decode_step(token, cache, position + step_index)
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             ids.append(token)
             progress.update(1)
-    return [int(i[0]) for i in ids]
+    return np.stack([np.asarray(i) for i in ids], axis=1).tolist()
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse and check ``argv``, prefill with full attention and with PBS, print the comparison
-    table and the greedy continuations; return the summary (what ``--json`` writes).
+    table and the greedy continuations; return the summary (what ``--json`` writes). Several
+    texts: one ragged batch, one report per row, and the summary ``{"batch_lengths": [...],
+    "rows": [one summary per text]}``.
 
     A user error (bad flag, missing or empty text, a length the model cannot take, ...) ends in
     ``parser.error``: one line, exit status 2, before the model is loaded.
@@ -279,15 +302,25 @@ def run(argv: list[str] | None = None) -> dict:
     with step(f"load {plan.model_name} ({plan.dtype.name})", own_output=True):
         model, tokenizer = load_pretrained(plan.model_path, dtype=plan.dtype)
     with step("tokenize"):
-        ids = tokenizer.encode(plan.text)
-    if not ids:
-        parser.error(f"text file {plan.text_path!r} holds no tokens")
-    length = plan.length
-    if len(ids) < length:
-        say(f"note: {plan.text_path} has only {len(ids)} tokens; prefilling all of them")
-        length = len(ids)
-    tokens = jnp.asarray(ids[:length], jnp.int32)[None]  # [1, T]
+        row_ids = [tokenizer.encode(text) for text in plan.texts]
+    lengths = []
+    for path, ids in zip(plan.text_paths, row_ids):
+        if not ids:
+            parser.error(f"text file {path!r} holds no tokens")
+        if len(ids) < plan.length:
+            say(f"note: {path} has only {len(ids)} tokens; prefilling all of them")
+        lengths.append(min(len(ids), plan.length))
+    length = max(lengths)
+    # One right-padded batch [B, T]; the padding (token 0) is never attended by a real token.
+    tokens = np.zeros((len(lengths), length), np.int32)
+    for row, (ids, n) in enumerate(zip(row_ids, lengths)):
+        tokens[row, :n] = ids[:n]
+    tokens = jnp.asarray(tokens)
+    ragged = len(lengths) > 1  # one text: today's run exactly (no lengths at all)
     max_len = length + max(plan.new_tokens, 1)
+    batch = (
+        f"{len(lengths)} texts, {min(lengths)}-{length} tokens" if ragged else f"{length} tokens"
+    )
 
     runner = JittedLlama(model)
     del model
@@ -301,30 +334,48 @@ def run(argv: list[str] | None = None) -> dict:
             tokens,
             attention,
             max_len,
-            name=f"{name} prefill ({length} tokens)",
+            name=f"{name} prefill ({batch})",
             warmup=plan.warmup,
             repeats=plan.repeats,
+            lengths=lengths if ragged else None,
         )
-        logits = runner.output_logits(aux.hidden[0])  # [T, V]
-        new_ids = []
+        logits = [runner.output_logits(aux.hidden[row, :n]) for row, n in enumerate(lengths)]
+        new_ids = [[] for _ in lengths]
         if plan.new_tokens > 0:
             new_ids = greedy_continuation(
-                runner, last_logits, cache, length, plan.new_tokens, name=name
+                runner,
+                last_logits,
+                cache,
+                lengths if ragged else length,
+                plan.new_tokens,
+                name=name,
             )
         del cache
-        runs[key] = PrefillRun(seconds, logits, np.asarray(aux.density), new_ids)
+        density = np.asarray(aux.density)
+        runs[key] = [PrefillRun(seconds, lg, density, ids) for lg, ids in zip(logits, new_ids)]
         del aux
 
-    full, sparse = runs["full"], runs["sparse"]
-    comparison = compare_logits(sparse.logits, full.logits)
     device = jax.devices()[0]
     device = f"{device.platform}:{device.device_kind}"
-    print(
-        format_report(
-            plan, runner.config, device, length, full, sparse, comparison, tokenizer, on_cpu
+    summaries = []
+    for row, n in enumerate(lengths):
+        full, sparse = runs["full"][row], runs["sparse"][row]
+        comparison = compare_logits(sparse.logits, full.logits)
+        row_plan = plan.row(row)
+        if ragged:
+            print(
+                f"\n=== row {row + 1} of {len(lengths)} ({n} tokens) of one ragged batch: the "
+                "prefill time and block density are the whole batch's ==="
+            )
+        print(
+            format_report(
+                row_plan, runner.config, device, n, full, sparse, comparison, tokenizer, on_cpu
+            )
         )
-    )
-    summary = summary_record(plan, device, length, full, sparse, comparison, tokenizer, on_cpu)
+        summaries.append(
+            summary_record(row_plan, device, n, full, sparse, comparison, tokenizer, on_cpu)
+        )
+    summary = summaries[0] if not ragged else dict(batch_lengths=lengths, rows=summaries)
     if plan.json_path:
         with open(plan.json_path, "w") as f:
             json.dump(summary, f, indent=1)

@@ -120,18 +120,30 @@ def resolve_attention(attention: AttentionSpec) -> str | PBSAttention | LayerAtt
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, attention: str | PBSAttention | Callable
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    attention: str | PBSAttention | Callable,
+    lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, Any]:
     """Prefill attention by resolved spec: q [B,T,Hq,D], k/v [B,T,Hkv,D] (after RoPE).
 
     Returns (out [B,T,Hq,D] in q.dtype, density: float32 scalar = computed / causal blocks;
     1.0 for dense). A study's callable may return any pytree of float32 per-layer statistics
     in place of the density (e.g. the layer's q and k); the model stacks it over layers.
+
+    ``lengths [B]`` int32 (a right-padded batch; None: every row holds T): PBS plans each row
+    on its real tokens (``pbs_attention(lengths=)``); dense attention needs nothing, causality
+    keeps padding out of real rows. A callable then gets ``lengths=`` as a keyword.
     """
     if attention == FULL_ATTENTION:
         return dense_attention(q, k, v), jnp.ones((), jnp.float32)
     if not isinstance(attention, PBSAttention):
-        out, density = attention(q, k, v)
+        out, density = (
+            attention(q, k, v) if lengths is None else attention(q, k, v, lengths=lengths)
+        )
         return out, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), density)
-    out, aux = pbs_attention(q, k, v, attention.config, impl=attention.impl, return_aux=True)
+    out, aux = pbs_attention(
+        q, k, v, attention.config, impl=attention.impl, return_aux=True, lengths=lengths
+    )
     return out, jnp.asarray(aux.density, jnp.float32)

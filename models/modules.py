@@ -19,7 +19,6 @@ D head_dim, V vocabulary, d d_model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -35,6 +34,7 @@ from models.attention_spec import (
 )
 from models.config import LlamaConfig
 from models.rope import apply_rope, rope_inverse_frequencies
+from pbs_jax import validate_lengths
 
 __all__ = ["MLP", "Attention", "DecoderLayer", "KVCache", "Llama", "PrefillAux", "RMSNorm"]
 
@@ -50,7 +50,9 @@ class KVCache:
     """Per-layer keys (after RoPE) and values in original token order, preallocated.
 
     keys, values: [L, B, S, Hkv, D]. Slot s holds the token at position s; slots at or beyond
-    the current position are garbage and masked out by decode_step.
+    the current position are garbage and masked out by decode_step. In a right-padded batch
+    each row has its own position (``lengths`` after the prefill): slots past it hold the
+    padding's keys, masked the same way and overwritten as the row decodes.
     """
 
     keys: jax.Array
@@ -117,18 +119,22 @@ class Attention(nnx.Module):
         batch, length = out.shape[:2]
         return self.o_proj(out.reshape(batch, length, -1))
 
-    def __call__(self, x, positions, attention):
-        """Prefill: x [B,T,d] -> (out [B,T,d], (k, v) [B,T,Hkv,D], density scalar)."""
+    def __call__(self, x, positions, attention, lengths=None):
+        """Prefill: x [B,T,d] -> (out [B,T,d], (k, v) [B,T,Hkv,D], density scalar); lengths
+        [B] for a right-padded batch (``attend``)."""
         q, k, v = self._qkv(x, positions)
-        out, density = attend(q, k, v, attention)
+        out, density = attend(q, k, v, attention, lengths)
         return self._output(out), (k, v), density
 
     def decode(self, x, position, cache: KVCache, layer_index):
         """One token: x [B,1,d] at scalar position -> (out [B,1,d], cache with it written).
 
         Writes only this token's k/v (at [layer, :, position]) so the step costs O(S) reads
-        and O(1) writes per layer, then attends densely to slots <= position.
+        and O(1) writes per layer, then attends densely to slots <= position. A position [B]
+        (rows of a ragged batch, each at its own position): :meth:`decode_per_row`.
         """
+        if jnp.ndim(position) == 1:
+            return self.decode_per_row(x, position, cache, layer_index)
         q, k, v = self._qkv(x, jnp.reshape(position, (1,)))
         start = (layer_index, 0, position, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start)
@@ -138,6 +144,28 @@ class Attention(nnx.Module):
         visible = (jnp.arange(cache.max_len) <= position)[None, None, None, :]  # [1,1,1,S]
         out = jax.nn.dot_product_attention(
             q, keys[layer_index], values[layer_index], mask=visible, implementation="xla"
+        )
+        return self._output(out), KVCache(keys, values)
+
+    def decode_per_row(self, x, positions, cache: KVCache, layer_index):
+        """One token per row at its own position: x [B,1,d], positions [B] int32 -> (out
+        [B,1,d], cache with row b's k/v written at slot positions[b]); row b attends densely to
+        its slots <= positions[b]."""
+        batch = x.shape[0]
+        # The B tokens as one sequence of length B: RoPE rotates each by its own position.
+        q, k, v = (y.swapaxes(0, 1) for y in self._qkv(x.swapaxes(0, 1), positions))
+        rows = jnp.arange(batch)
+        keys = cache.keys.at[layer_index, rows, positions].set(k[:, 0].astype(cache.keys.dtype))
+        values = cache.values.at[layer_index, rows, positions].set(
+            v[:, 0].astype(cache.values.dtype)
+        )
+        visible = jnp.arange(cache.max_len)[None, :] <= positions[:, None]  # [B, S]
+        out = jax.nn.dot_product_attention(
+            q,
+            keys[layer_index],
+            values[layer_index],
+            mask=visible[:, None, None, :],
+            implementation="xla",
         )
         return self._output(out), KVCache(keys, values)
 
@@ -181,8 +209,8 @@ class DecoderLayer(nnx.Module):
         out = jax.lax.map(lambda x: x + self.mlp(self.mlp_norm(x)), padded)
         return out.swapaxes(0, 1).reshape(b, chunks * self.mlp_chunk, d)[:, :t]
 
-    def __call__(self, x, positions, attention):
-        attn_out, kv, density = self.attn(self.attn_norm(x), positions, attention)
+    def __call__(self, x, positions, attention, lengths=None):
+        attn_out, kv, density = self.attn(self.attn_norm(x), positions, attention, lengths)
         return self._mlp_residual(x + attn_out), kv, density
 
     def decode(self, x, position, cache, layer_index):
@@ -247,19 +275,22 @@ class Llama(nnx.Module):
             "...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
         )
 
-    def _prefill_layers(self, tokens, attention, collect_kv: bool):
-        """tokens [B,T] -> (hidden [B,T,d], (keys, values) [L,B,T,Hkv,D] or None, density [L])."""
+    def _prefill_layers(self, tokens, attention, collect_kv: bool, lengths=None):
+        """tokens [B,T] -> (hidden [B,T,d], (keys, values) [L,B,T,Hkv,D] or None, density [L]);
+        lengths [B] int32 for a right-padded batch (None: every row holds T)."""
         attention = resolve_attention(attention)
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         layers_graphdef, layers_state = nnx.split(self.layers)
         num_layers = self.config.num_layers
         if isinstance(attention, LayerAttention):
             specs, spec_of_layer = attention.branches(num_layers)
-            branches = [functools.partial(attend, attention=spec) for spec in specs]
+            branches = [
+                lambda q, k, v, lengths, spec=spec: attend(q, k, v, spec, lengths) for spec in specs
+            ]
 
             def layer_attention(index):
-                return lambda q, k, v: jax.lax.switch(
-                    jnp.asarray(spec_of_layer)[index], branches, q, k, v
+                return lambda q, k, v, lengths=None: jax.lax.switch(
+                    jnp.asarray(spec_of_layer)[index], branches, q, k, v, lengths
                 )
         else:
 
@@ -270,7 +301,7 @@ class Llama(nnx.Module):
         def one_layer(hidden, xs):
             layer_state, index = xs
             layer = nnx.merge(layers_graphdef, layer_state)
-            hidden, kv, density = layer(hidden, positions, layer_attention(index))
+            hidden, kv, density = layer(hidden, positions, layer_attention(index), lengths)
             return hidden, (kv if collect_kv else None, density)
 
         hidden, (kv, densities) = jax.lax.scan(
@@ -286,13 +317,16 @@ class Llama(nnx.Module):
         attention: AttentionSpec = FULL_ATTENTION,
         *,
         return_aux: bool = False,
+        lengths=None,
     ):
         """tokens [B,T] int -> logits [B,T,V] float32.
 
         With return_aux=True: (logits, density [L] float32), the fraction of causal blocks
-        each layer's attention computed (all ones for "full").
+        each layer's attention computed (all ones for "full"). ``lengths [B]``: a right-padded
+        batch (see :meth:`prefill`); logits past a row's length are those of its padding.
         """
-        hidden, _, densities = self._prefill_layers(tokens, attention, collect_kv=False)
+        lengths = validate_lengths(lengths, *tokens.shape)
+        hidden, _, densities = self._prefill_layers(tokens, attention, False, lengths)
         logits = self.output_logits(hidden)
         return (logits, densities) if return_aux else logits
 
@@ -303,6 +337,7 @@ class Llama(nnx.Module):
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        lengths=None,
     ):
         """tokens [B,T] -> (last-position logits [B,V] float32, KVCache with S = max_len).
 
@@ -310,17 +345,27 @@ class Llama(nnx.Module):
         [0, T); max_len (default T) must be >= T. With return_aux=True also a PrefillAux
         (last-layer hidden [B,T,d], per-layer density [L]): ``output_logits(aux.hidden)``
         gives every position's logits without a second forward.
+
+        ``lengths [B]`` int (None: every row holds T): a right-padded batch, row b's prompt is
+        ``tokens[b, :lengths[b]]``, the rest any valid token ids. Each row equals that row
+        prefilled alone (PBS plans it on its own tokens; causality keeps padding out), its last
+        logits are those at position ``lengths[b] - 1``, and decoding continues it from
+        position ``lengths[b]`` (``decode_step`` with positions [B]).
         """
         length = tokens.shape[1]
         max_len = length if max_len is None else max_len
         if max_len < length:
             raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
-        hidden, (keys, values), densities = self._prefill_layers(tokens, attention, collect_kv=True)
+        lengths = validate_lengths(lengths, *tokens.shape)
+        hidden, (keys, values), densities = self._prefill_layers(tokens, attention, True, lengths)
         if max_len > length:  # no copy of the whole cache when it is already full-size
             padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
             keys, values = jnp.pad(keys, padding), jnp.pad(values, padding)
         cache = KVCache(keys, values)
-        last_logits = self.output_logits(hidden[:, -1])
+        if lengths is None:
+            last_logits = self.output_logits(hidden[:, -1])
+        else:
+            last_logits = self.output_logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1])
         if return_aux:
             return last_logits, cache, PrefillAux(hidden, densities)
         return last_logits, cache
@@ -328,7 +373,9 @@ class Llama(nnx.Module):
     def decode_step(self, token: jax.Array, cache: KVCache, position: jax.Array):
         """token [B] int at scalar position (< cache.max_len) -> (logits [B,V] f32, cache).
 
-        Dense attention against cache slots [0, position] (this token's k/v included).
+        Dense attention against cache slots [0, position] (this token's k/v included). A
+        position [B] int puts each row at its own position (a ragged batch after a prefill
+        with ``lengths``): row b writes slot position[b] and attends to slots <= position[b].
         """
         position = jnp.asarray(position, jnp.int32)
         layers_graphdef, layers_state = nnx.split(self.layers)

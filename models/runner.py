@@ -18,6 +18,7 @@ from flax import nnx
 from models.attention_spec import FULL_ATTENTION, AttentionSpec, resolve_attention
 from models.config import LlamaConfig
 from models.modules import KVCache, Llama
+from pbs_jax import validate_lengths
 
 __all__ = [
     "JittedLlama",
@@ -31,17 +32,26 @@ __all__ = [
 
 
 @functools.partial(jax.jit, static_argnames=("attention", "return_aux"))
-def forward(graphdef, state, tokens, attention=FULL_ATTENTION, return_aux=False):
-    """Jitted ``Llama.__call__``: tokens [B,T] -> logits [B,T,V] (, density [L])."""
-    return nnx.merge(graphdef, state)(tokens, attention, return_aux=return_aux)
+def forward(graphdef, state, tokens, attention=FULL_ATTENTION, return_aux=False, lengths=None):
+    """Jitted ``Llama.__call__``: tokens [B,T] -> logits [B,T,V] (, density [L]); lengths [B]
+    for a right-padded batch."""
+    return nnx.merge(graphdef, state)(tokens, attention, return_aux=return_aux, lengths=lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("attention", "max_len", "return_aux"))
-def prefill(graphdef, state, tokens, attention=FULL_ATTENTION, max_len=None, return_aux=False):
+def prefill(
+    graphdef,
+    state,
+    tokens,
+    attention=FULL_ATTENTION,
+    max_len=None,
+    return_aux=False,
+    lengths=None,
+):
     """Jitted ``Llama.prefill``: tokens [B,T] -> (last logits [B,V], KVCache [L,B,max_len,..]
-    (, PrefillAux))."""
+    (, PrefillAux)); lengths [B] for a right-padded batch (one compile for every lengths)."""
     return nnx.merge(graphdef, state).prefill(
-        tokens, attention, max_len=max_len, return_aux=return_aux
+        tokens, attention, max_len=max_len, return_aux=return_aux, lengths=lengths
     )
 
 
@@ -63,6 +73,7 @@ def greedy_decode(graphdef, state, last_logits, cache, start_position, num_token
 
     last_logits [B,V] (the prefill's), start_position = prompt length -> (tokens
     [B,num_tokens] int32, cache). Token i is argmax of the logits at position start+i-1.
+    start_position [B] (a ragged batch: its ``lengths``) continues each row from its own.
     """
     model = nnx.merge(graphdef, state)
     first = jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
@@ -81,22 +92,35 @@ def greedy_decode(graphdef, state, last_logits, cache, start_position, num_token
 
 
 def generate(
-    graphdef, state, prompt_tokens, max_new_tokens: int, attention: AttentionSpec = FULL_ATTENTION
+    graphdef,
+    state,
+    prompt_tokens,
+    max_new_tokens: int,
+    attention: AttentionSpec = FULL_ATTENTION,
+    lengths=None,
 ) -> jax.Array:
     """Greedy generation: prompt [B,T] -> new tokens [B,max_new_tokens] int32.
 
     Prefill with ``attention`` (dense or PBS), then dense decode against the cache. No early
-    stop at EOS (fixed shapes); trim on the host.
+    stop at EOS (fixed shapes); trim on the host. ``lengths [B]``: a right-padded batch, row b's
+    prompt is ``prompt[b, :lengths[b]]`` and its new tokens continue from there.
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_tokens.ndim == 1:
         return generate(graphdef, state, prompt_tokens[None], max_new_tokens, attention)[0]
     attention = resolve_attention(attention)
     length = prompt_tokens.shape[1]
+    lengths = validate_lengths(lengths, *prompt_tokens.shape)
     last_logits, cache = prefill(
-        graphdef, state, prompt_tokens, attention, max_len=length + max_new_tokens
+        graphdef,
+        state,
+        prompt_tokens,
+        attention,
+        max_len=length + max_new_tokens,
+        lengths=lengths,
     )
-    tokens, _ = greedy_decode(graphdef, state, last_logits, cache, length, max_new_tokens)
+    start = length if lengths is None else lengths
+    tokens, _ = greedy_decode(graphdef, state, last_logits, cache, start, max_new_tokens)
     return tokens
 
 
@@ -121,6 +145,11 @@ class JittedLlama:
       continuation after a prefill -> (tokens [B,num_tokens] int32, cache); cache donated.
     - ``runner.generate(prompt, max_new_tokens, attention="full")``: prefill then greedy decode,
       prompt [B,T] -> [B,max_new_tokens] ([T] -> [max_new_tokens]).
+    - Batches of different lengths (right padding): ``lengths=`` [B] on ``runner(...)``,
+      ``prefill``, ``lower_prefill`` and ``generate`` (row b's prompt is
+      ``tokens[b, :lengths[b]]``; each row equals itself run alone), then ``decode_step`` /
+      ``greedy_decode`` with positions [B] (``lengths`` after the prefill). Lengths are checked
+      here (1 <= length <= T) and are a traced argument: one compile serves them all.
     - ``runner.config``, ``runner.graphdef``, ``runner.state``: the split model.
 
     ``JittedLlama.from_split(graphdef, state)`` wraps an existing split, e.g. parameters placed
@@ -148,25 +177,35 @@ class JittedLlama:
         return runner
 
     def __call__(
-        self, tokens, attention: AttentionSpec = FULL_ATTENTION, *, return_aux: bool = False
+        self,
+        tokens,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        return_aux: bool = False,
+        lengths=None,
     ):
+        tokens = jnp.asarray(tokens, jnp.int32)
         return forward(
             self.graphdef,
             self.state,
-            jnp.asarray(tokens, jnp.int32),
+            tokens,
             resolve_attention(attention),
             return_aux,
+            validate_lengths(lengths, *tokens.shape),
         )
 
-    def _prefill_args(self, tokens, attention, max_len, return_aux) -> tuple:
-        return (
+    def _prefill_args(self, tokens, attention, max_len, return_aux, lengths) -> tuple:
+        tokens = jnp.asarray(tokens, jnp.int32)
+        args = (
             self.graphdef,
             self.state,
-            jnp.asarray(tokens, jnp.int32),
+            tokens,
             resolve_attention(attention),
             max_len,
             return_aux,
         )
+        # lengths only when given: a lowered prefill without it keeps its 3-argument call.
+        return args if lengths is None else (*args, validate_lengths(lengths, *tokens.shape))
 
     def prefill(
         self,
@@ -175,8 +214,9 @@ class JittedLlama:
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        lengths=None,
     ):
-        return prefill(*self._prefill_args(tokens, attention, max_len, return_aux))
+        return prefill(*self._prefill_args(tokens, attention, max_len, return_aux, lengths))
 
     def lower_prefill(
         self,
@@ -185,10 +225,13 @@ class JittedLlama:
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        lengths=None,
     ) -> jax.stages.Lowered:
         """``prefill`` with these arguments, lowered but not compiled nor run. Its compiled form
-        takes the dynamic arguments only: ``compiled(runner.graphdef, runner.state, tokens)``."""
-        return prefill.lower(*self._prefill_args(tokens, attention, max_len, return_aux))
+        takes the dynamic arguments only: ``compiled(runner.graphdef, runner.state, tokens)``,
+        and ``lengths`` after the tokens when it was given."""
+        args = self._prefill_args(tokens, attention, max_len, return_aux, lengths)
+        return prefill.lower(*args)
 
     def output_logits(self, hidden):
         return output_logits(self.graphdef, self.state, hidden)
@@ -213,6 +256,13 @@ class JittedLlama:
         )
 
     def generate(
-        self, prompt_tokens, max_new_tokens: int, attention: AttentionSpec = FULL_ATTENTION
+        self,
+        prompt_tokens,
+        max_new_tokens: int,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        lengths=None,
     ) -> jax.Array:
-        return generate(self.graphdef, self.state, prompt_tokens, max_new_tokens, attention)
+        return generate(
+            self.graphdef, self.state, prompt_tokens, max_new_tokens, attention, lengths
+        )

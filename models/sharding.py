@@ -88,23 +88,24 @@ class HeadParallel:
 
     Hashable (a static jit argument), so the model takes it like any other attention spec.
     Returns (out ``[B, T, Hq, D]`` split the same way, density averaged over devices).
+    ``lengths [B]`` (a right-padded batch, ``models.attention_spec.attend``) goes to every device.
     """
 
     attention: Any
     mesh: Mesh
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, lengths=None):
         inner = resolve_attention(self.attention)
 
-        def local(q, k, v):
-            out, density = attend(q, k, v, inner)
+        def local(q, k, v, lengths):
+            out, density = attend(q, k, v, inner, lengths)
             return out, jax.lax.pmean(density, AXIS)
 
         heads = P(None, None, AXIS, None)
         return jax.shard_map(
             local,
             mesh=self.mesh,
-            in_specs=(heads, heads, heads),
+            in_specs=(heads, heads, heads, P()),  # lengths [B] (or None): on every device
             out_specs=(heads, P()),
             check_vma=False,
-        )(q, k, v)
+        )(q, k, v, lengths)

@@ -8,6 +8,7 @@ from pbs_jax.attention import (
     pbs_attention,
     pbs_plan,
     validate_inputs,
+    validate_lengths,
 )
 from pbs_jax.blocks import (
     BlockLists,
@@ -25,8 +26,13 @@ from pbs_jax.grid import (
     earlier_segment_blocks,
     num_blocks,
     own_segment_blocks,
+    permuted_key_counts,
+    real_block_counts,
+    real_blocks,
+    real_tokens,
     segment_blocks,
     softmax_domain,
+    zero_padding,
 )
 from pbs_jax.permutation import (
     compute_permutation,
@@ -77,4 +83,10 @@ __all__ = [
     "sink_local_mask",
     "sink_local_window",
     "validate_inputs",
+    "validate_lengths",
+    "permuted_key_counts",
+    "real_block_counts",
+    "real_blocks",
+    "real_tokens",
+    "zero_padding",
 ]

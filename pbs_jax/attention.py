@@ -7,11 +7,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import mgpu_supported, planned_attention
 from pbs_jax import blocks, cost_model, reference
 from pbs_jax.config import PBSConfig
-from pbs_jax.grid import num_blocks, segment_blocks
+from pbs_jax.grid import num_blocks, real_block_counts, real_blocks, segment_blocks, zero_padding
 from pbs_jax.permutation import compute_permutation, identity_permutation
 from pbs_jax.selection import select_blocks
 
@@ -62,6 +63,34 @@ def validate_inputs(q, k, v) -> None:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[2]})")
 
 
+def validate_lengths(lengths, batch: int, seq_len: int) -> jax.Array | None:
+    """``lengths`` (array-like ``[B]`` int, or None) as an int32 array; a clear ``ValueError``
+    for a wrong shape or dtype, and, when the values are concrete, for any length outside
+    ``[1, N]``. A traced ``lengths`` (under an outer ``jit``) cannot be range-checked: the op
+    then clamps it to ``[1, N]``."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, jax.Array):
+        lengths = np.asarray(lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"lengths must have shape [B] = ({batch},) (one length per batch row), got "
+            f"{tuple(lengths.shape)}"
+        )
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        bad = (values < 1) | (values > seq_len)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"lengths must lie in [1, N] = [1, {seq_len}] (right padding: row b holds "
+                f"lengths[b] real tokens), got lengths[{row}] = {int(values[row])}"
+            )
+    return jnp.asarray(lengths, jnp.int32)
+
+
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
@@ -78,18 +107,23 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     )
 
 
-def _dense(q, k, v, impl):
+def _dense(q, k, v, impl, lengths=None):
     """Dense causal attention for sequences too short for sparsity to pay (the oracle when
     ``impl="reference"``)."""
     if impl == "reference":
-        return reference.exact_causal_attention(q, k, v)
+        return reference.exact_causal_attention(q, k, v, lengths)
     return dense_attention(q, k, v)
 
 
-def pbs_plan(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> tuple[jax.Array, jax.Array]:
-    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool."""
-    perm = compute_permutation(q, k, cfg)
-    return perm, select_blocks(q, k, perm, cfg)
+def pbs_plan(
+    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool.
+
+    ``lengths [B]`` int32 (right padding; None: all N): each row's plan is that row's alone, its
+    padding left in place and never selected."""
+    perm = compute_permutation(q, k, cfg, lengths)
+    return perm, select_blocks(q, k, perm, cfg, lengths)
 
 
 def kernel_attention(
@@ -139,6 +173,7 @@ def pbs_attention(
     *,
     impl: str = "auto",
     return_aux: bool = False,
+    lengths=None,
 ):
     """Permuted block-sparse causal attention for prefill.
 
@@ -154,9 +189,23 @@ def pbs_attention(
         Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
         as the official code does.
       return_aux: also return :class:`PBSAux`.
+      lengths: ``[B]`` int array-like, a right-padded batch: row b holds ``lengths[b]`` real
+        tokens at positions ``[0, lengths[b])``, each in ``[1, N]``; None (default): every row
+        holds N. Checked when concrete; a traced ``lengths`` (under your own ``jit``) cannot be,
+        and is clamped to ``[1, N]``. One compile serves every length vector of a shape.
 
     Returns:
       ``[B, N, Hq, D]`` in q's dtype, and the aux when asked.
+
+    Ragged batches: row b equals that row run alone on its first ``lengths[b]`` tokens (up to
+    float rounding): its own proxy (its last real queries), its own complete segments (keys of
+    an incomplete or padded segment stay in place), its zero-padded partial last block in the
+    pooled means, its own dense tail, and dense attention when ``lengths[b] <= segment_size``.
+    Padded keys are never attended by a real query: they lie after it, so causality excludes
+    them (the kernels need nothing more). Outputs at positions ``>= lengths[b]`` are exactly 0.
+    Padding may hold any finite values (they do not change the result); the aux's
+    ``block_mask`` selects nothing outside a row's own blocks and its density is the mean of the
+    rows' own densities.
 
     Forward only: a prefill op with no gradient (``jax.grad`` through it raises a clear
     ``NotImplementedError``). Jit-compiled inside; array-likes are converted, float64 refused.
@@ -167,12 +216,13 @@ def pbs_attention(
         raise TypeError(f"cfg must be a PBSConfig, got {type(cfg).__name__}")
     q, k, v = _as_operand("q", q), _as_operand("k", k), _as_operand("v", v)
     validate_inputs(q, k, v)
-    return _forward(q, k, v, cfg, impl, return_aux)
+    lengths = validate_lengths(lengths, q.shape[0], q.shape[1])
+    return _forward(q, k, v, cfg, impl, return_aux, lengths)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _forward_only(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
-    return _pbs_forward(q, k, v, cfg, impl, return_aux)
+def _forward_only(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=None):
+    return _pbs_forward(q, k, v, cfg, impl, return_aux, lengths)
 
 
 @_forward_only.defjvp
@@ -187,41 +237,53 @@ def _no_derivative(cfg, impl, return_aux, primals, tangents):
 _forward = jax.jit(_forward_only, static_argnums=(3, 4, 5))
 
 
-def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
+def _mean_density(block_mask, lengths, cfg: PBSConfig):
+    """The aux's density: mean over batch and heads (each ragged row over its own blocks)."""
+    row_blocks = None if lengths is None else real_block_counts(lengths, cfg.block_size)
+    return jnp.mean(blocks.density(block_mask, row_blocks))
+
+
+def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=None):
     """The op's body on validated arrays (traced once per static configuration)."""
     b, n, hq, _ = q.shape
+    if lengths is not None:  # a traced lengths could not be range-checked: clamp it
+        lengths = jnp.clip(lengths, 1, n)
 
     auto_gpu = impl == "auto" and _on_gpu()
     if n <= cfg.segment_size or (auto_gpu and not _auto_may_pay(q, cfg)):
-        out = _dense(q, k, v, impl)
-        perm, block_mask, dens = _dense_plan(b, n, hq, k.shape[2], cfg)
+        out = _dense(q, k, v, impl, lengths)
+        perm, block_mask, dens = _dense_plan(b, n, hq, k.shape[2], cfg, lengths)
         sparse = jnp.bool_(False)
     elif auto_gpu:
-        out, perm, block_mask, dens, sparse = _auto_on_gpu(q, k, v, cfg)
+        out, perm, block_mask, dens, sparse = _auto_on_gpu(q, k, v, cfg, lengths)
     else:
-        perm, block_mask = pbs_plan(q, k, cfg)
-        dens = jnp.mean(blocks.density(block_mask))
+        perm, block_mask = pbs_plan(q, k, cfg, lengths)
+        dens = _mean_density(block_mask, lengths, cfg)
         if impl == "pallas":
             sparse = jnp.bool_(True)
             out = kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
         else:
             sparse = jnp.bool_(True)
             out = reference.permuted_block_sparse_attention(
-                q, k, v, perm, block_mask, cfg.block_size
+                q, k, v, perm, block_mask, cfg.block_size, lengths
             )
+    if lengths is not None:  # padded queries of the kernels and cuDNN: defined as 0
+        out = zero_padding(out, lengths)
     if not return_aux:
         return out
     return out, PBSAux(perm, block_mask, dens, sparse)
 
 
-def _dense_plan(b: int, n: int, hq: int, hkv: int, cfg: PBSConfig):
+def _dense_plan(b: int, n: int, hq: int, hkv: int, cfg: PBSConfig, lengths=None):
     """The aux of dense attention: identity ``perm [B, Hp, N]``, every causal block
-    ``[B, Hq, T, T]``, density 1."""
+    ``[B, Hq, T, T]`` (of each row's own grid with ``lengths``), density 1."""
     t = num_blocks(n, cfg.block_size)
     perm = identity_permutation(b, cfg.num_perm_heads(hq, hkv), n)
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    if lengths is not None:
+        causal = causal & real_blocks(lengths, t, cfg.block_size)[:, None]
     block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
-    return perm, block_mask, jnp.mean(blocks.density(block_mask))
+    return perm, block_mask, _mean_density(block_mask, lengths, cfg)
 
 
 def _auto_costs(q: jax.Array, cfg: PBSConfig):
@@ -239,7 +301,7 @@ def _auto_may_pay(q: jax.Array, cfg: PBSConfig) -> bool:
     return cost_model.choose(table, n, floor, stage=cost_model.AT_TRACE, shape=shape, mosaic=mosaic)
 
 
-def _auto_on_gpu(q, k, v, cfg: PBSConfig):
+def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
     """``impl="auto"`` past the trace-time check (:mod:`pbs_jax.cost_model`): the estimate, and
     unless it predicts a loss the plan, then the kernel or cuDNN, whichever is faster at the
     plan's density (the plan is spent by then). Returns (out, perm, block_mask, density, sparse).
@@ -251,11 +313,11 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig):
         return cost_model.choose(table, n, density, stage=stage, shape=shape, mosaic=mosaic)
 
     def dense(q, k, v):
-        return _dense(q, k, v, "auto")
+        return _dense(q, k, v, "auto", lengths)
 
     def planned(q, k, v):
-        perm, block_mask = pbs_plan(q, k, cfg)
-        dens = jnp.mean(blocks.density(block_mask))
+        perm, block_mask = pbs_plan(q, k, cfg, lengths)
+        dens = _mean_density(block_mask, lengths, cfg)
 
         def sparse_path(q, k, v):
             return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
@@ -264,7 +326,8 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig):
         return jax.lax.cond(sparse, sparse_path, dense, q, k, v), perm, block_mask, dens, sparse
 
     def skipped(q, k, v):
-        return dense(q, k, v), *_dense_plan(b, n, hq, k.shape[2], cfg), jnp.bool_(False)
+        plan = _dense_plan(b, n, hq, k.shape[2], cfg, lengths)
+        return dense(q, k, v), *plan, jnp.bool_(False)
 
     predicted = cost_model.predicted_density(
         table, cost_model.estimate_density(q, k, cfg), cost_model.floor_density(n, cfg)

@@ -49,17 +49,22 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
     return BlockLists(ids, full, total)
 
 
-def density(block_mask: jax.Array) -> jax.Array:
+def density(block_mask: jax.Array, row_blocks: jax.Array | None = None) -> jax.Array:
     """Computed blocks / causal blocks, float32 ``[B, H]``: dense attention is exactly 1.
 
     Counts what a causal kernel computes (:func:`grid.computed_causal_blocks`): the selected
     earlier-segment blocks plus the own segment's causal blocks. The official kernel also runs
     the own-segment blocks above the diagonal on permuted keys; that extra
     ``(T / blocks per segment) / (T (T + 1) / 2)`` is not work our kernels do.
+
+    ``row_blocks [B]`` (a ragged batch, :func:`grid.real_block_counts`): each row's causal
+    blocks are those of its own grid, the density of the row alone (its mask selects nothing
+    outside that grid).
     """
     t = block_mask.shape[-1]
     computed = grid.computed_causal_blocks(block_mask)
-    return jnp.sum(computed, axis=(-2, -1), dtype=jnp.float32) / grid.causal_block_count(t)
+    causal = grid.causal_block_count(t if row_blocks is None else row_blocks[:, None])
+    return jnp.sum(computed, axis=(-2, -1), dtype=jnp.float32) / causal
 
 
 def fixed_density_mask(

@@ -11,7 +11,9 @@ never re-derives them:
 - :func:`earlier_segment_blocks` — blocks of strictly earlier segments (never masked);
 - :func:`softmax_domain` — the key blocks competing in a query block's top-p;
 - :func:`dense_tail_blocks` — the trailing query blocks that attend to every causal block;
-- :func:`causal_block_count` / :func:`computed_causal_blocks` — what density divides by and counts.
+- :func:`causal_block_count` / :func:`computed_causal_blocks` — what density divides by and counts;
+- :func:`real_tokens`, :func:`zero_padding`, :func:`real_block_counts`, :func:`real_blocks`,
+  :func:`permuted_key_counts` — the same rules per row of a right-padded batch (``lengths [B]``).
 
 All masks are ``[T, T]`` bool over (query block, key-slot block).
 """
@@ -70,12 +72,17 @@ def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
     return kb <= qb
 
 
-def dense_tail_blocks(t: int, cfg: PBSConfig) -> jax.Array:
+def dense_tail_blocks(t: int, cfg: PBSConfig, row_blocks: jax.Array | None = None) -> jax.Array:
     """``[T, T]`` bool: every allowed block (:func:`softmax_domain`) of the last
     ``ceil(cfg.dense_tail / block_size)`` query blocks: the rows ``cfg.dense_tail`` computes
-    densely, rounded up to whole blocks."""
+    densely, rounded up to whole blocks.
+
+    ``row_blocks [B]`` (a ragged batch: each row's own T, :func:`real_block_counts`): the tail
+    of each row's own last blocks, ``[B, T, T]``.
+    """
     qb, _ = _block_grid(t)
-    return (qb >= t - num_blocks(cfg.dense_tail, cfg.block_size)) & softmax_domain(t, cfg)
+    last = t if row_blocks is None else row_blocks[:, None, None]
+    return (qb >= last - num_blocks(cfg.dense_tail, cfg.block_size)) & softmax_domain(t, cfg)
 
 
 def causal_block_count(t: int) -> int:
@@ -94,3 +101,41 @@ def computed_causal_blocks(block_mask: jax.Array) -> jax.Array:
     t = block_mask.shape[-1]
     qb, kb = _block_grid(t)
     return block_mask & (kb <= qb)
+
+
+# Batches of different lengths (right padding): row b holds ``lengths[b]`` real tokens, then
+# padding up to N. Each rule below is the row's own rule (the row run alone on its real
+# tokens) as a mask over the batch's static grid, so one compile serves every length vector.
+
+
+def real_tokens(lengths: jax.Array, seq_len: int) -> jax.Array:
+    """``[B, N]`` bool: the positions that hold a real token (``position < lengths[b]``)."""
+    return jnp.arange(seq_len)[None, :] < lengths[:, None]
+
+
+def zero_padding(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``x [B, N, ...]`` with every row at a position ``>= lengths[b]`` set to zero: the zero pad
+    that a row run alone sees past its last real token (pooled means count it)."""
+    real = real_tokens(lengths, x.shape[1]).reshape(x.shape[:2] + (1,) * (x.ndim - 2))
+    return jnp.where(real, x, jnp.zeros((), x.dtype))
+
+
+def real_block_counts(lengths: jax.Array, block_size: int) -> jax.Array:
+    """``[B]`` int32: T of each row alone, ``ceil(lengths[b] / block_size)``."""
+    return (lengths + block_size - 1) // block_size
+
+
+def real_blocks(lengths: jax.Array, t: int, block_size: int) -> jax.Array:
+    """``[B, T, T]`` bool: (query block, key block) pairs inside the row's own grid (both
+    ``< ceil(lengths[b] / block_size)``); the row alone has no other blocks."""
+    count = real_block_counts(lengths, block_size)[:, None, None]
+    qb, kb = _block_grid(t)
+    return (qb[None] < count) & (kb[None] < count)
+
+
+def permuted_key_counts(lengths: jax.Array, cfg: PBSConfig) -> jax.Array:
+    """``[B]`` int32: the leading keys a row sorts, its complete segments
+    ``(lengths[b] // segment_size) · segment_size``; 0 for a row of at most ``segment_size``
+    tokens, which alone takes dense attention (identity permutation)."""
+    s = cfg.segment_size
+    return jnp.where(lengths > s, (lengths // s) * s, 0).astype(jnp.int32)

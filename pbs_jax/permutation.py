@@ -17,13 +17,16 @@ from pallas_kernels import (
     slot_order,
 )
 from pbs_jax.config import PBSConfig
+from pbs_jax.grid import permuted_key_counts
 
 # Rows of K/V in slot order ``[B, N, Hkv, D] → [B, N, Hp, D]``: one gather rule for the planner,
 # the reference and the kernels' input preparation.
 gather_keys = slot_order
 
 
-def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
+def key_importance(
+    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
     """Importance of every complete-segment key for the last ``proxy_blocks × block_size``
     queries (the paper: one block).
 
@@ -31,6 +34,8 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
       q: ``[B, N, Hq, D]`` queries.
       k: ``[B, N, Hkv, D]`` keys, Hq a multiple of Hkv.
       cfg: static configuration.
+      lengths: ``[B]`` int32 real tokens per row of a right-padded batch, or None (all N); see
+        :func:`ragged_key_importance`.
 
     Returns:
       ``[B, Hp, G*S]`` float32, G = N // segment_size complete segments; Hp = Hq (replicate) or
@@ -41,6 +46,8 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
     reach HBM); elsewhere, and for shapes the kernel does not take, its pure-jnp statement
     ``proxy_importance_reference`` (interpret mode would be slow inside the op).
     """
+    if lengths is not None:
+        return ragged_key_importance(q, k, cfg, lengths)
     b, n, hq, _ = q.shape
     hkv = k.shape[2]
     complete = (n // cfg.segment_size) * cfg.segment_size
@@ -55,12 +62,16 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
     return per_head
 
 
-def segment_permutation(scores: jax.Array, seq_len: int, cfg: PBSConfig) -> jax.Array:
+def segment_permutation(
+    scores: jax.Array, seq_len: int, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
     """Sort keys by descending importance inside each complete segment.
 
     Args:
       scores: ``[B, Hp, G*S]`` from :func:`key_importance`.
       seq_len: N, the full key length; slots ``[G*S, N)`` (the remainder) stay in place.
+      lengths: ``[B]`` int32 (a right-padded batch) or None: a row sorts only its own complete
+        segments (:func:`pbs_jax.grid.permuted_key_counts`); the rest stays in place.
 
     Returns:
       ``perm [B, Hp, N]`` int32: ``perm[b, h, j]`` is the original position of the key at slot j.
@@ -70,6 +81,9 @@ def segment_permutation(scores: jax.Array, seq_len: int, cfg: PBSConfig) -> jax.
     s = cfg.segment_size
     g = complete // s
     order = jnp.argsort(scores.reshape(b, hp, g, s), axis=-1, descending=True, stable=True)
+    if lengths is not None:
+        sorted_segment = jnp.arange(g)[None, :] < (permuted_key_counts(lengths, cfg) // s)[:, None]
+        order = jnp.where(sorted_segment[:, None, :, None], order, jnp.arange(s))
     sorted_complete = (order + (jnp.arange(g) * s)[:, None]).reshape(b, hp, complete)
     remainder = jnp.broadcast_to(jnp.arange(complete, seq_len), (b, hp, seq_len - complete))
     return jnp.concatenate([sorted_complete, remainder], axis=-1).astype(jnp.int32)
@@ -95,10 +109,56 @@ def inverse_permutation(perm: jax.Array) -> jax.Array:
     return inv.reshape(perm.shape)
 
 
-def compute_permutation(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
-    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute."""
+def compute_permutation(
+    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
+    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute.
+
+    ``lengths [B]`` (a right-padded batch): each row's permutation of its real tokens, as that
+    row alone (a row of at most ``segment_size`` tokens keeps the identity), padding in place.
+    """
     b, n, hq, _ = q.shape
     hp = cfg.num_perm_heads(hq, k.shape[2])
     if not cfg.permute or n < cfg.segment_size:
         return identity_permutation(b, hp, n)
-    return segment_permutation(key_importance(q, k, cfg), n, cfg)
+    return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths)
+
+
+def ragged_key_importance(
+    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array
+) -> jax.Array:
+    """:func:`key_importance` of each row of a right-padded batch, as that row alone.
+
+    The proxy is the row's last ``proxy_blocks × block_size`` REAL queries (a per-row dynamic
+    slice; all of them when the row is shorter); the softmax runs over the row's own complete
+    segments (:func:`pbs_jax.grid.permuted_key_counts`), keys beyond them masked out.
+
+    Args:
+      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]``; lengths: ``[B]`` int32 in ``[1, N]``.
+    Returns:
+      ``[B, Hp, G*S]`` float32 with the batch's G = N // segment_size; 0 at keys outside the
+      row's complete segments (all 0 for a row of at most ``segment_size`` tokens).
+    """
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    complete = (n // cfg.segment_size) * cfg.segment_size
+    rows = min(cfg.proxy_blocks * cfg.block_size, n)
+    start = jnp.clip(lengths - rows, 0, n - rows)  # [B]
+    proxy = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, rows, axis=0))(q, start)
+    proxy = proxy.reshape(b, rows, hkv, group, d)
+    real_row = start[:, None] + jnp.arange(rows)[None, :] < lengths[:, None]  # [B, P]
+    real_key = jnp.arange(complete)[None, :] < permuted_key_counts(lengths, cfg)[:, None]
+    logits = jnp.einsum(
+        "bpkgd,blkd->bkgpl", proxy, k[:, :complete], preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(d))
+    real_key = real_key[:, None, None, None, :]
+    probs = jax.nn.softmax(jnp.where(real_key, logits, -jnp.inf), axis=-1)
+    # A row with no complete segment has every key masked (NaN): its scores are 0, unused.
+    probs = jnp.where(real_key.any(axis=-1, keepdims=True), probs, 0.0)
+    # Mean over the real proxy rows (a where, not a product: padded rows may hold anything).
+    real_row = real_row[:, None, None, :, None]
+    probs = jnp.where(real_row, probs, 0.0).sum(axis=-2) / real_row.sum(axis=-2)  # [B,Hkv,G,L]
+    if cfg.gqa == "shared":
+        return probs.mean(axis=2)
+    return probs.reshape(b, hq, complete)

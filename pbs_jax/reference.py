@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pbs_jax.grid import real_tokens
 from pbs_jax.permutation import gather_keys
 
 
@@ -30,13 +31,33 @@ def _masked_attention(q, k, v, allowed):
     return jnp.where(has_key.transpose(0, 2, 1)[..., None], out, 0.0).astype(q.dtype)
 
 
-def exact_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def padding_mask(
+    allowed: jax.Array, lengths: jax.Array | None, key_pos: jax.Array | None = None
+) -> jax.Array:
+    """``allowed [B|1, H|1, N, N]`` restricted to a right-padded batch's real tokens: no padded
+    key is attended (causality already ensures it for real queries; the oracle states it), and
+    padded queries attend nothing, so their output is 0. ``key_pos [B, H, N]``: the original
+    position of each key slot (default: slot order is original order). ``lengths`` None:
+    ``allowed`` unchanged."""
+    if lengths is None:
+        return allowed
+    n = allowed.shape[-1]
+    real_query = real_tokens(lengths, n)[:, None, :, None]
+    key_pos = jnp.arange(n)[None, None, :] if key_pos is None else key_pos
+    real_key = (key_pos < lengths[:, None, None])[:, :, None, :]
+    return allowed & real_query & real_key
+
+
+def exact_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None
+) -> jax.Array:
     """The exact causal-attention oracle (fp32, O(N²)); the fast path is ``dense_attention``.
 
-    q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``."""
+    q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``. ``lengths [B]``: a
+    right-padded batch, rows past ``lengths[b]`` give 0 (:func:`padding_mask`)."""
     n = q.shape[1]
     causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
-    return _masked_attention(q, k, v, causal[None, None])
+    return _masked_attention(q, k, v, padding_mask(causal[None, None], lengths))
 
 
 def permuted_block_sparse_attention(
@@ -46,6 +67,7 @@ def permuted_block_sparse_attention(
     perm: jax.Array,
     block_mask: jax.Array,
     block_size: int,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """Masked dense attention over the permuted keys: the exact meaning of PBS attention.
 
@@ -54,6 +76,8 @@ def permuted_block_sparse_attention(
       k, v: ``[B, N, Hkv, D]`` in original order; permuted here by ``perm``.
       perm: ``[B, Hp, N]`` original position of the key at each slot.
       block_mask: ``[B, Hq, T, T]`` bool over (query block, key-slot block).
+      lengths: ``[B]`` int32 (a right-padded batch) or None: :func:`padding_mask` (keys are
+        masked on their original position).
     Returns:
       ``[B, N, Hq, D]`` in q's dtype. Query i attends slot j iff j's block is selected for i's
       block and the key's original position ``perm[j] <= i`` (a no-op outside the own segment).
@@ -66,4 +90,5 @@ def permuted_block_sparse_attention(
     token_blocks = token_blocks[..., :n, :n]  # [B, Hq, N, N]
     key_pos = jnp.repeat(perm, hq // hp, axis=1)  # [B, Hq, N]
     causal = key_pos[:, :, None, :] <= jnp.arange(n)[None, None, :, None]
-    return _masked_attention(q, k_perm, v_perm, token_blocks & causal)
+    allowed = padding_mask(token_blocks & causal, lengths, key_pos)
+    return _masked_attention(q, k_perm, v_perm, allowed)

@@ -15,6 +15,10 @@ The row rules (masked softmax, sort-free top-p) live in ``pallas_kernels.top_p``
 GPU :func:`select_blocks` runs ``"meanpool"``'s logits, softmax and top-p as one Pallas kernel
 (``pallas_kernels.pooled_top_p_blocks``) with the very same rules, then the same forced blocks
 (:func:`with_forced_blocks`).
+
+Every function takes an optional ``lengths [B]`` (a right-padded batch, None: every row has N
+tokens): each row's mask is then that row's own, as if run alone on its real tokens, inside
+the batch's static grid (``pbs_jax.grid``'s per-row rules), and 0 outside the row's blocks.
 """
 
 from __future__ import annotations
@@ -29,23 +33,38 @@ from pallas_kernels import (
 )
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 from pbs_jax.config import PBSConfig
-from pbs_jax.grid import dense_tail_blocks, num_blocks, own_segment_blocks, softmax_domain
+from pbs_jax.grid import (
+    dense_tail_blocks,
+    num_blocks,
+    own_segment_blocks,
+    real_block_counts,
+    real_blocks,
+    softmax_domain,
+    zero_padding,
+)
 from pbs_jax.permutation import gather_keys, inverse_permutation
 
 _HI = jax.lax.Precision.HIGHEST
 
 
-def mean_pool_blocks(x: jax.Array, block_size: int) -> jax.Array:
+def mean_pool_blocks(x: jax.Array, block_size: int, lengths: jax.Array | None = None) -> jax.Array:
     """``[B, N, H, D]`` → ``[B, T, H, D]`` float32 block means; zero padding of a partial last
-    block is counted in its mean (official semantics)."""
+    block is counted in its mean (official semantics); with ``lengths`` rows past a row's length
+    count as that zero padding."""
     b, n, h, d = x.shape
     t = num_blocks(n, block_size)
+    if lengths is not None:
+        x = zero_padding(x, lengths)
     x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, t * block_size - n), (0, 0), (0, 0)))
     return x.reshape(b, t, block_size, h, d).mean(axis=2)
 
 
 def pooled_permuted_keys(
-    k: jax.Array, perm: jax.Array, block_size: int, segment_size: int
+    k: jax.Array,
+    perm: jax.Array,
+    block_size: int,
+    segment_size: int,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """Block means of the permuted keys without materialising them.
 
@@ -58,8 +77,11 @@ def pooled_permuted_keys(
       k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]``, Hp a multiple of Hkv,
         slots permuted only within segments of ``segment_size`` (a multiple of block_size).
     Returns:
-      ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean.
+      ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean (with
+      ``lengths``, keys past a row's length are that padding).
     """
+    if lengths is not None:
+        k = zero_padding(k, lengths)
     b, n, hkv, d = k.shape
     hp = perm.shape[1]
     t = num_blocks(n, block_size)
@@ -82,12 +104,13 @@ def pooled_permuted_keys(
 
 
 def pooled_blocks(
-    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """The MeanPooling selector's inputs: ``pooled_q [B, T, Hq, D]`` (:func:`mean_pool_blocks`)
-    and ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`), float32."""
-    pooled_q = mean_pool_blocks(q, cfg.block_size)
-    return pooled_q, pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size)
+    and ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`), float32; with ``lengths``
+    the rows past a row's length count as its zero padding."""
+    pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
+    return pooled_q, pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size, lengths)
 
 
 def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
@@ -100,7 +123,7 @@ def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array
 
 
 def meanpool_block_probabilities(
-    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> jax.Array:
     """The MeanPooling selector's block distribution (paper Alg. 2, step 3).
 
@@ -115,7 +138,7 @@ def meanpool_block_probabilities(
     """
     t = num_blocks(q.shape[1], cfg.block_size)
     return pooled_block_probabilities_reference(
-        *pooled_blocks(q, k, perm, cfg), softmax_domain(t, cfg)
+        *pooled_blocks(q, k, perm, cfg, lengths), softmax_domain(t, cfg)
     )
 
 
@@ -148,7 +171,7 @@ ANTIDIAGONAL_CHUNK_BYTES = 1 << 28
 
 
 def antidiagonal_block_probabilities(
-    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> jax.Array:
     """The anti-diagonal selector's block distribution (XAttention scoring, over permuted keys).
 
@@ -166,6 +189,8 @@ def antidiagonal_block_probabilities(
     stride, block = cfg.antidiagonal_stride, cfg.block_size
     t = num_blocks(n, block)
     per_block = block // stride
+    if lengths is not None:  # a row's padding is its zero pad; its real strides are its own
+        q, k = zero_padding(q, lengths), zero_padding(k, lengths)
     # Query blocks are scored a chunk at a time (rows are independent softmaxes), so only one
     # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
     row_bytes = b * hq * per_block * t * per_block * 4
@@ -178,7 +203,9 @@ def antidiagonal_block_probabilities(
         gather_keys(k, perm).astype(jnp.float32), ((0, 0), (0, t * block - n), (0, 0), (0, 0))
     )
     columns = jnp.arange(t * per_block)
-    real_columns = columns * stride < n  # strided columns holding at least one real token
+    real_columns = (columns * stride < n)[None, :]  # strided columns holding a real token
+    if lengths is not None:  # [B, 1, 1, N/s]: per row
+        real_columns = (columns[None, :] * stride < lengths[:, None])[:, None, None, :]
     allowed = jnp.pad(softmax_domain(t, cfg), ((0, num_chunks * chunk - t), (0, 0)))
 
     def chunk_mass(c):  # → [B, Hq, chunk, T]
@@ -192,9 +219,11 @@ def antidiagonal_block_probabilities(
             per_block,
             1,
         )
-        domain = blocks_allowed & (columns[None, :] <= rows[:, None]) & real_columns[None, :]
-        real_rows = rows * stride < n
-        probs = jnp.where(real_rows[:, None], masked_softmax(logits, domain), 0.0)
+        domain = blocks_allowed & (columns[None, :] <= rows[:, None]) & real_columns
+        real_rows = (rows * stride < n)[:, None]
+        if lengths is not None:  # [B, 1, rows, 1]
+            real_rows = (rows[None, :] * stride < lengths[:, None])[:, None, :, None]
+        probs = jnp.where(real_rows, masked_softmax(logits, domain), 0.0)
         return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
 
     mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
@@ -209,54 +238,76 @@ BLOCK_SCORERS = {
 }
 
 
-def block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+def block_probabilities(
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
     """``[B, Hq, T, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain)."""
-    return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
+    if lengths is None:
+        return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
+    return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg, lengths)
 
 
-def forced_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Array:
+def forced_blocks(
+    perm: jax.Array, num_q_heads: int, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
     """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
 
     Every block of the query's own segment (:func:`own_segment_blocks`), with
     ``cfg.force_sink`` the key block holding original token 0, and with ``cfg.dense_tail``
-    every allowed block of the trailing query blocks (:func:`dense_tail_blocks`).
+    every allowed block of the trailing query blocks (:func:`dense_tail_blocks`; with
+    ``lengths`` each row's own last blocks).
     """
     t = num_blocks(perm.shape[-1], cfg.block_size)
     forced = own_segment_blocks(t, cfg)[None, None]
     if cfg.dense_tail:
-        forced = forced | dense_tail_blocks(t, cfg)[None, None]
+        row_blocks = None if lengths is None else real_block_counts(lengths, cfg.block_size)
+        tail = dense_tail_blocks(t, cfg, row_blocks)
+        forced = forced | (tail[None, None] if lengths is None else tail[:, None])
     if cfg.force_sink:
         forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
     return forced
 
 
-def with_forced_blocks(top_p_mask: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
-    """``top_p_mask [B, Hq, T, T]`` bool | :func:`forced_blocks`: the block mask of a selection."""
-    return top_p_mask | forced_blocks(perm, top_p_mask.shape[1], cfg)
+def with_forced_blocks(
+    top_p_mask: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
+    """``top_p_mask [B, Hq, T, T]`` bool | :func:`forced_blocks`: the block mask of a selection
+    (with ``lengths``, restricted to each row's own blocks, :func:`pbs_jax.grid.real_blocks`)."""
+    mask = top_p_mask | forced_blocks(perm, top_p_mask.shape[1], cfg, lengths)
+    if lengths is None:
+        return mask
+    return mask & real_blocks(lengths, mask.shape[-1], cfg.block_size)[:, None]
 
 
-def select_from_probabilities(probs: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+def select_from_probabilities(
+    probs: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
     """The top-p rule plus the forced blocks, shared by every selector.
 
     Args:
       probs: ``[B, Hq, T, T]`` float32 from :func:`block_probabilities`.
       perm: ``[B, Hp, N]`` original position of each slot.
+      lengths: ``[B]`` (a right-padded batch) or None: blocks outside a row's own grid
+        (:func:`pbs_jax.grid.real_blocks`) are never selected.
     Returns:
       ``block_mask [B, Hq, T, T]`` bool.
     """
     t = probs.shape[-1]
     return with_forced_blocks(
-        top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold)), perm, cfg
+        top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold)), perm, cfg, lengths
     )
 
 
-def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
+def select_blocks(
+    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> jax.Array:
     """The PBS block mask of ``cfg.selector``.
 
     Args:
       q: ``[B, N, Hq, D]`` queries (original order).
       k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
       perm: ``[B, Hp, N]`` original position of each slot.
+      lengths: ``[B]`` int32 real tokens per row (right padding), or None: all N.
     Returns:
       ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
 
@@ -266,11 +317,12 @@ def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -
     selector, :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
     """
     if cfg.selector == "meanpool" and jax.default_backend() == "gpu":
-        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg)
+        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths)
         if pooled_top_p_supported(pooled_q, pooled_k):
             t = pooled_q.shape[1]
             top_p_mask = pooled_top_p_blocks(
                 pooled_q, pooled_k, softmax_domain(t, cfg), float(cfg.threshold)
             )
-            return with_forced_blocks(top_p_mask, perm, cfg)
-    return select_from_probabilities(block_probabilities(q, k, perm, cfg), perm, cfg)
+            return with_forced_blocks(top_p_mask, perm, cfg, lengths)
+    probs = block_probabilities(q, k, perm, cfg, lengths)
+    return select_from_probabilities(probs, perm, cfg, lengths)

@@ -40,9 +40,16 @@ def main():
         PBSConfig(block_size=16, segment_size=32, threshold=0.3, dense_tail=16, proxy_blocks=2),
         impl="reference",
     )
-    for name, spec in (("full", FULL_ATTENTION), ("pbs", pbs)):
-        logits, density = runner(tokens, spec, return_aux=True)
-        s_logits, s_density = sharded(tokens, sharding.HeadParallel(spec, mesh), return_aux=True)
+    # "pbs_ragged": a right-padded batch (rows of 150 and 83 tokens), lengths on every device.
+    for name, spec, lengths in (
+        ("full", FULL_ATTENTION, None),
+        ("pbs", pbs, None),
+        ("pbs_ragged", pbs, np.array([150, 83])),
+    ):
+        logits, density = runner(tokens, spec, return_aux=True, lengths=lengths)
+        s_logits, s_density = sharded(
+            tokens, sharding.HeadParallel(spec, mesh), return_aux=True, lengths=lengths
+        )
         report[name] = {
             "max_abs_diff": float(jnp.max(jnp.abs(logits - s_logits))),
             "logit_scale": float(jnp.max(jnp.abs(logits))),

@@ -283,3 +283,38 @@ def test_allow_longer_and_short_text_proceed(tiny_model_and_text, capsys):
     assert summary["tokens"] < 300
     assert f"has only {summary['tokens']} tokens; prefilling all of them" in err
     assert "Traceback" not in err and "[pbs] load tiny.gguf" in err and "done in" in err
+
+
+def test_several_texts_run_as_one_ragged_batch_reported_per_row(tiny_model_and_text, capsys):
+    """Two texts (positional + --text): one ragged prefill, one report per row, each row with
+    its own length and continuation (tests/test_ragged.py: a ragged row equals itself alone)."""
+    model_path, text_path = tiny_model_and_text
+    short = text_path.parent / "short.txt"
+    short.write_text("the cat ate the fish.\n" * 3)
+    summary = prefill.run(
+        [str(text_path), "--text", str(short), "--model", model_path, "--length", "96"]
+        + ["--block-size", "16", "--segment-size", "32", "--dense-tail", "0"]
+        + ["--impl", "reference", "--new-tokens", "3"]
+    )
+    out = capsys.readouterr().out
+    rows = summary["rows"]
+    assert [r["text"] for r in rows] == [str(text_path), str(short)]
+    assert summary["batch_lengths"] == [r["tokens"] for r in rows]
+    assert rows[0]["tokens"] == 96 and rows[1]["tokens"] < 96
+    assert "row 1 of 2" in out and "row 2 of 2" in out
+    for row in rows:
+        assert len(row["full_new_tokens"]) == len(row["pbs_new_tokens"]) == 3
+        assert 0 <= row["next_token_agreement"] <= 1 and row["rel_logit_error_all"] >= 0
+
+
+def test_every_text_is_checked_before_loading(
+    tiny_model_and_text, tmp_path, capsys, model_never_loaded
+):
+    model_path, text_path = tiny_model_and_text
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        prefill.main([str(text_path), "--text", str(empty), "--model", model_path])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("pbs-prefill: error: ") and "is empty" in message

@@ -48,11 +48,12 @@ def default_text_path() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything a run needs, checked before the model is loaded."""
+    """Everything a run needs, checked before the model is loaded. Several texts run as one
+    right-padded batch (one prefill, each row its own length)."""
 
-    text_path: str
-    text: str
-    length: int  # tokens asked for; the text may hold fewer (checked after tokenizing)
+    text_paths: tuple[str, ...]  # one per batch row, in the order given
+    texts: tuple[str, ...]
+    length: int  # tokens asked for per text; a text may hold fewer (checked after tokenizing)
     model_path: str
     model_name: str  # the checkpoint's file or folder name
     model_given: bool  # --model was passed (the summary then names its path, not its name)
@@ -65,6 +66,21 @@ class Plan:
     pbs_config: PBSConfig
     attention: object  # PBSAttention, or LayerAttention over it with --dense-layers
     json_path: str | None
+
+    @property
+    def text_path(self) -> str:
+        """The first (with one text, the only) text file."""
+        return self.text_paths[0]
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    def row(self, index: int) -> Plan:
+        """This plan restricted to one text (row ``index`` of the batch): what its report says."""
+        return dataclasses.replace(
+            self, text_paths=(self.text_paths[index],), texts=(self.texts[index],)
+        )
 
 
 def read_text(path: str) -> str:
@@ -158,8 +174,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     """Checks every argument of pbs-prefill against the text and the checkpoint's header;
     raises ValueError with a one-line message for the first problem. Loads no weights."""
     pbs_config = pbs_config_from_args(args)
-    text_path = args.text or default_text_path()
-    text = read_text(text_path)
+    # Positional texts, then every --text, in order; none given: the default text.
+    text_paths = tuple(args.text or ()) + tuple(args.more_texts or ()) or (default_text_path(),)
+    texts = tuple(read_text(path) for path in text_paths)  # every file, before any weights
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"--json {args.json!r}: its folder does not exist")
     model_path, model_config = checkpoint_config(args.model)
@@ -174,8 +191,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             attention, tuple((layer, FULL_ATTENTION) for layer in dense_layers)
         )
     return Plan(
-        text_path=text_path,
-        text=text,
+        text_paths=text_paths,
+        texts=texts,
         length=length,
         model_path=model_path,
         model_name=os.path.basename(model_path.rstrip("/")),
