@@ -210,7 +210,7 @@ def family_row(q, k, v, cfg, cudnn_ms, time) -> dict:
     }
 
 
-def bench_length(n, args, cfg, captured=None):
+def bench_length(n, args, cfg):
     b, h, hk, d = 1, args.heads, args.kv_heads, args.dim
     time = timer(n, args.smoke)
     fns = op_fns(cfg)
@@ -240,11 +240,26 @@ def bench_length(n, args, cfg, captured=None):
 
     # The plan stage by stage and the whole op, on structured input.
     q, k, v = family_inputs("structured", n, args, None)
-    row["stages"] = stages = plan_stages(q, k, v, cfg, time)
+    row["stages"] = plan_stages(q, k, v, cfg, time)
     out, aux = fns["pallas"](q, k, v)
     total = time(lambda q, k, v: fns["pallas"](q, k, v)[0], q, k, v)
     del q, k, v
 
+    row["whole_op"] = {
+        "ms": total,
+        "density": float(aux.density),
+        "finite": bool(jnp.isfinite(out).all()),
+        "block_mask_sum": int(aux.block_mask.sum()),
+    }
+    return row
+
+
+def add_families(row, args, cfg, captured=None):
+    """``impl="auto"`` on every input family at the row's length (with the card's cost table
+    as it stands: the bench installs the one it has just measured first), and the whole-op
+    columns that need the structured family's kernel time."""
+    n, b, h, d = row["n"], 1, args.heads, args.dim
+    time = timer(n, args.smoke)
     row["families"] = {}
     for name in args.families:
         inputs = family_inputs(name, n, args, captured)
@@ -257,24 +272,23 @@ def bench_length(n, args, cfg, captured=None):
         del inputs
 
     # The columns of earlier runs, from the stages above.
+    stages, whole = row["stages"], row["whole_op"]
     structured = row["families"].get("structured")
     plan = stages["proxy_ms"] + stages["permutation_ms"]
     select = stages["block_scores_ms"] + stages["top_p_ms"]
     kernel_ms = structured["kernel_ms"] if structured else float("nan")
-    row["whole_op"] = {
-        "ms": total,
-        "density": float(aux.density),
-        "finite": bool(jnp.isfinite(out).all()),
-        "permutation_ms": plan,
-        "selection_ms": select,
-        "index_lists_ms": stages["lists_ms"],
-        "kernel_ms": kernel_ms,
-        "overhead_fraction": (plan + select + stages["lists_ms"]) / total,
-        "speedup_vs_cudnn": row["cudnn_ms"] / total,
-        "kernel_computed_tflops": kernels.computed_tflops(
-            d, cfg.block_size, int(aux.block_mask.sum()), kernel_ms
+    total = whole["ms"]
+    whole.update(
+        permutation_ms=plan,
+        selection_ms=select,
+        index_lists_ms=stages["lists_ms"],
+        kernel_ms=kernel_ms,
+        overhead_fraction=(plan + select + stages["lists_ms"]) / total,
+        speedup_vs_cudnn=row["cudnn_ms"] / total,
+        kernel_computed_tflops=kernels.computed_tflops(
+            d, cfg.block_size, whole["block_mask_sum"], kernel_ms
         ),
-    }
+    )
     for name in ("random", "structured"):
         if name in row["families"]:
             row[f"auto_{name}_ms"] = row["families"][name]["auto_ms"]
@@ -542,20 +556,31 @@ def bench(args, out: pathlib.Path) -> dict:
         sys.exit("kernel disagrees with the reference: not timing it")
     if "captured" in args.families and captured is None:
         print("no --captured file: the captured family is left out", flush=True)
+    # Pass 1: kernels and plan stages at every length, from which the card's cost table comes;
+    # it is installed before pass 2 times impl="auto" on the families, so auto decides with the
+    # very table this run measures (its sparsity gain is 1 until pass 2 has measured it).
     for n in args.lengths:
-        payload["rows"].append(bench_length(n, args, cfg, captured))
+        payload["rows"].append(bench_length(n, args, cfg))
         timing.write_json(out / "bench_kernel.json", payload)  # keep what finished
         r = payload["rows"][-1]
-        autos = ", ".join(f"{name} {f['auto_vs_best']:.2f}" for name, f in r["families"].items())
         print(
             f"N={n}: cudnn {r['cudnn_ms']:.2f} ms, triton100 {r['kernel_d100']['ms']:.2f}, "
             f"mosaic100 {r.get('mgpu_d100', {}).get('ms', float('nan')):.2f}, "
             f"mosaic20 {r.get('mgpu_d20', {}).get('ms', float('nan')):.2f}, "
             f"plan {r['stages']['plan_ms']:.3f}, estimate {r['stages']['estimate_ms']:.3f}, "
-            f"whole {r['whole_op']['ms']:.2f} (density {r['whole_op']['density']:.2f}); "
-            f"auto min/auto: {autos}",
+            f"whole {r['whole_op']['ms']:.2f} (density {r['whole_op']['density']:.2f})",
             flush=True,
         )
+    measured = cost_table(payload)
+    if measured is not None:
+        cost_model.COST_TABLES[measured.device_kind] = dataclasses.replace(
+            measured, sparsity_gain=1.0
+        )
+    for r in payload["rows"]:
+        add_families(r, args, cfg, captured)
+        timing.write_json(out / "bench_kernel.json", payload)
+        autos = ", ".join(f"{name} {f['auto_vs_best']:.2f}" for name, f in r["families"].items())
+        print(f"N={r['n']}: auto min/auto: {autos}", flush=True)
     table = cost_table(payload)
     if table is not None:
         payload["cost_table"] = dataclasses.asdict(table)
