@@ -289,10 +289,70 @@ H100 = CardCosts(
     ),
 )
 
+# Measured by experiments/bench_kernel.py on one H200 (results/bench_kernel.md), with the fused
+# planner: the table impl="auto" uses on this card.
+H200 = CardCosts(
+    device_kind="NVIDIA H200",
+    source="experiments/bench_kernel.py (NVIDIA H200, JAX 0.11.2, 2026-11-30)",
+    sparsity_gain=0.965,
+    lengths=(
+        LengthCosts(
+            seq_len=4096,
+            cudnn_ms=0.4645,
+            triton=KernelFit(fixed_ms=0.156, per_density_ms=0.4877),
+            mosaic=KernelFit(fixed_ms=0.2587, per_density_ms=0.2899),
+            estimate_ms=0.1108,
+            plan_ms=0.2406,
+        ),
+        LengthCosts(
+            seq_len=8192,
+            cudnn_ms=1.2325,
+            triton=KernelFit(fixed_ms=0.2696, per_density_ms=1.4482),
+            mosaic=KernelFit(fixed_ms=0.3465, per_density_ms=0.9371),
+            estimate_ms=0.1567,
+            plan_ms=0.3247,
+        ),
+        LengthCosts(
+            seq_len=16384,
+            cudnn_ms=3.9788,
+            triton=KernelFit(fixed_ms=0.439, per_density_ms=5.5867),
+            mosaic=KernelFit(fixed_ms=0.5007, per_density_ms=3.5769),
+            estimate_ms=0.2607,
+            plan_ms=0.5176,
+        ),
+        LengthCosts(
+            seq_len=32768,
+            cudnn_ms=15.3244,
+            triton=KernelFit(fixed_ms=0.5085, per_density_ms=21.0646),
+            mosaic=KernelFit(fixed_ms=0.7551, per_density_ms=14.5767),
+            estimate_ms=0.397,
+            plan_ms=0.9486,
+        ),
+        LengthCosts(
+            seq_len=65536,
+            cudnn_ms=59.076,
+            triton=KernelFit(fixed_ms=0.3425, per_density_ms=84.7328),
+            mosaic=KernelFit(fixed_ms=1.7046, per_density_ms=57.9564),
+            estimate_ms=0.7947,
+            plan_ms=1.9284,
+        ),
+        LengthCosts(
+            seq_len=131072,
+            cudnn_ms=250.0994,
+            triton=KernelFit(fixed_ms=0.0001, per_density_ms=337.0554),
+            mosaic=KernelFit(fixed_ms=2.8721, per_density_ms=235.524),
+            estimate_ms=1.8189,
+            plan_ms=3.621,
+        ),
+    ),
+    shape=CallShape(batch=1, q_heads=32, head_dim=128),
+)
+
+
 # device_kind → table. A card not listed falls back to the H100's (the closest measured card;
 # on a slower or faster card the kernel/cuDNN ratios it rests on are usually alike, but the
 # plan's share is not: measure the card and add its table).
-COST_TABLES: dict[str, CardCosts] = {H100.device_kind: H100}
+COST_TABLES: dict[str, CardCosts] = {H100.device_kind: H100, H200.device_kind: H200}
 FALLBACK = H100
 
 
