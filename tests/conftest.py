@@ -256,6 +256,33 @@ def smollm2():
 
 
 # ----------------------------------------------------------------------------------------
+# Compiler effort
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def cheap_cpu_codegen(request):
+    """On CPU, tests other than the ``pretrained`` ones compile with LLVM's expensive passes off.
+
+    Those tests are compile-bound (many small shapes and configurations, Pallas interpret mode):
+    ``jax_disable_most_optimizations`` cut the CPU time of the hypothesis plan properties from
+    61 s to 24 s. It leaves the HLO passes (fusion, simplification) as they are and only lowers
+    the backend's code-generation effort, so every program is the same computation in slower
+    machine code. The real-model tests are run-bound (1.5x the CPU time with it) and keep full
+    optimization. The flag is read when a function is compiled (it is not part of jit's cache
+    key): a program compiled under one setting is reused under the other. Off the CPU nothing
+    changes."""
+    if jax.default_backend() != "cpu":
+        yield
+        return
+    jax.config.update(
+        "jax_disable_most_optimizations",
+        request.node.get_closest_marker("pretrained") is None,
+    )
+    yield
+
+
+# ----------------------------------------------------------------------------------------
 # Markers
 # ----------------------------------------------------------------------------------------
 

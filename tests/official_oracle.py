@@ -113,17 +113,16 @@ def oracle_attention(q, k, v, perm, block_mask, block_size):
     hk = k.shape[2]
     hp = perm.shape[1]
     out = np.zeros((b_, n, hq, d))
+    slot_block = np.arange(n) // block_size
     for b in range(b_):
         for h in range(hq):
             p = h // (hq // hp)
             kv = h // (hq // hk)
             for i in range(n):
-                slots = [
-                    j
-                    for j in range(n)
-                    if block_mask[b, h, i // block_size, j // block_size] and perm[b, p, j] <= i
-                ]
-                if not slots:
+                # Slot j is read when its block is selected and its original position <= i.
+                selected = block_mask[b, h, i // block_size, slot_block] & (perm[b, p] <= i)
+                slots = np.flatnonzero(selected)
+                if not slots.size:
                     continue
                 pos = perm[b, p, slots]
                 w = _softmax(k[b, pos, kv] @ q[b, i, h] / np.sqrt(d))

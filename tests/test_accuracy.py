@@ -96,9 +96,13 @@ def test_summary_counts_kept_answers_among_full_attentions():
 
 @pytest.mark.pretrained
 @pytest.mark.slow
-def test_quick_run_on_the_real_model(tmp_path, smollm2):
+def test_quick_run_on_the_real_model(tmp_path, smollm2, monkeypatch):
     """The CPU smoke run: three rules on short prompts through prefill + dense decode; full
-    attention keeps all of its own answers, and the report re-renders from its JSON."""
+    attention keeps all of its own answers, and the report re-renders from its JSON.
+
+    Probes at one depth (one per task: 3 prompts per rule instead of 9): the other depths take
+    the same path, and the probe tests above place needles at every depth."""
+    monkeypatch.setattr(retrieval, "DEPTHS", (0.5,))
     summaries = accuracy.main(["--quick", "--out", str(tmp_path)], model=smollm2)
     by_rule = {s.rule: s for s in summaries}
     assert set(by_rule) == set(accuracy.QUICK_RULES)

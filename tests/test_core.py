@@ -3,6 +3,9 @@ semantics, and the paper's lemmas (key/value permutation invariance, causality).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 import pbs_jax
-from pbs_jax import PBSConfig, blocks, permutation, reference, selection
+from pbs_jax import PBSConfig, blocks, permutation, selection
 from tests.conftest import (
     jit_block_sparse_reference,
     jit_exact_attention,
@@ -170,8 +173,7 @@ def test_matches_official_semantics(n, bs, seg, hq, hk, gqa):
 def test_selection_matches_oracle_across_thresholds(threshold):
     q, k, _ = make_qkv(3, 2, 200, 2, 2, 8)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=threshold)
-    perm = permutation.compute_permutation(q, k, cfg)
-    mask = selection.select_blocks(q, k, perm, cfg)
+    perm, mask = jit_plan(q, k, cfg)  # compute_permutation, then select_blocks
     ref_mask = oracle_block_mask(q, k, np.asarray(perm), 16, 32, threshold)
     np.testing.assert_array_equal(np.asarray(mask), ref_mask)
 
@@ -215,7 +217,7 @@ def test_threshold_one_is_dense_causal(hq, hk, gqa):
     q, k, v = make_qkv(hq + hk, 1, 150, hq, hk, 16)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=1.0, gqa=gqa)
     out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
-    assert rel_err(out, reference.exact_causal_attention(q, k, v)) < 1e-5
+    assert rel_err(out, jit_exact_attention(q, k, v)) < 1e-5
     ref_out, _, _ = oracle_pbs(q, k, v, 16, 32, 1.0, gqa=gqa)
     assert rel_err(out, ref_out) < 1e-5
 
@@ -243,6 +245,20 @@ def test_kv_permutation_invariance(n, blocks_, seed):
     assert rel_err(out, jit_exact_attention(q, k, v)) < 1e-5
 
 
+# Jitted (static i): drawn op by op, each new length would compile every op again.
+@functools.partial(jax.jit, static_argnums=1)
+def _redrawn_after(x, i, seed):
+    """``x [B, N, H, D]`` with the rows after position i drawn afresh (standard normal)."""
+    return x.at[:, i + 1 :].set(jax.random.normal(jax.random.key(seed), x[:, i + 1 :].shape))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _noised_after(k, v, i, seed):
+    """``k, v [B, N, H, D]`` with the same standard-normal noise added after position i."""
+    noise = jax.random.normal(jax.random.key(seed), k[:, i + 1 :].shape)
+    return k.at[:, i + 1 :].add(noise), v.at[:, i + 1 :].add(noise)
+
+
 @hypothesis.given(st.sampled_from([40, 121, 200]), st.integers(0, 10_000))
 @SETTINGS
 def test_values_after_position_never_reach_earlier_outputs(n, seed):
@@ -251,7 +267,7 @@ def test_values_after_position_never_reach_earlier_outputs(n, seed):
     q, k, v = make_qkv(seed, 1, n, 2, 2, 8)
     cfg = PBSConfig.paper(block_size=8, segment_size=16, threshold=0.7)
     i = n // 2
-    v2 = v.at[:, i + 1 :].set(jax.random.normal(jax.random.key(seed + 1), v[:, i + 1 :].shape))
+    v2 = _redrawn_after(v, i, seed + 1)
     out1 = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
     out2 = pbs_jax.pbs_attention(q, k, v2, cfg, impl="reference")
     np.testing.assert_array_equal(np.asarray(out1[:, : i + 1]), np.asarray(out2[:, : i + 1]))
@@ -267,8 +283,7 @@ def test_fixed_plan_is_causal_in_keys_and_values(n, seed):
     cfg = PBSConfig.paper(block_size=8, segment_size=16, threshold=0.7)
     perm, mask = jit_plan(q, k, cfg)
     i = n // 3
-    noise = jax.random.normal(jax.random.key(seed + 7), k[:, i + 1 :].shape)
-    k2, v2 = k.at[:, i + 1 :].add(noise), v.at[:, i + 1 :].add(noise)
+    k2, v2 = _noised_after(k, v, i, seed + 7)
     out1 = jit_block_sparse_reference(q, k, v, perm, mask, 8)
     out2 = jit_block_sparse_reference(q, k2, v2, perm, mask, 8)
     np.testing.assert_array_equal(np.asarray(out1[:, : i + 1]), np.asarray(out2[:, : i + 1]))
@@ -347,19 +362,21 @@ def test_forced_blocks_always_present(n, threshold, gqa, permute, seed):
 
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_lower_threshold_selects_a_subset(gqa):
-    q, k, v = make_qkv(9, 1, 512, 4, 2, 16)
+    """The plan's block mask at each threshold, from one permutation and one set of block
+    probabilities (the threshold changes neither; select_blocks is probabilities then top-p:
+    test_selectors.test_select_blocks_is_probabilities_then_top_p), so no compile per
+    threshold."""
+    q, k, _ = make_qkv(9, 1, 512, 4, 2, 16)
+    cfg = PBSConfig.paper(block_size=16, segment_size=32, gqa=gqa)
+    perm = jit_permutation(q, k, cfg)
+    probs = selection.block_probabilities(q, k, perm, cfg)
     masks, dens = [], []
     for tau in (0.2, 0.5, 0.8, 0.9, 0.99, 1.0):
-        _, aux = pbs_jax.pbs_attention(
-            q,
-            k,
-            v,
-            PBSConfig.paper(block_size=16, segment_size=32, threshold=tau, gqa=gqa),
-            impl="reference",
-            return_aux=True,
+        mask = selection.select_from_probabilities(
+            probs, perm, dataclasses.replace(cfg, threshold=tau)
         )
-        masks.append(np.asarray(aux.block_mask))
-        dens.append(float(aux.density))
+        masks.append(np.asarray(mask))
+        dens.append(float(jnp.mean(blocks.density(mask))))  # the op's aux.density
     for lo, hi in zip(masks, masks[1:]):
         assert not (lo & ~hi).any()  # nested top-p sets
     assert dens == sorted(dens) and dens[0] < dens[-1]
@@ -445,9 +462,7 @@ def test_dtypes(dtype):
     chex.assert_type(out, dtype)
     chex.assert_shape(out, (1, 200, 4, 16))
     assert np.isfinite(np.asarray(out, np.float32)).all()
-    ref = reference.exact_causal_attention(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-    )
+    ref = jit_exact_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
     assert rel_err(out, ref) < (1e-5 if dtype == jnp.float32 else 1e-2)
 
 

@@ -24,7 +24,7 @@ from pallas_kernels import (
     planned_attention,
 )
 from pbs_jax import PBSConfig
-from tests.conftest import make_case, make_qkv, numpy_oracle, permute_kv, rel_err
+from tests.conftest import jit_plan, make_case, make_qkv, numpy_oracle, permute_kv, rel_err
 
 
 def hopper(test):
@@ -172,7 +172,7 @@ def test_own_segment_in_original_order_is_the_token_mask(n, gqa):
     cfg = PBSConfig(block_size=32, segment_size=128, gqa=gqa)
     hq, hk, d = 4, 2, 16
     qj, kj, vj = make_qkv(n, 1, n, hq, hk, d, jnp.float32)
-    perm, mask = pbs_jax.pbs_plan(qj, kj, cfg)
+    perm, mask = jit_plan(qj, kj, cfg)
     lists = pbs_jax.index_lists(mask, cfg)
     perm, ids, full, total = (
         np.asarray(x) for x in (perm, lists.ids, lists.full_counts, lists.total_counts)

@@ -12,7 +12,7 @@ import pytest
 
 import pbs_jax
 from pbs_jax import PBSConfig, blocks, permutation, selection
-from tests.conftest import make_qkv, rel_err
+from tests.conftest import jit_exact_attention, jit_plan, make_qkv, rel_err
 
 # --------------------------------------------------------------------------------------------
 # A tiny anti-diagonal case worked by hand: N=12, block 4 (T=3), stride 2, D=1, no permutation,
@@ -125,7 +125,7 @@ def test_antidiagonal_threshold_one_is_dense(permute, gqa, n):
         selector="antidiagonal",
     )
     out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
-    assert rel_err(out, pbs_jax.exact_causal_attention(q, k, v)) < 1e-5
+    assert rel_err(out, jit_exact_attention(q, k, v)) < 1e-5
 
 
 @pytest.mark.parametrize("selector", pbs_jax.SELECTORS)
@@ -136,7 +136,7 @@ def test_forced_blocks_present_for_every_selector(selector, permute, gqa):
     cfg = PBSConfig.paper(
         block_size=8, segment_size=16, threshold=0.3, gqa=gqa, permute=permute, selector=selector
     )
-    perm, mask = (np.asarray(x) for x in pbs_jax.pbs_plan(q, k, cfg))
+    perm, mask = (np.asarray(x) for x in jit_plan(q, k, cfg))
     t = mask.shape[-1]
     own = cfg.mask_segment_size // 8
     qb, kb = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")

@@ -21,6 +21,7 @@ def report():
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compile-bound, as the in-process tests (conftest)
     )
     done = subprocess.run(
         [sys.executable, "-m", "tests.sharding_check"],
