@@ -176,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(models.LayerAttention; default: none)",
     )
     parser.add_argument(
+        "--chunk-size",
+        type=int_at_least(1),
+        default=None,
+        metavar="TOKENS",
+        help="prefill the prompt TOKENS at a time into one KV cache (both the full and the PBS "
+        "prefill), bounding activation memory; a multiple of --segment-size (default: the "
+        "whole prompt at once)",
+    )
+    parser.add_argument(
         "--impl",
         choices=IMPLS,
         default="auto",
@@ -212,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def time_prefill(runner: JittedLlama, tokens, attention, max_len, *, name, warmup, repeats):
+def time_prefill(
+    runner: JittedLlama, tokens, attention, max_len, *, name, warmup, repeats, chunk_size=None
+):
     """(best seconds, (last logits, cache, PrefillAux)) of the jitted prefill.
 
     The prefill is compiled ahead of time (``lower_prefill``), so no run is spent on compiling;
@@ -221,7 +232,9 @@ def time_prefill(runner: JittedLlama, tokens, attention, max_len, *, name, warmu
     densities, so the metrics need no second forward.
     """
     with step(f"{name}: compile (no run)"):
-        lowered = runner.lower_prefill(tokens, attention, max_len=max_len, return_aux=True)
+        lowered = runner.lower_prefill(
+            tokens, attention, max_len=max_len, return_aux=True, chunk_size=chunk_size
+        )
         compiled = lowered.compile()
 
     def run():
@@ -304,6 +317,7 @@ def run(argv: list[str] | None = None) -> dict:
             name=f"{name} prefill ({length} tokens)",
             warmup=plan.warmup,
             repeats=plan.repeats,
+            chunk_size=plan.chunk_size,
         )
         logits = runner.output_logits(aux.hidden[0])  # [T, V]
         new_ids = []

@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention_spec import FULL_ATTENTION, AttentionSpec, resolve_attention
+from models.attention_spec import (
+    FULL_ATTENTION,
+    AttentionSpec,
+    check_chunk_size,
+    resolve_attention,
+)
 from models.config import LlamaConfig
 from models.modules import KVCache, Llama
 
@@ -36,12 +41,20 @@ def forward(graphdef, state, tokens, attention=FULL_ATTENTION, return_aux=False)
     return nnx.merge(graphdef, state)(tokens, attention, return_aux=return_aux)
 
 
-@functools.partial(jax.jit, static_argnames=("attention", "max_len", "return_aux"))
-def prefill(graphdef, state, tokens, attention=FULL_ATTENTION, max_len=None, return_aux=False):
+@functools.partial(jax.jit, static_argnames=("attention", "max_len", "return_aux", "chunk_size"))
+def prefill(
+    graphdef,
+    state,
+    tokens,
+    attention=FULL_ATTENTION,
+    max_len=None,
+    return_aux=False,
+    chunk_size=None,
+):
     """Jitted ``Llama.prefill``: tokens [B,T] -> (last logits [B,V], KVCache [L,B,max_len,..]
-    (, PrefillAux))."""
+    (, PrefillAux)); ``chunk_size``: chunked prefill (None: the whole prompt at once)."""
     return nnx.merge(graphdef, state).prefill(
-        tokens, attention, max_len=max_len, return_aux=return_aux
+        tokens, attention, max_len=max_len, return_aux=return_aux, chunk_size=chunk_size
     )
 
 
@@ -81,20 +94,32 @@ def greedy_decode(graphdef, state, last_logits, cache, start_position, num_token
 
 
 def generate(
-    graphdef, state, prompt_tokens, max_new_tokens: int, attention: AttentionSpec = FULL_ATTENTION
+    graphdef,
+    state,
+    prompt_tokens,
+    max_new_tokens: int,
+    attention: AttentionSpec = FULL_ATTENTION,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Greedy generation: prompt [B,T] -> new tokens [B,max_new_tokens] int32.
 
-    Prefill with ``attention`` (dense or PBS), then dense decode against the cache. No early
-    stop at EOS (fixed shapes); trim on the host.
+    Prefill with ``attention`` (dense or PBS; ``chunk_size`` tokens at a time when given), then
+    dense decode against the cache. No early stop at EOS (fixed shapes); trim on the host.
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_tokens.ndim == 1:
-        return generate(graphdef, state, prompt_tokens[None], max_new_tokens, attention)[0]
+        return generate(
+            graphdef, state, prompt_tokens[None], max_new_tokens, attention, chunk_size
+        )[0]
     attention = resolve_attention(attention)
     length = prompt_tokens.shape[1]
     last_logits, cache = prefill(
-        graphdef, state, prompt_tokens, attention, max_len=length + max_new_tokens
+        graphdef,
+        state,
+        prompt_tokens,
+        attention,
+        max_len=length + max_new_tokens,
+        chunk_size=chunk_size,
     )
     tokens, _ = greedy_decode(graphdef, state, last_logits, cache, length, max_new_tokens)
     return tokens
@@ -107,9 +132,10 @@ class JittedLlama:
 
     - ``runner(tokens, attention="full", *, return_aux=False)``: tokens [B,T] -> logits
       [B,T,V] float32; with ``return_aux`` also the per-layer density [L].
-    - ``runner.prefill(tokens, attention="full", *, max_len=None, return_aux=False)``: ->
-      (last-position logits [B,V], KVCache [L,B,max_len,Hkv,D]); with ``return_aux`` also a
-      PrefillAux (last-layer hidden [B,T,d], density [L]).
+    - ``runner.prefill(tokens, attention="full", *, max_len=None, return_aux=False,
+      chunk_size=None)``: -> (last-position logits [B,V], KVCache [L,B,max_len,Hkv,D]); with
+      ``return_aux`` also a PrefillAux (last-layer hidden [B,T,d], density [L]); with
+      ``chunk_size`` the prompt is prefilled that many tokens at a time (``Llama.prefill``).
     - ``runner.lower_prefill(...)``: that prefill lowered, not run (``jax.stages.Lowered``):
       ``.compile()`` gives its memory analysis and an ahead-of-time executable, called as
       ``compiled(runner.graphdef, runner.state, tokens)``.
@@ -119,8 +145,9 @@ class JittedLlama:
       cache passed in is donated.
     - ``runner.greedy_decode(last_logits, cache, start_position, num_tokens)``: greedy
       continuation after a prefill -> (tokens [B,num_tokens] int32, cache); cache donated.
-    - ``runner.generate(prompt, max_new_tokens, attention="full")``: prefill then greedy decode,
-      prompt [B,T] -> [B,max_new_tokens] ([T] -> [max_new_tokens]).
+    - ``runner.generate(prompt, max_new_tokens, attention="full", *, chunk_size=None)``: prefill
+      (chunked when asked) then greedy decode, prompt [B,T] -> [B,max_new_tokens] ([T] ->
+      [max_new_tokens]).
     - ``runner.config``, ``runner.graphdef``, ``runner.state``: the split model.
 
     ``JittedLlama.from_split(graphdef, state)`` wraps an existing split, e.g. parameters placed
@@ -158,7 +185,8 @@ class JittedLlama:
             return_aux,
         )
 
-    def _prefill_args(self, tokens, attention, max_len, return_aux) -> tuple:
+    def _prefill_args(self, tokens, attention, max_len, return_aux, chunk_size) -> tuple:
+        check_chunk_size(chunk_size, attention)  # before tracing: a one-line error
         return (
             self.graphdef,
             self.state,
@@ -166,6 +194,7 @@ class JittedLlama:
             resolve_attention(attention),
             max_len,
             return_aux,
+            chunk_size,
         )
 
     def prefill(
@@ -175,8 +204,9 @@ class JittedLlama:
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        chunk_size: int | None = None,
     ):
-        return prefill(*self._prefill_args(tokens, attention, max_len, return_aux))
+        return prefill(*self._prefill_args(tokens, attention, max_len, return_aux, chunk_size))
 
     def lower_prefill(
         self,
@@ -185,10 +215,12 @@ class JittedLlama:
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        chunk_size: int | None = None,
     ) -> jax.stages.Lowered:
         """``prefill`` with these arguments, lowered but not compiled nor run. Its compiled form
         takes the dynamic arguments only: ``compiled(runner.graphdef, runner.state, tokens)``."""
-        return prefill.lower(*self._prefill_args(tokens, attention, max_len, return_aux))
+        args = self._prefill_args(tokens, attention, max_len, return_aux, chunk_size)
+        return prefill.lower(*args)
 
     def output_logits(self, hidden):
         return output_logits(self.graphdef, self.state, hidden)
@@ -213,6 +245,14 @@ class JittedLlama:
         )
 
     def generate(
-        self, prompt_tokens, max_new_tokens: int, attention: AttentionSpec = FULL_ATTENTION
+        self,
+        prompt_tokens,
+        max_new_tokens: int,
+        attention: AttentionSpec = FULL_ATTENTION,
+        *,
+        chunk_size: int | None = None,
     ) -> jax.Array:
-        return generate(self.graphdef, self.state, prompt_tokens, max_new_tokens, attention)
+        check_chunk_size(chunk_size, attention)
+        return generate(
+            self.graphdef, self.state, prompt_tokens, max_new_tokens, attention, chunk_size
+        )

@@ -6,9 +6,11 @@ from pbs_jax.attention import (
     PBSAux,
     auto_max_density,
     dense_attention,
+    dense_continuation_attention,
     kernel_attention,
     pbs_attention,
     pbs_plan,
+    validate_chunk,
     validate_inputs,
 )
 from pbs_jax.blocks import (
@@ -52,6 +54,7 @@ __all__ = [
     "causal_block_count",
     "compute_permutation",
     "dense_attention",
+    "dense_continuation_attention",
     "exact_causal_attention",
     "computed_causal_blocks",
     "earlier_segment_blocks",
@@ -76,5 +79,6 @@ __all__ = [
     "select_from_probabilities",
     "sink_local_mask",
     "sink_local_window",
+    "validate_chunk",
     "validate_inputs",
 ]

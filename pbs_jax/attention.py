@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import mgpu_supported, planned_attention
 from pbs_jax import blocks, reference
@@ -41,7 +42,8 @@ class PBSAux(NamedTuple):
     """What ``return_aux=True`` adds to the output.
 
     perm: ``[B, Hp, N]`` int32, original position of the key at each slot.
-    block_mask: ``[B, Hq, T, T]`` bool, computed (query block, key-slot block) pairs.
+    block_mask: ``[B, Hq, Tq, T]`` bool, computed (query block, key-slot block) pairs (Tq = T
+      unless the queries are a chunk of the last M < N positions).
     density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
     sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
       take dense attention instead: short sequences, or a plan too dense to pay).
@@ -67,15 +69,32 @@ def validate_inputs(q, k, v) -> None:
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, n, hq, d = q.shape
-    if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
+    if k.shape[0] != b or k.shape[1] < n or k.shape[3] != d:
         raise ValueError(
-            f"q [B, N, Hq, D] = {tuple(q.shape)} and k/v [B, N, Hkv, D] = {tuple(k.shape)} "
-            "must agree on B, N and D (prefill: as many keys as queries)"
+            f"q [B, M, Hq, D] = {tuple(q.shape)} and k/v [B, N, Hkv, D] = {tuple(k.shape)} "
+            "must agree on B and D, with M <= N (prefill: as many keys as queries; a chunk "
+            "continuing a cache: the queries are the last M of the N positions)"
         )
     if n == 0 or b == 0 or d == 0:
         raise ValueError(f"B, N and D must be positive, got q shape {tuple(q.shape)}")
     if hq % k.shape[2]:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[2]})")
+
+
+def validate_chunk(q, k, cfg: PBSConfig) -> None:
+    """Raise a clear ``ValueError`` unless a chunk of queries starts on a block boundary.
+
+    q ``[B, M, Hq, D]`` holds the last M of the N positions of k ``[B, N, Hkv, D]``; N - M must
+    be a multiple of ``cfg.block_size``, so the chunk's query blocks are exactly the blocks the
+    whole prompt's queries would have (a plan per query block is then the same plan).
+    """
+    m, n = q.shape[1], k.shape[1]
+    if (n - m) % cfg.block_size:
+        raise ValueError(
+            f"a chunk of queries must start on a block boundary: the queries are the last "
+            f"M = {m} of N = {n} positions, and N - M = {n - m} is not a multiple of "
+            f"block_size = {cfg.block_size}"
+        )
 
 
 def _on_gpu() -> bool:
@@ -86,12 +105,60 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Fast dense causal attention, the one rule for where sparsity does not pay.
 
     q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` (GQA native) → ``[B, N, Hq, D]``: cuDNN flash
-    attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise.
+    attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise. q ``[B, M, Hq, D]``
+    with M < N: the last M positions (a chunk continuing a cache), by
+    :func:`dense_continuation_attention`.
     """
     cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
+    if q.shape[1] != k.shape[1]:
+        return dense_continuation_attention(q, k, v, cudnn=cudnn)
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn" if cudnn else "xla"
     )
+
+
+def _attention_with_lse(q, k, v, causal: bool, cudnn: bool) -> tuple[jax.Array, jax.Array]:
+    """(out ``[B, T, Hq, D]`` float32, logsumexp of the scaled logits ``[B, T, Hq]`` float32).
+
+    ``causal``: top-left aligned (query i sees keys 0..i; T = S). jax.nn's wrapper rounds the
+    logsumexp to the input dtype, too coarse to merge bf16 parts, so cuDNN is called through
+    the function under it, whose softmax statistics are float32; XLA runs in float32.
+    """
+    scale = 1.0 / float(np.sqrt(q.shape[-1]))
+    if cudnn:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+        mask = cudnn_attention.MaskType.CAUSAL if causal else cudnn_attention.MaskType.NO_MASK
+        out, lse = cudnn_attention.dot_product_attention(
+            q, k, v, scale=scale, mask_type=mask, qkv_layout="BTNH", return_residual=True
+        )
+        return out.astype(jnp.float32), jnp.swapaxes(lse.astype(jnp.float32), 1, 2)  # BNT→BTN
+    out, lse = jax.nn.dot_product_attention(
+        q.astype(jnp.float32),
+        k.astype(jnp.float32),
+        v.astype(jnp.float32),
+        is_causal=causal,
+        scale=scale,
+        implementation="xla",
+        return_residual=True,
+    )
+    return out, lse
+
+
+def dense_continuation_attention(q, k, v, *, cudnn: bool) -> jax.Array:
+    """Dense causal attention of a chunk: q ``[B, M, Hq, D]`` at positions N - M … N - 1,
+    k/v ``[B, N, Hkv, D]`` → ``[B, M, Hq, D]`` in q's dtype.
+
+    Flash kernels align a causal mask top-left (query i sees keys 0..i), so the chunk is two
+    flash calls merged by their logsumexps: every earlier key (no mask) and the chunk's own
+    keys (a square causal mask). Never an ``[M, N]`` mask, never the earlier rows' work.
+    """
+    m, n = q.shape[1], k.shape[1]
+    earlier, earlier_lse = _attention_with_lse(q, k[:, : n - m], v[:, : n - m], False, cudnn)
+    own, own_lse = _attention_with_lse(q, k[:, n - m :], v[:, n - m :], True, cudnn)
+    lse = jnp.logaddexp(earlier_lse, own_lse)[..., None]
+    out = earlier * jnp.exp(earlier_lse[..., None] - lse) + own * jnp.exp(own_lse[..., None] - lse)
+    return out.astype(q.dtype)
 
 
 def _dense(q, k, v, impl):
@@ -103,7 +170,8 @@ def _dense(q, k, v, impl):
 
 
 def pbs_plan(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> tuple[jax.Array, jax.Array]:
-    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool."""
+    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, Tq, T]`` bool
+    (q ``[B, M, Hq, D]``, the last M ≤ N positions; Tq = ceil(M / block_size))."""
     perm = compute_permutation(q, k, cfg)
     return perm, select_blocks(q, k, perm, cfg)
 
@@ -159,7 +227,13 @@ def pbs_attention(
     """Permuted block-sparse causal attention for prefill.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries (the layout of ``jax.nn.dot_product_attention``).
+      q: ``[B, M, Hq, D]`` queries (the layout of ``jax.nn.dot_product_attention``), M ≤ N:
+        the LAST M positions N - M … N - 1 (M = N: a whole prefill; M < N: a chunk continuing
+        a cache, N - M a multiple of ``cfg.block_size``). A chunk's output is the last M rows
+        of this op on the whole prompt's queries ending in q, exactly: the proxy is the chunk's
+        own last ``proxy_blocks × block_size`` rows (all M rows when it has fewer: then it
+        differs), and selection is per query block. Only the chunk's Tq × T block grid is
+        planned.
       k, v: ``[B, N, Hkv, D]``, Hq a multiple of Hkv.
       cfg: static :class:`PBSConfig`.
       impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
@@ -172,7 +246,7 @@ def pbs_attention(
       return_aux: also return :class:`PBSAux`.
 
     Returns:
-      ``[B, N, Hq, D]`` in q's dtype, and the aux when asked.
+      ``[B, M, Hq, D]`` in q's dtype, and the aux when asked.
 
     Forward only: a prefill op with no gradient (``jax.grad`` through it raises a clear
     ``NotImplementedError``). Jit-compiled inside; array-likes are converted, float64 refused.
@@ -183,6 +257,7 @@ def pbs_attention(
         raise TypeError(f"cfg must be a PBSConfig, got {type(cfg).__name__}")
     q, k, v = _as_operand("q", q), _as_operand("k", k), _as_operand("v", v)
     validate_inputs(q, k, v)
+    validate_chunk(q, k, cfg)
     return _forward(q, k, v, cfg, impl, return_aux)
 
 
@@ -205,15 +280,17 @@ _forward = jax.jit(_forward_only, static_argnums=(3, 4, 5))
 
 def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool):
     """The op's body on validated arrays (traced once per static configuration)."""
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
+    n = k.shape[1]  # M < N: q is a chunk of the last M positions
     t = num_blocks(n, cfg.block_size)
 
     auto_gpu = impl == "auto" and _on_gpu()
     if n <= cfg.segment_size or (auto_gpu and auto_max_density(n) is None):
         out = _dense(q, k, v, impl)
         perm = identity_permutation(b, cfg.num_perm_heads(hq, k.shape[2]), n)
-        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-        block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
+        tq = num_blocks(m, cfg.block_size)
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t - tq, t)[:, None]
+        block_mask = jnp.broadcast_to(causal, (b, hq, tq, t))
         sparse = jnp.bool_(False)
         dens = jnp.mean(blocks.density(block_mask))
     else:

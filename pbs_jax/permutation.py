@@ -23,7 +23,9 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
     queries (the paper: one block).
 
     Args:
-      q: ``[B, N, Hq, D]`` queries.
+      q: ``[B, M, Hq, D]`` queries, the last M positions of the keys (M = N: a whole prefill;
+        M < N: a chunk continuing a cache, whose proxy is its own last rows; fewer than
+        ``proxy_blocks × block_size`` rows: all M of them).
       k: ``[B, N, Hkv, D]`` keys, Hq a multiple of Hkv.
       cfg: static configuration.
 
@@ -32,11 +34,11 @@ def key_importance(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
       Hkv (shared: the group's per-head scores averaged). Softmax over complete-segment keys only,
       no causal mask, fp32, averaged over the proxy rows (official semantics).
     """
-    b, n, hq, d = q.shape
+    b, m, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
-    complete = (n // cfg.segment_size) * cfg.segment_size
-    proxy = q[:, max(n - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
+    complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
+    proxy = q[:, max(m - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
     proxy = proxy.reshape(b, proxy.shape[1], hkv, group, d)
     keys = k[:, :complete]  # [B, L, Hkv, D]
     logits = jnp.einsum(
@@ -89,8 +91,11 @@ def inverse_permutation(perm: jax.Array) -> jax.Array:
 
 
 def compute_permutation(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
-    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute."""
-    b, n, hq, _ = q.shape
+    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute.
+
+    q ``[B, M, Hq, D]`` (M ≤ N: the last M positions), k ``[B, N, Hkv, D]``."""
+    b, _, hq, _ = q.shape
+    n = k.shape[1]
     hp = cfg.num_perm_heads(hq, k.shape[2])
     if not cfg.permute or n < cfg.segment_size:
         return identity_permutation(b, hp, n)

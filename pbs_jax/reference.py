@@ -13,7 +13,7 @@ from pbs_jax.permutation import gather_keys
 
 
 def _masked_attention(q, k, v, allowed):
-    """q ``[B, N, Hq, D]``, k/v ``[B, N, Hk, D]``, allowed ``[B|1, Hq|1, N, N]`` bool → out.
+    """q ``[B, M, Hq, D]``, k/v ``[B, N, Hk, D]``, allowed ``[B|1, Hq|1, M, N]`` bool → out.
 
     fp32 throughout (inputs upcast); JAX's own XLA attention does the masked softmax (it fuses
     the N² passes better than a hand-written einsum chain on CPU). Rows with no
@@ -30,12 +30,18 @@ def _masked_attention(q, k, v, allowed):
     return jnp.where(has_key.transpose(0, 2, 1)[..., None], out, 0.0).astype(q.dtype)
 
 
+def _query_positions(q: jax.Array, k: jax.Array) -> jax.Array:
+    """``[M]`` positions of the query rows: the last M of the N keys' positions."""
+    m, n = q.shape[1], k.shape[1]
+    return jnp.arange(n - m, n)
+
+
 def exact_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The exact causal-attention oracle (fp32, O(N²)); the fast path is ``dense_attention``.
 
-    q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, N, Hq, D]``."""
-    n = q.shape[1]
-    causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+    q ``[B, M, Hq, D]``, k/v ``[B, N, Hkv, D]`` → ``[B, M, Hq, D]``; M ≤ N: the queries are the
+    last M positions (query row i sits at position N - M + i)."""
+    causal = _query_positions(q, k)[:, None] >= jnp.arange(k.shape[1])[None, :]  # [M, N]
     return _masked_attention(q, k, v, causal[None, None])
 
 
@@ -50,20 +56,23 @@ def permuted_block_sparse_attention(
     """Masked dense attention over the permuted keys: the exact meaning of PBS attention.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries in original order.
+      q: ``[B, M, Hq, D]`` queries in original order: the last M ≤ N positions (N - M a
+        multiple of block_size; M = N for a whole prefill).
       k, v: ``[B, N, Hkv, D]`` in original order; permuted here by ``perm``.
       perm: ``[B, Hp, N]`` original position of the key at each slot.
-      block_mask: ``[B, Hq, T, T]`` bool over (query block, key-slot block).
+      block_mask: ``[B, Hq, Tq, T]`` bool over (the chunk's query block, key-slot block).
     Returns:
-      ``[B, N, Hq, D]`` in q's dtype. Query i attends slot j iff j's block is selected for i's
-      block and the key's original position ``perm[j] <= i`` (a no-op outside the own segment).
+      ``[B, M, Hq, D]`` in q's dtype. Query i (at position p = N - M + i) attends slot j iff
+      j's block is selected for i's block and the key's original position ``perm[j] <= p`` (a
+      no-op outside the own segment).
     """
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
+    n = k.shape[1]
     hp = perm.shape[1]
     k_perm = gather_keys(k, perm)
     v_perm = gather_keys(v, perm)
     token_blocks = jnp.repeat(jnp.repeat(block_mask, block_size, axis=-2), block_size, axis=-1)
-    token_blocks = token_blocks[..., :n, :n]  # [B, Hq, N, N]
+    token_blocks = token_blocks[..., :m, :n]  # [B, Hq, M, N]
     key_pos = jnp.repeat(perm, hq // hp, axis=1)  # [B, Hq, N]
-    causal = key_pos[:, :, None, :] <= jnp.arange(n)[None, None, :, None]
+    causal = key_pos[:, :, None, :] <= _query_positions(q, k)[None, None, :, None]
     return _masked_attention(q, k_perm, v_perm, token_blocks & causal)

@@ -76,18 +76,19 @@ def pooled_block_logits(
     """Scaled dot products of pooled query blocks and pooled permuted key blocks.
 
     Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+      q: ``[B, M, Hq, D]`` (the last M ≤ N positions, M - N a multiple of block_size);
+      k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
     Returns:
-      ``[B, Hq, T, T]`` float32.
+      ``[B, Hq, Tq, T]`` float32 (Tq = T for a whole prefill).
     """
     b, _, hq, d = q.shape
     hp = perm.shape[1]
     pq = mean_pool_blocks(q, block_size)
     pk = pooled_permuted_keys(k, perm, block_size, segment_size)
-    t = pq.shape[1]
-    pq = pq.reshape(b, t, hp, hq // hp, d)
+    tq, t = pq.shape[1], pk.shape[1]
+    pq = pq.reshape(b, tq, hp, hq // hp, d)
     logits = jnp.einsum("bqpgd,bkpd->bpgqk", pq, pk, precision=jax.lax.Precision.HIGHEST)
-    return logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
+    return logits.reshape(b, hq, tq, t) / jnp.sqrt(jnp.float32(d))
 
 
 def top_p_blocks(probs: jax.Array, allowed: jax.Array, threshold: float) -> jax.Array:
@@ -130,14 +131,15 @@ def meanpool_block_probabilities(
     """The MeanPooling selector's block distribution (paper Alg. 2, step 3).
 
     Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+      q: ``[B, M, Hq, D]`` (the last M ≤ N positions); k: ``[B, N, Hkv, D]`` original order;
+      perm: ``[B, Hp, N]``.
     Returns:
-      ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits over the
+      ``[B, Hq, Tq, T]`` float32: per query block, the softmax of the pooled logits over the
       allowed key blocks; 0 elsewhere and on rows with nothing allowed.
     """
-    t = num_blocks(q.shape[1], cfg.block_size)
     logits = pooled_block_logits(q, k, perm, cfg.block_size, cfg.segment_size)
-    allowed = softmax_domain(t, cfg)
+    tq, t = logits.shape[-2:]
+    allowed = softmax_domain(t, cfg, t - tq)
     probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
     # Rows with nothing allowed (the first segment's query blocks) are all -inf: NaN → select none.
     return jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
@@ -182,33 +184,37 @@ def antidiagonal_block_probabilities(
     block's strided rows and renormalised per query block.
 
     Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+      q: ``[B, M, Hq, D]`` (the last M ≤ N positions, N - M a multiple of block_size: strided
+        rows are numbered from position 0 of the keys); k: ``[B, N, Hkv, D]`` original order;
+      perm: ``[B, Hp, N]``.
     Returns:
-      ``[B, Hq, T, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
+      ``[B, Hq, Tq, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
     """
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
+    n = k.shape[1]
     stride, block = cfg.antidiagonal_stride, cfg.block_size
-    t = num_blocks(n, block)
+    t, tq = num_blocks(n, block), num_blocks(m, block)
+    first_row = (t - tq) * (block // stride)  # the chunk's first strided row, absolute
     per_block = block // stride
     # Query blocks are scored a chunk at a time (rows are independent softmaxes), so only one
     # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
     row_bytes = b * hq * per_block * t * per_block * 4
-    chunk = int(max(1, min(t, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
-    num_chunks = num_blocks(t, chunk)
+    chunk = int(max(1, min(tq, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
+    num_chunks = num_blocks(tq, chunk)
     q = jnp.pad(
-        q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - n), (0, 0), (0, 0))
+        q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - m), (0, 0), (0, 0))
     )
     k_slots = jnp.pad(
         gather_keys(k, perm).astype(jnp.float32), ((0, 0), (0, t * block - n), (0, 0), (0, 0))
     )
     columns = jnp.arange(t * per_block)
     real_columns = columns * stride < n  # strided columns holding at least one real token
-    allowed = jnp.pad(softmax_domain(t, cfg), ((0, num_chunks * chunk - t), (0, 0)))
+    allowed = jnp.pad(softmax_domain(t, cfg, t - tq), ((0, num_chunks * chunk - tq), (0, 0)))
 
     def chunk_mass(c):  # → [B, Hq, chunk, T]
         q_chunk = jax.lax.dynamic_slice_in_dim(q, c * chunk * block, chunk * block, axis=1)
         logits = antidiagonal_logits(q_chunk, k_slots, stride)
-        rows = c * chunk * per_block + jnp.arange(chunk * per_block)
+        rows = first_row + c * chunk * per_block + jnp.arange(chunk * per_block)
         blocks_allowed = jnp.repeat(
             jnp.repeat(
                 jax.lax.dynamic_slice_in_dim(allowed, c * chunk, chunk, axis=0), per_block, 0
@@ -223,7 +229,7 @@ def antidiagonal_block_probabilities(
         return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
 
     mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
-    mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :t]
+    mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :tq]
     total = mass.sum(axis=-1, keepdims=True)
     return mass / jnp.where(total > 0, total, 1.0)
 
@@ -235,21 +241,25 @@ BLOCK_SCORERS = {
 
 
 def block_probabilities(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
-    """``[B, Hq, T, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain)."""
+    """``[B, Hq, Tq, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain);
+    q ``[B, M, Hq, D]`` holds the last M ≤ N positions (Tq = T when M = N)."""
     return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
 
 
-def forced_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Array:
-    """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
+def forced_blocks(
+    perm: jax.Array, num_q_heads: int, cfg: PBSConfig, q_offset: int = 0
+) -> jax.Array:
+    """``[B, Hq | 1, T - q_offset, T]`` bool: blocks every selector computes whatever their
+    score (``q_offset``: the query blocks are the last ``T - q_offset``).
 
     Every block of the query's own segment (:func:`own_segment_blocks`), with
     ``cfg.force_sink`` the key block holding original token 0, and with ``cfg.dense_tail``
     every allowed block of the trailing query blocks (:func:`dense_tail_blocks`).
     """
     t = num_blocks(perm.shape[-1], cfg.block_size)
-    forced = own_segment_blocks(t, cfg)[None, None]
+    forced = own_segment_blocks(t, cfg, q_offset)[None, None]
     if cfg.dense_tail:
-        forced = forced | dense_tail_blocks(t, cfg)[None, None]
+        forced = forced | dense_tail_blocks(t, cfg, q_offset)[None, None]
     if cfg.force_sink:
         forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
     return forced
@@ -259,24 +269,27 @@ def select_from_probabilities(probs: jax.Array, perm: jax.Array, cfg: PBSConfig)
     """The top-p rule plus the forced blocks, shared by every selector.
 
     Args:
-      probs: ``[B, Hq, T, T]`` float32 from :func:`block_probabilities`.
+      probs: ``[B, Hq, Tq, T]`` float32 from :func:`block_probabilities` (Tq < T: the last Tq
+        query blocks).
       perm: ``[B, Hp, N]`` original position of each slot.
     Returns:
-      ``block_mask [B, Hq, T, T]`` bool.
+      ``block_mask [B, Hq, Tq, T]`` bool.
     """
     t = probs.shape[-1]
-    mask = top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold))
-    return mask | forced_blocks(perm, probs.shape[1], cfg)
+    q_offset = t - probs.shape[-2]
+    mask = top_p_blocks(probs, softmax_domain(t, cfg, q_offset), float(cfg.threshold))
+    return mask | forced_blocks(perm, probs.shape[1], cfg, q_offset)
 
 
 def select_blocks(q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig) -> jax.Array:
     """The PBS block mask of ``cfg.selector``.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries (original order).
+      q: ``[B, M, Hq, D]`` queries (original order), the last M ≤ N positions.
       k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
       perm: ``[B, Hp, N]`` original position of each slot.
     Returns:
-      ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
+      ``block_mask [B, Hq, Tq, T]`` bool, T = ceil(N / block_size), Tq = ceil(M / block_size):
+      only the chunk's query blocks are scored (never a T × T grid for a chunk).
     """
     return select_from_probabilities(block_probabilities(q, k, perm, cfg), perm, cfg)
