@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(models.LayerAttention; default: none)",
     )
     parser.add_argument(
+        "--chunk-size",
+        type=int_at_least(1),
+        default=None,
+        metavar="TOKENS",
+        help="prefill the prompt TOKENS at a time into one KV cache (both the full and the PBS "
+        "prefill), bounding activation memory; a multiple of --segment-size (default: the "
+        "whole prompt at once)",
+    )
+    parser.add_argument(
         "--impl",
         choices=IMPLS,
         default="auto",
@@ -226,7 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def time_prefill(
-    runner: JittedLlama, tokens, attention, max_len, *, name, warmup, repeats, lengths=None
+    runner: JittedLlama,
+    tokens,
+    attention,
+    max_len,
+    *,
+    name,
+    warmup,
+    repeats,
+    lengths=None,
+    chunk_size=None,
 ):
     """(best seconds, (last logits, cache, PrefillAux)) of the jitted prefill.
 
@@ -237,7 +255,12 @@ def time_prefill(
     """
     with step(f"{name}: compile (no run)"):
         lowered = runner.lower_prefill(
-            tokens, attention, max_len=max_len, return_aux=True, lengths=lengths
+            tokens,
+            attention,
+            max_len=max_len,
+            return_aux=True,
+            lengths=lengths,
+            chunk_size=chunk_size,
         )
         compiled = lowered.compile()
     dynamic = (tokens,) if lengths is None else (tokens, jnp.asarray(lengths, jnp.int32))
@@ -338,6 +361,7 @@ def run(argv: list[str] | None = None) -> dict:
             warmup=plan.warmup,
             repeats=plan.repeats,
             lengths=lengths if ragged else None,
+            chunk_size=plan.chunk_size,
         )
         logits = [runner.output_logits(aux.hidden[row, :n]) for row, n in enumerate(lengths)]
         new_ids = [[] for _ in lengths]

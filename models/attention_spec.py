@@ -30,6 +30,7 @@ __all__ = [
     "LayerAttention",
     "PBSAttention",
     "attend",
+    "check_chunk_size",
     "resolve_attention",
 ]
 
@@ -147,3 +148,36 @@ def attend(
         q, k, v, attention.config, impl=attention.impl, return_aux=True, lengths=lengths
     )
     return out, jnp.asarray(aux.density, jnp.float32)
+
+
+def _pbs_configs(attention) -> list[PBSConfig]:
+    """Every PBSConfig a spec runs: its own, its layers', or (duck-typed, e.g.
+    ``models.sharding.HeadParallel``) those of the spec it wraps in ``.attention``."""
+    if isinstance(attention, PBSConfig):
+        return [attention]
+    if isinstance(attention, PBSAttention):
+        return [attention.config]
+    if isinstance(attention, LayerAttention):
+        specs = (attention.default, *(spec for _, spec in attention.overrides))
+        return [cfg for spec in specs for cfg in _pbs_configs(spec)]
+    inner = getattr(attention, "attention", None)
+    return [] if inner is None or inner is attention else _pbs_configs(inner)
+
+
+def check_chunk_size(chunk_size, attention) -> None:
+    """Raise a clear ``ValueError`` unless ``chunk_size`` can cut a prefill for ``attention``.
+
+    None (one chunk) always can; otherwise a positive int, a multiple of the ``segment_size``
+    of every PBSConfig the spec runs: chunks then start on segment boundaries, so every
+    segment a chunk completes is sorted by that chunk's proxy and no chunk starts mid-block.
+    """
+    if chunk_size is None:
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for cfg in _pbs_configs(attention):
+        if chunk_size % cfg.segment_size:
+            raise ValueError(
+                f"chunk_size ({chunk_size}) must be a multiple of the PBS segment_size "
+                f"({cfg.segment_size}): chunks start on segment boundaries"
+            )

@@ -30,6 +30,7 @@ from models.attention_spec import (
     AttentionSpec,
     LayerAttention,
     attend,
+    check_chunk_size,
     resolve_attention,
 )
 from models.config import LlamaConfig
@@ -126,6 +127,25 @@ class Attention(nnx.Module):
         out, density = attend(q, k, v, attention, lengths)
         return self._output(out), (k, v), density
 
+    def prefill_chunk(self, x, start: int, attention, cache: KVCache, layer_index):
+        """A chunk of a chunked prefill: x [B,C,d] at positions start … end-1 (static ints).
+
+        Writes the chunk's k/v into the cache at [layer, :, start:end], then its queries attend
+        (the spec's op, the queries being the last C of ``end`` positions) to the cache's keys
+        0 … end-1 -> (out [B,C,d], cache, density).
+        """
+        end = start + x.shape[1]
+        q, k, v = self._qkv(x, jnp.arange(start, end, dtype=jnp.int32))
+        b, _, hkv, d = k.shape
+        at = (layer_index, 0, start, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), at)
+        values = jax.lax.dynamic_update_slice(cache.values, v[None].astype(cache.values.dtype), at)
+        visible = (1, b, end, hkv, d)  # this layer's keys 0 … end-1
+        layer_keys = jax.lax.dynamic_slice(keys, (layer_index, 0, 0, 0, 0), visible)[0]
+        layer_values = jax.lax.dynamic_slice(values, (layer_index, 0, 0, 0, 0), visible)[0]
+        out, density = attend(q, layer_keys, layer_values, attention)
+        return self._output(out), KVCache(keys, values), density
+
     def decode(self, x, position, cache: KVCache, layer_index):
         """One token: x [B,1,d] at scalar position -> (out [B,1,d], cache with it written).
 
@@ -217,6 +237,12 @@ class DecoderLayer(nnx.Module):
         attn_out, cache = self.attn.decode(self.attn_norm(x), position, cache, layer_index)
         return self._mlp_residual(x + attn_out), cache
 
+    def prefill_chunk(self, x, start, attention, cache, layer_index):
+        attn_out, cache, density = self.attn.prefill_chunk(
+            self.attn_norm(x), start, attention, cache, layer_index
+        )
+        return self._mlp_residual(x + attn_out), cache, density
+
 
 class Llama(nnx.Module):
     """Llama decoder. Parameters (pure-dict paths, used by models.weights):
@@ -282,21 +308,7 @@ class Llama(nnx.Module):
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         layers_graphdef, layers_state = nnx.split(self.layers)
         num_layers = self.config.num_layers
-        if isinstance(attention, LayerAttention):
-            specs, spec_of_layer = attention.branches(num_layers)
-            branches = [
-                lambda q, k, v, lengths, spec=spec: attend(q, k, v, spec, lengths) for spec in specs
-            ]
-
-            def layer_attention(index):
-                return lambda q, k, v, lengths=None: jax.lax.switch(
-                    jnp.asarray(spec_of_layer)[index], branches, q, k, v, lengths
-                )
-        else:
-
-            def layer_attention(index):
-                del index
-                return attention
+        layer_attention = _per_layer_attention(attention, num_layers)
 
         def one_layer(hidden, xs):
             layer_state, index = xs
@@ -308,6 +320,50 @@ class Llama(nnx.Module):
             one_layer, self.embed(tokens), (layers_state, jnp.arange(num_layers))
         )
         return hidden, kv, densities
+
+    def _prefill_chunked(self, tokens, attention, chunk_size: int, max_len: int, keep_hidden):
+        """The prompt prefilled ``chunk_size`` tokens at a time into one preallocated cache.
+
+        tokens [B,T] -> (hidden [B,T,d] if ``keep_hidden`` else the last chunk's [B,C,d],
+        KVCache [L,B,max_len,Hkv,D], density [L]). Chunk c (positions start … end-1, the last
+        one possibly shorter) runs every layer on its own tokens: its k/v go into the cache,
+        its queries attend to keys 0 … end-1 (static shapes per chunk, a Python loop over
+        chunks), so activations are bounded by one chunk. A chunk's density is weighted by its
+        causal (query, key) pairs, so the density is the whole prompt's.
+        """
+        attention = resolve_attention(attention)
+        c = self.config
+        batch, length = tokens.shape
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        cache = KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        layers_graphdef, layers_state = nnx.split(self.layers)
+        layer_attention = _per_layer_attention(attention, c.num_layers)
+        hiddens, densities, weights = [], [], []
+        for start in range(0, length, chunk_size):
+            end = min(start + chunk_size, length)
+
+            def one_layer(carry, xs, start=start):
+                hidden, cache = carry
+                layer_state, index = xs
+                layer = nnx.merge(layers_graphdef, layer_state)
+                hidden, cache, density = layer.prefill_chunk(
+                    hidden, start, layer_attention(index), cache, index
+                )
+                return (hidden, cache), density
+
+            (hidden, cache), density = jax.lax.scan(
+                one_layer,
+                (self.embed(tokens[:, start:end]), cache),
+                (layers_state, jnp.arange(c.num_layers)),
+            )
+            hiddens = [*hiddens, hidden] if keep_hidden else [hidden]
+            densities.append(density)
+            weights.append((end - start) * start + (end - start) * (end - start + 1) / 2)
+        total = sum(weights)
+        density = jax.tree.map(
+            lambda *per_chunk: sum(w / total * d for w, d in zip(weights, per_chunk)), *densities
+        )
+        return jnp.concatenate(hiddens, axis=1), cache, density
 
     # -- public, traceable -----------------------------------------------------------------
 
@@ -338,6 +394,7 @@ class Llama(nnx.Module):
         max_len: int | None = None,
         return_aux: bool = False,
         lengths=None,
+        chunk_size: int | None = None,
     ):
         """tokens [B,T] -> (last-position logits [B,V] float32, KVCache with S = max_len).
 
@@ -351,12 +408,34 @@ class Llama(nnx.Module):
         prefilled alone (PBS plans it on its own tokens; causality keeps padding out), its last
         logits are those at position ``lengths[b] - 1``, and decoding continues it from
         position ``lengths[b]`` (``decode_step`` with positions [B]).
+
+        ``chunk_size`` (a multiple of every PBS segment_size of the spec; None: one pass, the
+        whole prompt at once): prefill ``chunk_size`` tokens at a time into the one cache,
+        each chunk's queries attending to the cache's keys up to the chunk's end, so activation
+        memory is bounded by a chunk; the last chunk may be shorter. Dense attention gives the
+        same result up to rounding; PBS orders each complete segment by the proxy of the chunk
+        being prefilled (docs/design.md, "Chunked prefill"). Not with ``lengths`` (a chunked
+        ragged batch raises ``NotImplementedError``).
         """
         length = tokens.shape[1]
         max_len = length if max_len is None else max_len
         if max_len < length:
             raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
         lengths = validate_lengths(lengths, *tokens.shape)
+        check_chunk_size(chunk_size, attention)
+        if chunk_size is not None:
+            if lengths is not None:
+                raise NotImplementedError(
+                    "prefill with both lengths (a ragged batch) and chunk_size is not "
+                    "supported: prefill a ragged batch whole, or chunk its rows one by one"
+                )
+            hidden, cache, densities = self._prefill_chunked(
+                tokens, attention, chunk_size, max_len, keep_hidden=return_aux
+            )
+            last_logits = self.output_logits(hidden[:, -1])
+            if return_aux:
+                return last_logits, cache, PrefillAux(hidden, densities)
+            return last_logits, cache
         hidden, (keys, values), densities = self._prefill_layers(tokens, attention, True, lengths)
         if max_len > length:  # no copy of the whole cache when it is already full-size
             padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
@@ -391,3 +470,21 @@ class Llama(nnx.Module):
             one_layer, (self.embed(token[:, None]), cache), (layers_state, layer_indices)
         )
         return self.output_logits(hidden[:, 0]), cache
+
+
+def _per_layer_attention(attention, num_layers: int):
+    """``index -> spec`` for the layer scan: the resolved spec itself, or for a
+    ``LayerAttention`` a ``lax.switch`` on the (traced) layer index over its distinct specs."""
+    if not isinstance(attention, LayerAttention):
+        return lambda index: attention
+    specs, spec_of_layer = attention.branches(num_layers)
+    branches = [
+        lambda q, k, v, lengths, spec=spec: attend(q, k, v, spec, lengths) for spec in specs
+    ]
+
+    def layer_attention(index):
+        return lambda q, k, v, lengths=None: jax.lax.switch(
+            jnp.asarray(spec_of_layer)[index], branches, q, k, v, lengths
+        )
+
+    return layer_attention

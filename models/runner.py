@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention_spec import FULL_ATTENTION, AttentionSpec, resolve_attention
+from models.attention_spec import (
+    FULL_ATTENTION,
+    AttentionSpec,
+    check_chunk_size,
+    resolve_attention,
+)
 from models.config import LlamaConfig
 from models.modules import KVCache, Llama
 from pbs_jax import validate_lengths
@@ -38,7 +43,7 @@ def forward(graphdef, state, tokens, attention=FULL_ATTENTION, return_aux=False,
     return nnx.merge(graphdef, state)(tokens, attention, return_aux=return_aux, lengths=lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("attention", "max_len", "return_aux"))
+@functools.partial(jax.jit, static_argnames=("attention", "max_len", "return_aux", "chunk_size"))
 def prefill(
     graphdef,
     state,
@@ -46,12 +51,19 @@ def prefill(
     attention=FULL_ATTENTION,
     max_len=None,
     return_aux=False,
+    chunk_size=None,
     lengths=None,
 ):
     """Jitted ``Llama.prefill``: tokens [B,T] -> (last logits [B,V], KVCache [L,B,max_len,..]
-    (, PrefillAux)); lengths [B] for a right-padded batch (one compile for every lengths)."""
+    (, PrefillAux)); ``chunk_size``: chunked prefill (None: the whole prompt at once); lengths
+    [B] for a right-padded batch (one compile for every lengths)."""
     return nnx.merge(graphdef, state).prefill(
-        tokens, attention, max_len=max_len, return_aux=return_aux, lengths=lengths
+        tokens,
+        attention,
+        max_len=max_len,
+        return_aux=return_aux,
+        lengths=lengths,
+        chunk_size=chunk_size,
     )
 
 
@@ -98,16 +110,20 @@ def generate(
     max_new_tokens: int,
     attention: AttentionSpec = FULL_ATTENTION,
     lengths=None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Greedy generation: prompt [B,T] -> new tokens [B,max_new_tokens] int32.
 
-    Prefill with ``attention`` (dense or PBS), then dense decode against the cache. No early
-    stop at EOS (fixed shapes); trim on the host. ``lengths [B]``: a right-padded batch, row b's
-    prompt is ``prompt[b, :lengths[b]]`` and its new tokens continue from there.
+    Prefill with ``attention`` (dense or PBS; ``chunk_size`` tokens at a time when given), then
+    dense decode against the cache. No early stop at EOS (fixed shapes); trim on the host.
+    ``lengths [B]``: a right-padded batch, row b's prompt is ``prompt[b, :lengths[b]]`` and its
+    new tokens continue from there (not with ``chunk_size``).
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_tokens.ndim == 1:
-        return generate(graphdef, state, prompt_tokens[None], max_new_tokens, attention)[0]
+        return generate(
+            graphdef, state, prompt_tokens[None], max_new_tokens, attention, chunk_size=chunk_size
+        )[0]
     attention = resolve_attention(attention)
     length = prompt_tokens.shape[1]
     lengths = validate_lengths(lengths, *prompt_tokens.shape)
@@ -118,6 +134,7 @@ def generate(
         attention,
         max_len=length + max_new_tokens,
         lengths=lengths,
+        chunk_size=chunk_size,
     )
     start = length if lengths is None else lengths
     tokens, _ = greedy_decode(graphdef, state, last_logits, cache, start, max_new_tokens)
@@ -131,9 +148,10 @@ class JittedLlama:
 
     - ``runner(tokens, attention="full", *, return_aux=False)``: tokens [B,T] -> logits
       [B,T,V] float32; with ``return_aux`` also the per-layer density [L].
-    - ``runner.prefill(tokens, attention="full", *, max_len=None, return_aux=False)``: ->
-      (last-position logits [B,V], KVCache [L,B,max_len,Hkv,D]); with ``return_aux`` also a
-      PrefillAux (last-layer hidden [B,T,d], density [L]).
+    - ``runner.prefill(tokens, attention="full", *, max_len=None, return_aux=False,
+      chunk_size=None)``: -> (last-position logits [B,V], KVCache [L,B,max_len,Hkv,D]); with
+      ``return_aux`` also a PrefillAux (last-layer hidden [B,T,d], density [L]); with
+      ``chunk_size`` the prompt is prefilled that many tokens at a time (``Llama.prefill``).
     - ``runner.lower_prefill(...)``: that prefill lowered, not run (``jax.stages.Lowered``):
       ``.compile()`` gives its memory analysis and an ahead-of-time executable, called as
       ``compiled(runner.graphdef, runner.state, tokens)``.
@@ -143,13 +161,15 @@ class JittedLlama:
       cache passed in is donated.
     - ``runner.greedy_decode(last_logits, cache, start_position, num_tokens)``: greedy
       continuation after a prefill -> (tokens [B,num_tokens] int32, cache); cache donated.
-    - ``runner.generate(prompt, max_new_tokens, attention="full")``: prefill then greedy decode,
-      prompt [B,T] -> [B,max_new_tokens] ([T] -> [max_new_tokens]).
+    - ``runner.generate(prompt, max_new_tokens, attention="full", *, chunk_size=None)``: prefill
+      (chunked when asked) then greedy decode, prompt [B,T] -> [B,max_new_tokens] ([T] ->
+      [max_new_tokens]).
     - Batches of different lengths (right padding): ``lengths=`` [B] on ``runner(...)``,
       ``prefill``, ``lower_prefill`` and ``generate`` (row b's prompt is
       ``tokens[b, :lengths[b]]``; each row equals itself run alone), then ``decode_step`` /
       ``greedy_decode`` with positions [B] (``lengths`` after the prefill). Lengths are checked
-      here (1 <= length <= T) and are a traced argument: one compile serves them all.
+      here (1 <= length <= T) and are a traced argument: one compile serves them all. Not with
+      ``chunk_size`` (``NotImplementedError``).
     - ``runner.config``, ``runner.graphdef``, ``runner.state``: the split model.
 
     ``JittedLlama.from_split(graphdef, state)`` wraps an existing split, e.g. parameters placed
@@ -194,7 +214,8 @@ class JittedLlama:
             validate_lengths(lengths, *tokens.shape),
         )
 
-    def _prefill_args(self, tokens, attention, max_len, return_aux, lengths) -> tuple:
+    def _prefill_args(self, tokens, attention, max_len, return_aux, chunk_size, lengths) -> tuple:
+        check_chunk_size(chunk_size, attention)  # before tracing: a one-line error
         tokens = jnp.asarray(tokens, jnp.int32)
         args = (
             self.graphdef,
@@ -203,6 +224,7 @@ class JittedLlama:
             resolve_attention(attention),
             max_len,
             return_aux,
+            chunk_size,
         )
         # lengths only when given: a lowered prefill without it keeps its 3-argument call.
         return args if lengths is None else (*args, validate_lengths(lengths, *tokens.shape))
@@ -214,9 +236,11 @@ class JittedLlama:
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        chunk_size: int | None = None,
         lengths=None,
     ):
-        return prefill(*self._prefill_args(tokens, attention, max_len, return_aux, lengths))
+        args = self._prefill_args(tokens, attention, max_len, return_aux, chunk_size, lengths)
+        return prefill(*args)
 
     def lower_prefill(
         self,
@@ -225,12 +249,13 @@ class JittedLlama:
         *,
         max_len: int | None = None,
         return_aux: bool = False,
+        chunk_size: int | None = None,
         lengths=None,
     ) -> jax.stages.Lowered:
         """``prefill`` with these arguments, lowered but not compiled nor run. Its compiled form
         takes the dynamic arguments only: ``compiled(runner.graphdef, runner.state, tokens)``,
         and ``lengths`` after the tokens when it was given."""
-        args = self._prefill_args(tokens, attention, max_len, return_aux, lengths)
+        args = self._prefill_args(tokens, attention, max_len, return_aux, chunk_size, lengths)
         return prefill.lower(*args)
 
     def output_logits(self, hidden):
@@ -261,8 +286,16 @@ class JittedLlama:
         max_new_tokens: int,
         attention: AttentionSpec = FULL_ATTENTION,
         *,
+        chunk_size: int | None = None,
         lengths=None,
     ) -> jax.Array:
+        check_chunk_size(chunk_size, attention)
         return generate(
-            self.graphdef, self.state, prompt_tokens, max_new_tokens, attention, lengths
+            self.graphdef,
+            self.state,
+            prompt_tokens,
+            max_new_tokens,
+            attention,
+            lengths,
+            chunk_size,
         )

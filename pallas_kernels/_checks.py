@@ -31,8 +31,20 @@ class Dims:
     num_kv_heads: int
     num_perm_heads: int
     head_dim: int
-    num_blocks: int  # Tq == Tk == ceil(N / block_size)
+    num_blocks: int  # Tq = ceil(M / block_size): the query blocks (M = seq_len)
     max_listed: int  # Kmax
+    kv_len: int  # N >= M: the queries are the last M of the N key positions
+
+
+def check_query_offset(m: int, n: int, block_size: int) -> None:
+    """Queries ``[B, M, ...]`` are the last M of the N key positions: M <= N and N - M a
+    multiple of ``block_size`` (a chunk starts on a block boundary: its query blocks are the
+    whole sequence's last blocks)."""
+    if m > n or (n - m) % block_size:
+        raise ValueError(
+            f"the M = {m} queries must be the last M of the N = {n} keys, starting on a block "
+            f"boundary: M <= N and N - M a multiple of block_size = {block_size}"
+        )
 
 
 def _is_pow2(x: int) -> bool:
@@ -69,10 +81,10 @@ def validate(
     b, n, hq, d = qs
     if n == 0:
         raise ValueError("q must have a sequence length N >= 1, got N = 0")
-    if ks[0] != b or ks[1] != n or ks[3] != d:
-        raise ValueError(
-            f"k/v must be [B, N, Hk, D] with B={b}, N={n}, D={d} taken from q {qs}, got {ks}"
-        )
+    if ks[0] != b or ks[3] != d:
+        raise ValueError(f"k/v must be [B, N, Hk, D] with B={b}, D={d} taken from q {qs}, got {ks}")
+    n_kv = ks[1]
+    check_query_offset(n, n_kv, block_size)
     hk = ks[2]
     if hk == 0 or hq % hk:
         raise ValueError(f"Hq={hq} (q.shape[2]) must be a multiple of Hk={hk} (k.shape[2])")
@@ -88,8 +100,8 @@ def validate(
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
     kps = _shape("key_pos", key_pos)
-    if len(kps) != 3 or kps[0] != b or kps[2] != n:
-        raise ValueError(f"key_pos must be [B, Hp, N] = [{b}, Hp, {n}], got shape {kps}")
+    if len(kps) != 3 or kps[0] != b or kps[2] != n_kv:
+        raise ValueError(f"key_pos must be [B, Hp, N] = [{b}, Hp, {n_kv}], got shape {kps}")
     hp = kps[1]
     if hp == 0 or hq % hp:
         raise ValueError(f"Hq={hq} must be a multiple of Hp={hp} (key_pos.shape[1])")
@@ -99,7 +111,7 @@ def validate(
     if len(ids) != 4 or ids[:3] != (b, hq, t):
         raise ValueError(
             f"block_ids must be [B, Hq, Tq, Kmax] = [{b}, {hq}, {t}, Kmax] with "
-            f"Tq = ceil(N / block_size) = ceil({n} / {block_size}), got shape {ids}"
+            f"Tq = ceil(M / block_size) = ceil({n} / {block_size}), got shape {ids}"
         )
     for name, x in (("full_counts", full_counts), ("total_counts", total_counts)):
         s = _shape(name, x)
@@ -113,7 +125,7 @@ def validate(
     ):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
-    return Dims(b, n, hq, hk, hp, d, t, ids[3])
+    return Dims(b, n, hq, hk, hp, d, t, ids[3], n_kv)
 
 
 def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size: int) -> None:
@@ -138,6 +150,8 @@ def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size:
             f"N ({n}) must be a positive multiple of block_size ({block_size}) and block_size "
             f"must be {MGPU_BLOCK_SIZE}"
         )
+    n_kv = shapes["k_perm"][1] if len(shapes["k_perm"]) == 4 else n  # k, v: checked below
+    check_query_offset(n, n_kv, block_size)
     if d not in MGPU_HEAD_DIMS:
         raise ValueError(
             f"head dim must be one of {MGPU_HEAD_DIMS} (SMEM holds Q and a 2-slot K/V ring), "
@@ -154,8 +168,8 @@ def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size:
         or len(kk) != 4
         or shapes["v_perm"] != kp
         or shapes["v"] != kk
-        or kp[:2] != (b, n)
-        or kk[:2] != (b, n)
+        or kp[:2] != (b, n_kv)
+        or kk[:2] != (b, n_kv)
         or kp[3] != d
         or kk[3] != d
         or kp[2] == 0
@@ -165,7 +179,8 @@ def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size:
     ):
         raise ValueError(
             "k_perm/v_perm must be [B, N, Hp, D] and k/v [B, N, Hkv, D] with Hp and Hkv "
-            f"dividing Hq; got q {shapes['q']}, k_perm {kp}, k {kk}"
+            f"dividing Hq (q [B, M, Hq, D], the last M of N positions); got q {shapes['q']}, "
+            f"k_perm {kp}, k {kk}"
         )
     t = n // block_size
     if len(shapes["block_ids"]) != 4 or shapes["block_ids"][:3] != (b, hq, t):

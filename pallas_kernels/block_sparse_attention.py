@@ -4,7 +4,9 @@ This is the kernel of Permuted Block-Sparse Attention (PBS-Attn, arXiv 2510.2127
 it knows nothing about permutations or block selection: it sees, per query block, a compact list
 of kv blocks to visit and, per key slot, the original position of the key stored there.
 
-Semantics (per batch b, query head h, query row i with q_pos = i, logical query block i // bs):
+Semantics (per batch b, query head h, query row i with q_pos = N - M + i, logical query block
+i // bs; M = N for a whole prefill, M < N for a chunk of the last M positions continuing a
+cache, N - M a multiple of bs so the chunk's blocks are the sequence's last blocks):
   * the key slots of query head h are j = 0..N-1; slot j holds original key `key_pos[b, p, j]`
     with p = h // (Hq // Hp) (the permutation head);
   * the listed blocks `block_ids[b, h, i // bs, :total]` select the slots j with j // bs in the
@@ -14,7 +16,7 @@ Semantics (per batch b, query head h, query row i with q_pos = i, logical query 
     row key_pos[b, p, j] of k/v head h // (Hq // Hk) if `gather_kv`, else row j (k/v already
     permuted by the caller). A row with no selected slot outputs zeros.
 
-Kernel structure: grid (cdiv(N, block_m), B, Hq); one program owns `block_m` query rows and
+Kernel structure: grid (cdiv(M, block_m), B, Hq); one program owns `block_m` query rows and
 walks its logical q block's list in two `lax.fori_loop`s, [0, full) without any mask and
 [full, total) with the causal mask, each listed block in `block_size // block_n` sub-tiles. No
 skipped block is ever touched. Online softmax in fp32, base 2 (log2(e) folded into the scale),
@@ -24,7 +26,7 @@ are ordinary int32 inputs (Triton has no scalar prefetch), read as scalars in th
 Memory: with `gather_kv=True` no K/V copy is made at all, in either GQA mode (one permutation
 per query head, "replicate", or per kv head, "shared"): the kernel gathers rows of the caller's
 k/v by index (the "index remapping" of the paper's App. E). The only extra is `key_pos`, 4 bytes
-per slot per permutation head, padded to Tq*block_size slots. With `gather_kv=False` the caller's
+per slot per permutation head, padded to Tk*block_size slots. With `gather_kv=False` the caller's
 permuted K/V cost Hp * N * D * 2 * itemsize bytes. q, k, v and the output are never padded:
 the ragged tail (N % block_size != 0) is handled with masked loads/stores and an explicit slot
 mask.
@@ -73,15 +75,16 @@ def block_sparse_attention(
     """Attention of every query over the listed kv blocks only.
 
     Args:
-      q: [B, N, Hq, D] queries in original order (never permuted).
+      q: [B, M, Hq, D] queries in original order (never permuted): the last M <= N positions
+        (N - M a multiple of block_size; query row i sits at position N - M + i).
       k, v: [B, N, Hk, D] keys/values: original order if `gather_kv`, else already permuted
         (slot j is row j).
       key_pos: [B, Hp, N] int32, original position of the key at slot j for permutation head p.
       block_ids: [B, Hq, Tq, Kmax] int32 kv-block ids per query block, ascending; Tq =
-        ceil(N / block_size). Entries at or beyond `total_counts` are never read.
+        ceil(M / block_size). Entries at or beyond `total_counts` are never read.
       full_counts: [B, Hq, Tq] int32; list entries [0, full) are computed with no token mask.
       total_counts: [B, Hq, Tq] int32; entries [full, total) are computed with the mask
-        key_pos > q_pos (q_pos = query row index).
+        key_pos > q_pos (q_pos = N - M + query row index).
       block_size: logical block size in slots (power of two >= 16).
       gather_kv: gather k/v rows by key_pos in-kernel (True) or read slot j as row j (False).
       sm_scale: softmax scale, default 1/sqrt(D).
@@ -89,7 +92,7 @@ def block_sparse_attention(
       interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
 
     Returns:
-      [B, N, Hq, D] in q.dtype.
+      [B, M, Hq, D] in q.dtype.
 
     Query head h uses k/v head h // (Hq // Hk) and permutation head h // (Hq // Hp). The list
     must be ascending so that the last block (which holds the padding slots when N is not a
@@ -155,14 +158,15 @@ def _block_sparse_attention(
     tiles: TileConfig,
     interpret: bool,
 ):
-    b, n, hq, d = q.shape
-    hk = k.shape[2]
+    b, m, hq, d = q.shape
+    n, hk = k.shape[1], k.shape[2]  # M < N: the queries are the last M positions
     hp = key_pos.shape[1]
     t = block_ids.shape[2]
-    n_pad = t * block_size
+    t_kv = pl.cdiv(n, block_size)
+    n_pad = t_kv * block_size
     bm, bn = tiles.block_m, tiles.block_n
     m_per_block = block_size // bm  # programs per logical q block
-    n_q_programs = pl.cdiv(n, bm)  # programs entirely past N are never launched
+    n_q_programs = pl.cdiv(m, bm)  # programs entirely past M are never launched
 
     if block_ids.shape[3] == 0:  # Kmax == 0: nothing listed; keep a 1-wide dummy row
         block_ids = jnp.zeros((b, hq, t, 1), jnp.int32)
@@ -181,7 +185,9 @@ def _block_sparse_attention(
         block_m=bm,
         block_n=bn,
         seq_len=n,
-        num_blocks=t,
+        q_len=m,
+        q_offset=n - m,
+        num_blocks=t_kv,
         n_q_programs=n_q_programs,
         qk_scale=sm_scale * _LOG2E,
         gather_kv=gather_kv,
@@ -235,6 +241,8 @@ def _kernel(
     block_m,
     block_n,
     seq_len,
+    q_len,
+    q_offset,
     num_blocks,
     n_q_programs,
     qk_scale,
@@ -243,18 +251,20 @@ def _kernel(
 ):
     """One program: `block_m` query rows of one (batch, head).
 
-    ids_ref [Kmax], full_ref [], total_ref [], kp_ref [Tq*bs], q_ref [bm, D],
-    k_ref/v_ref [N, D], o_ref [bm, D].
+    ids_ref [Kmax], full_ref [], total_ref [], kp_ref [Tk*bs], q_ref [bm, D],
+    k_ref/v_ref [N, D], o_ref [bm, D]. seq_len = N keys; q_len = M queries at positions
+    q_offset + row (q_offset = N - M, static).
     """
     q_tile = n_q_programs - 1 - pl.program_id(0)
     sub_tiles = block_size // block_n  # static: sub-tiles per logical block
-    ragged_q = seq_len % block_m != 0  # static: last q tile is partial
+    ragged_q = q_len % block_m != 0  # static: last q tile is partial
     ragged_kv = seq_len % block_size != 0  # static: last kv block has padding slots
     d = q_ref.shape[-1]
 
-    q_pos = q_tile * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    q_row = q_tile * block_m + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    q_pos = q_offset + q_row  # original positions, for the token mask
     if ragged_q:
-        q = plt.load(q_ref, mask=(q_pos < seq_len)[:, None], other=0.0)
+        q = plt.load(q_ref, mask=(q_row < q_len)[:, None], other=0.0)
     else:
         q = q_ref[...]
 
@@ -335,6 +345,6 @@ def _kernel(
     # l == 0 <=> no selected key for this row (total == 0 or all masked): output exact zeros.
     out = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
     if ragged_q:
-        plt.store(o_ref, out, mask=(q_pos < seq_len)[:, None])
+        plt.store(o_ref, out, mask=(q_row < q_len)[:, None])
     else:
         o_ref[...] = out

@@ -20,6 +20,10 @@ with TMA, addressed from the block list. Online softmax in fp32, base 2. Launch 
 blocks fastest, heavy (late, long-list) blocks first, so the programs resident at one time are
 the query blocks of one head and share its K/V blocks in L2.
 
+Queries may be a chunk continuing a cache: q holds the last M of the N key positions (N - M a
+multiple of ``block_size``); the grid runs over the chunk's M / 128 query blocks, and the own
+segment and the diagonal are found from the absolute query block (local + (N - M) / 128).
+
 Needs sm_90 (wgmma), N a multiple of 128 (`pallas_kernels.planned_attention` pads), D 64 or 128
 (SMEM: the Q tiles and a 2-slot K/V ring), 16-bit inputs (`_checks.validate_mgpu`). Its contract
 has a pure-jnp reference, `pallas_kernels.reference.block_sparse_attention_mgpu_reference`,
@@ -86,20 +90,22 @@ def block_sparse_attention_mgpu(
     """Attention of every query block over its listed earlier blocks plus its own segment.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries, N a multiple of ``block_size``.
+      q: ``[B, M, Hq, D]`` queries, M a multiple of ``block_size``: the last M of the N key
+        positions (M = N: a whole prefill).
       k_perm, v_perm: ``[B, N, Hp, D]`` keys/values in slot (permuted) order; query head h reads
         head ``h // (Hq // Hp)``.
       k, v: ``[B, N, Hkv, D]`` keys/values in original order (the own segment).
-      block_ids: ``[B, Hq, T, Kmax]`` int32 slot-block ids; entries ``[0, off_counts)`` are the
-        earlier-segment blocks to visit (any order).
-      off_counts: ``[B, Hq, T]`` int32.
+      block_ids: ``[B, Hq, Tq, Kmax]`` int32 slot-block ids per query block of the chunk; entries
+        ``[0, off_counts)`` are the earlier-segment blocks to visit (any order).
+      off_counts: ``[B, Hq, Tq]`` int32.
       segment_blocks: blocks per segment of the token mask (``mask_segment_size // block_size``).
     Returns:
-      ``[B, N, Hq, D]`` in q's dtype.
+      ``[B, M, Hq, D]`` in q's dtype.
     """
-    b, n, hq, d = q.shape
+    b, m, hq, d = q.shape
     hp, hkv = k_perm.shape[2], k.shape[2]
-    t = n // block_size
+    t = m // block_size  # the chunk's query blocks: the grid
+    q_block_offset = (k.shape[1] - m) // block_size  # static: absolute block of local block 0
     _checks.validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, block_size=block_size)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _LOG2E
     dtype = q.dtype
@@ -109,12 +115,13 @@ def block_sparse_attention_mgpu(
     def kernel(ids_ref, off_ref, q_ref, kp_ref, vp_ref, k_ref, v_ref, out_ref, scoped):
         bi = lax.axis_index("batch")
         h = lax.axis_index("heads")
-        qb = t - 1 - lax.axis_index("q_blk")  # heavy (late) query blocks first
+        qb = t - 1 - lax.axis_index("q_blk")  # heavy (late) query blocks first; local to q
         wg = lax.axis_index("wg")
         (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
         n_off = off_ref[bi, h, qb]
-        own_start = qb - lax.rem(qb, segment_blocks)
-        total = n_off + qb - own_start + 1  # >= 1: the diagonal block
+        qb_abs = qb + q_block_offset  # the block's place among the keys: own segment, diagonal
+        own_start = qb_abs - lax.rem(qb_abs, segment_blocks)
+        total = n_off + qb_abs - own_start + 1  # >= 1: the diagonal block
 
         def take_turn():
             plgpu.barrier_arrive(turn)

@@ -59,16 +59,19 @@ def planned_attention(
     """Block-sparse causal attention of a plan (module docstring), on Mosaic or Triton.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries in original order; k, v: ``[B, N, Hkv, D]`` original order.
+      q: ``[B, M, Hq, D]`` queries in original order, the last M ≤ N positions (M = N: a whole
+        prefill; M < N: a chunk continuing a cache, N - M a multiple of ``block_size``: the
+        lists then cover the chunk's Tq = ceil(M / block_size) query blocks);
+        k, v: ``[B, N, Hkv, D]`` original order.
       key_pos, block_ids, full_counts, total_counts: the plan (module docstring).
       block_size: tokens per block; segment_blocks: blocks per masked segment (every list's
         entries ``[full, total)`` are exactly the causal blocks of that segment, or all of them).
     Returns:
-      ``[B, N, Hq, D]`` in q's dtype.
+      ``[B, M, Hq, D]`` in q's dtype.
     """
     n = q.shape[1]
     if mgpu_supported(q, block_size):
-        pad = (-n) % block_size
+        pad = (-n) % block_size  # = (-N) % block_size: N - M is a multiple of it
 
         def padded(x):
             return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x

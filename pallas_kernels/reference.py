@@ -48,8 +48,8 @@ def block_sparse_attention_reference(
     Args and semantics as `pallas_kernels.block_sparse_attention`; `tiles` and `interpret` are
     accepted for signature compatibility and ignored. Query rows with no allowed key give zeros.
 
-    Shapes: q [B, N, Hq, D]; k, v [B, N, Hk, D]; key_pos [B, Hp, N];
-    block_ids [B, Hq, Tq, Kmax]; full_counts, total_counts [B, Hq, Tq]. Returns [B, N, Hq, D].
+    Shapes: q [B, M, Hq, D] (the last M <= N positions); k, v [B, N, Hk, D]; key_pos [B, Hp, N];
+    block_ids [B, Hq, Tq, Kmax]; full_counts, total_counts [B, Hq, Tq]. Returns [B, M, Hq, D].
     """
     del tiles, interpret
     dims = _checks.validate(
@@ -83,25 +83,26 @@ def block_sparse_attention_reference(
 def _reference(
     q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_size, gather_kv, sm_scale
 ):
-    b, n, hq, d = q.shape
-    hk, hp = k.shape[2], key_pos.shape[1]
-    t = block_ids.shape[2]
+    b, m, hq, d = q.shape
+    n, hk, hp = k.shape[1], k.shape[2], key_pos.shape[1]
+    t_kv = -(-n // block_size)
 
     # Which list part each (q block, kv block) pair is in: [B, Hq, Tq, Tk]. Entries at or beyond
     # total are ignored, so garbage there never matters; ids outside [0, Tk) match nothing.
     e = jnp.arange(block_ids.shape[3])
     in_full = e < full_counts[..., None]  # [B,Hq,Tq,K]
     in_masked = (e >= full_counts[..., None]) & (e < total_counts[..., None])
-    onehot = block_ids[..., None] == jnp.arange(t)  # [B,Hq,Tq,K,Tk]
+    onehot = block_ids[..., None] == jnp.arange(t_kv)  # [B,Hq,Tq,K,Tk]
     full_blk = jnp.any(onehot & in_full[..., None], axis=3)
     masked_blk = jnp.any(onehot & in_masked[..., None], axis=3)
 
-    # Expand blocks to (query row i, key slot j): [B, Hq, N, N].
-    blk = jnp.arange(n) // block_size
-    full_tok = full_blk[:, :, blk][:, :, :, blk]
-    masked_tok = masked_blk[:, :, blk][:, :, :, blk]
+    # Expand blocks to (query row i, key slot j): [B, Hq, M, N].
+    q_blk, k_blk = jnp.arange(m) // block_size, jnp.arange(n) // block_size
+    full_tok = full_blk[:, :, q_blk][:, :, :, k_blk]
+    masked_tok = masked_blk[:, :, q_blk][:, :, :, k_blk]
     kp = key_pos[:, jnp.arange(hq) // (hq // hp)]  # [B, Hq, N]
-    causal = kp[:, :, None, :] <= jnp.arange(n)[None, None, :, None]  # key_pos <= q_pos
+    q_pos = jnp.arange(n - m, n)  # the queries are the last M positions
+    causal = kp[:, :, None, :] <= q_pos[None, None, :, None]  # key_pos <= q_pos
     allowed = full_tok | (masked_tok & causal)
 
     # Keys and values per (query head, slot): gathered by key_pos, or already permuted.
@@ -142,27 +143,28 @@ def block_sparse_attention_mgpu_reference(
 ) -> jax.Array:
     """Dense reference of the Mosaic GPU kernel's contract (same signature, any dtype, any N).
 
-    Query row i of block qb = i // block_size attends (1) every slot of the listed blocks
-    ``block_ids[b, h, qb, :off_counts]`` of ``k_perm``/``v_perm`` (slot order, no mask) and
-    (2) the keys ``[own_start, i]`` of ``k``/``v`` in *original* order, own_start the first token
-    of qb's segment of ``segment_blocks`` blocks (a plain causal mask). Query head h reads
-    permuted head ``h // (Hq // Hp)`` and original head ``h // (Hq // Hkv)``.
+    Query row i, at position p = N - M + i (the queries are the last M of the N positions, N - M
+    a multiple of block_size), of local block qb = i // block_size attends (1) every slot of the
+    listed blocks ``block_ids[b, h, qb, :off_counts]`` of ``k_perm``/``v_perm`` (slot order, no
+    mask) and (2) the keys ``[own_start, p]`` of ``k``/``v`` in *original* order, own_start the
+    first token of p's segment of ``segment_blocks`` blocks (a plain causal mask). Query head h
+    reads permuted head ``h // (Hq // Hp)`` and original head ``h // (Hq // Hkv)``.
 
-    Shapes: q [B, N, Hq, D]; k_perm, v_perm [B, N, Hp, D]; k, v [B, N, Hkv, D];
-    block_ids [B, Hq, T, Kmax]; off_counts [B, Hq, T]. Returns [B, N, Hq, D] in q's dtype.
+    Shapes: q [B, M, Hq, D]; k_perm, v_perm [B, N, Hp, D]; k, v [B, N, Hkv, D];
+    block_ids [B, Hq, Tq, Kmax]; off_counts [B, Hq, Tq]. Returns [B, M, Hq, D] in q's dtype.
     """
-    b, n, hq, d = q.shape
-    hp, hkv = k_perm.shape[2], k.shape[2]
+    b, m, hq, d = q.shape
+    n, hp, hkv = k.shape[1], k_perm.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    t = block_ids.shape[2]
-    blk = jnp.arange(n) // block_size
-    # Listed earlier blocks over slots: [B, Hq, T, Tk] → rows and slots [B, Hq, N, N].
+    t_kv = -(-n // block_size)
+    # Listed earlier blocks over slots: [B, Hq, Tq, Tk] → rows and slots [B, Hq, M, N].
     e = jnp.arange(block_ids.shape[3])
-    listed = (block_ids[..., None] == jnp.arange(t)) & (e < off_counts[..., None])[..., None]
-    listed = jnp.any(listed, axis=3)[:, :, blk][:, :, :, blk]
-    rows = jnp.arange(n)[:, None]
-    own_start = (blk // segment_blocks * segment_blocks * block_size)[:, None]
-    own = (jnp.arange(n)[None, :] >= own_start) & (jnp.arange(n)[None, :] <= rows)  # [N, N]
+    listed = (block_ids[..., None] == jnp.arange(t_kv)) & (e < off_counts[..., None])[..., None]
+    listed = jnp.any(listed, axis=3)[:, :, jnp.arange(m) // block_size]
+    listed = listed[:, :, :, jnp.arange(n) // block_size]
+    pos = jnp.arange(n - m, n)[:, None]  # [M, 1] original positions of the queries
+    own_start = pos // (segment_blocks * block_size) * (segment_blocks * block_size)
+    own = (jnp.arange(n)[None, :] >= own_start) & (jnp.arange(n)[None, :] <= pos)  # [M, N]
 
     def heads(x, h_src):  # [B, N, H_src, D] → [B, N, Hq, D] f32
         return x[:, :, jnp.arange(hq) // (hq // h_src)].astype(jnp.float32)
@@ -213,20 +215,21 @@ def pooled_block_probabilities_reference(
     ``pallas_kernels.pooled_top_p_blocks``'s contract.
 
     Args:
-      pooled_q: ``[B, T, Hq, D]`` float32 block means of the queries; pooled_k: ``[B, T, Hp, D]``
-        float32 block means of the (permuted) keys, Hq a multiple of Hp (query head h reads
-        head ``h // (Hq // Hp)``); domain: ``[T, T]`` bool (or int, nonzero = allowed), the key
-        blocks that compete in each query block's softmax.
+      pooled_q: ``[B, Tq, Hq, D]`` float32 block means of the queries (Tq = T, or Tq < T: a
+        chunk's last Tq query blocks); pooled_k: ``[B, T, Hp, D]`` float32 block means of the
+        (permuted) keys, Hq a multiple of Hp (query head h reads head ``h // (Hq // Hp)``);
+        domain: ``[Tq, T]`` bool (or int, nonzero = allowed), the key blocks that compete in
+        each query block's softmax.
     Returns:
-      ``[B, Hq, T, T]`` float32: the softmax over the allowed key blocks of
+      ``[B, Hq, Tq, T]`` float32: the softmax over the allowed key blocks of
       ``pooled_q · pooled_k / √D`` (fp32, HIGHEST precision), 0 elsewhere and on rows with
       nothing allowed.
     """
-    b, t, hq, d = pooled_q.shape
-    hp = pooled_k.shape[2]
-    grouped = pooled_q.reshape(b, t, hp, hq // hp, d)
+    b, tq, hq, d = pooled_q.shape
+    t, hp = pooled_k.shape[1], pooled_k.shape[2]
+    grouped = pooled_q.reshape(b, tq, hp, hq // hp, d)
     logits = jnp.einsum("bqpgd,bkpd->bpgqk", grouped, pooled_k, precision=lax.Precision.HIGHEST)
-    logits = logits.reshape(b, hq, t, t) / jnp.sqrt(jnp.float32(d))
+    logits = logits.reshape(b, hq, tq, t) / jnp.sqrt(jnp.float32(d))
     return masked_softmax(logits, domain.astype(jnp.bool_))
 
 

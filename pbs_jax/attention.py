@@ -24,7 +24,8 @@ class PBSAux(NamedTuple):
     """What ``return_aux=True`` adds to the output.
 
     perm: ``[B, Hp, N]`` int32, original position of the key at each slot.
-    block_mask: ``[B, Hq, T, T]`` bool, computed (query block, key-slot block) pairs.
+    block_mask: ``[B, Hq, Tq, T]`` bool, computed (query block, key-slot block) pairs (Tq = T
+      unless the queries are a chunk of the last M < N positions).
     density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
     sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
       take dense attention instead, where the cost model says the kernel cannot beat cuDNN: then
@@ -52,10 +53,11 @@ def validate_inputs(q, k, v) -> None:
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, n, hq, d = q.shape
-    if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
+    if k.shape[0] != b or k.shape[1] < n or k.shape[3] != d:
         raise ValueError(
-            f"q [B, N, Hq, D] = {tuple(q.shape)} and k/v [B, N, Hkv, D] = {tuple(k.shape)} "
-            "must agree on B, N and D (prefill: as many keys as queries)"
+            f"q [B, M, Hq, D] = {tuple(q.shape)} and k/v [B, N, Hkv, D] = {tuple(k.shape)} "
+            "must agree on B and D, with M <= N (prefill: as many keys as queries; a chunk "
+            "continuing a cache: the queries are the last M of the N positions)"
         )
     if n == 0 or b == 0 or d == 0:
         raise ValueError(f"B, N and D must be positive, got q shape {tuple(q.shape)}")
@@ -91,6 +93,29 @@ def validate_lengths(lengths, batch: int, seq_len: int) -> jax.Array | None:
     return jnp.asarray(lengths, jnp.int32)
 
 
+def validate_chunk(q, k, cfg: PBSConfig, lengths=None) -> None:
+    """Raise a clear ``ValueError`` unless a chunk of queries starts on a block boundary.
+
+    q ``[B, M, Hq, D]`` holds the last M of the N positions of k ``[B, N, Hkv, D]``; N - M must
+    be a multiple of ``cfg.block_size``, so the chunk's query blocks are exactly the blocks the
+    whole prompt's queries would have (a plan per query block is then the same plan). A chunk
+    (M < N) of a ragged batch (``lengths``) is refused with ``NotImplementedError``: the
+    per-row rules (proxy rows, zero padding of the pooled queries) assume M = N.
+    """
+    m, n = q.shape[1], k.shape[1]
+    if lengths is not None and m != n:
+        raise NotImplementedError(
+            f"lengths (a ragged batch) with a chunk of queries (M = {m} < N = {n}) is not "
+            "supported: chunk a ragged batch row by row, or prefill it whole (M = N)"
+        )
+    if (n - m) % cfg.block_size:
+        raise ValueError(
+            f"a chunk of queries must start on a block boundary: the queries are the last "
+            f"M = {m} of N = {n} positions, and N - M = {n - m} is not a multiple of "
+            f"block_size = {cfg.block_size}"
+        )
+
+
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
@@ -99,12 +124,60 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Fast dense causal attention, the one rule for where sparsity does not pay.
 
     q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` (GQA native) → ``[B, N, Hq, D]``: cuDNN flash
-    attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise.
+    attention on GPU for 16-bit inputs (its only dtypes), XLA otherwise. q ``[B, M, Hq, D]``
+    with M < N: the last M positions (a chunk continuing a cache), by
+    :func:`dense_continuation_attention`.
     """
     cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
+    if q.shape[1] != k.shape[1]:
+        return dense_continuation_attention(q, k, v, cudnn=cudnn)
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn" if cudnn else "xla"
     )
+
+
+def _attention_with_lse(q, k, v, causal: bool, cudnn: bool) -> tuple[jax.Array, jax.Array]:
+    """(out ``[B, T, Hq, D]`` float32, logsumexp of the scaled logits ``[B, T, Hq]`` float32).
+
+    ``causal``: top-left aligned (query i sees keys 0..i; T = S). jax.nn's wrapper rounds the
+    logsumexp to the input dtype, too coarse to merge bf16 parts, so cuDNN is called through
+    the function under it, whose softmax statistics are float32; XLA runs in float32.
+    """
+    scale = 1.0 / float(np.sqrt(q.shape[-1]))
+    if cudnn:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+        mask = cudnn_attention.MaskType.CAUSAL if causal else cudnn_attention.MaskType.NO_MASK
+        out, lse = cudnn_attention.dot_product_attention(
+            q, k, v, scale=scale, mask_type=mask, qkv_layout="BTNH", return_residual=True
+        )
+        return out.astype(jnp.float32), jnp.swapaxes(lse.astype(jnp.float32), 1, 2)  # BNT→BTN
+    out, lse = jax.nn.dot_product_attention(
+        q.astype(jnp.float32),
+        k.astype(jnp.float32),
+        v.astype(jnp.float32),
+        is_causal=causal,
+        scale=scale,
+        implementation="xla",
+        return_residual=True,
+    )
+    return out, lse
+
+
+def dense_continuation_attention(q, k, v, *, cudnn: bool) -> jax.Array:
+    """Dense causal attention of a chunk: q ``[B, M, Hq, D]`` at positions N - M … N - 1,
+    k/v ``[B, N, Hkv, D]`` → ``[B, M, Hq, D]`` in q's dtype.
+
+    Flash kernels align a causal mask top-left (query i sees keys 0..i), so the chunk is two
+    flash calls merged by their logsumexps: every earlier key (no mask) and the chunk's own
+    keys (a square causal mask). Never an ``[M, N]`` mask, never the earlier rows' work.
+    """
+    m, n = q.shape[1], k.shape[1]
+    earlier, earlier_lse = _attention_with_lse(q, k[:, : n - m], v[:, : n - m], False, cudnn)
+    own, own_lse = _attention_with_lse(q, k[:, n - m :], v[:, n - m :], True, cudnn)
+    lse = jnp.logaddexp(earlier_lse, own_lse)[..., None]
+    out = earlier * jnp.exp(earlier_lse[..., None] - lse) + own * jnp.exp(own_lse[..., None] - lse)
+    return out.astype(q.dtype)
 
 
 def _dense(q, k, v, impl, lengths=None):
@@ -118,10 +191,11 @@ def _dense(q, k, v, impl, lengths=None):
 def pbs_plan(
     q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, T, T]`` bool.
+    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, Tq, T]`` bool
+    (q ``[B, M, Hq, D]``, the last M ≤ N positions; Tq = ceil(M / block_size)).
 
-    ``lengths [B]`` int32 (right padding; None: all N): each row's plan is that row's alone, its
-    padding left in place and never selected."""
+    ``lengths [B]`` int32 (right padding; None: all N; M = N only): each row's plan is that
+    row's alone, its padding left in place and never selected."""
     perm = compute_permutation(q, k, cfg, lengths)
     return perm, select_blocks(q, k, perm, cfg, lengths)
 
@@ -178,7 +252,13 @@ def pbs_attention(
     """Permuted block-sparse causal attention for prefill.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries (the layout of ``jax.nn.dot_product_attention``).
+      q: ``[B, M, Hq, D]`` queries (the layout of ``jax.nn.dot_product_attention``), M ≤ N:
+        the LAST M positions N - M … N - 1 (M = N: a whole prefill; M < N: a chunk continuing
+        a cache, N - M a multiple of ``cfg.block_size``). A chunk's output is the last M rows
+        of this op on the whole prompt's queries ending in q, exactly: the proxy is the chunk's
+        own last ``proxy_blocks × block_size`` rows (all M rows when it has fewer: then it
+        differs), and selection is per query block. Only the chunk's Tq × T block grid is
+        planned.
       k, v: ``[B, N, Hkv, D]``, Hq a multiple of Hkv.
       cfg: static :class:`PBSConfig`.
       impl: ``"reference"`` (pure jnp, exact, O(N²) memory), ``"pallas"`` (the kernel; interpret
@@ -192,10 +272,11 @@ def pbs_attention(
       lengths: ``[B]`` int array-like, a right-padded batch: row b holds ``lengths[b]`` real
         tokens at positions ``[0, lengths[b])``, each in ``[1, N]``; None (default): every row
         holds N. Checked when concrete; a traced ``lengths`` (under your own ``jit``) cannot be,
-        and is clamped to ``[1, N]``. One compile serves every length vector of a shape.
+        and is clamped to ``[1, N]``. One compile serves every length vector of a shape. Only
+        with M = N: a chunk (M < N) of a ragged batch raises ``NotImplementedError``.
 
     Returns:
-      ``[B, N, Hq, D]`` in q's dtype, and the aux when asked.
+      ``[B, M, Hq, D]`` in q's dtype, and the aux when asked.
 
     Ragged batches: row b equals that row run alone on its first ``lengths[b]`` tokens (up to
     float rounding): its own proxy (its last real queries), its own complete segments (keys of
@@ -216,7 +297,8 @@ def pbs_attention(
         raise TypeError(f"cfg must be a PBSConfig, got {type(cfg).__name__}")
     q, k, v = _as_operand("q", q), _as_operand("k", k), _as_operand("v", v)
     validate_inputs(q, k, v)
-    lengths = validate_lengths(lengths, q.shape[0], q.shape[1])
+    validate_chunk(q, k, cfg, lengths)
+    lengths = validate_lengths(lengths, q.shape[0], k.shape[1])
     return _forward(q, k, v, cfg, impl, return_aux, lengths)
 
 
@@ -245,14 +327,15 @@ def _mean_density(block_mask, lengths, cfg: PBSConfig):
 
 def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=None):
     """The op's body on validated arrays (traced once per static configuration)."""
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
+    n = k.shape[1]  # M < N: q is a chunk of the last M positions
     if lengths is not None:  # a traced lengths could not be range-checked: clamp it
         lengths = jnp.clip(lengths, 1, n)
 
     auto_gpu = impl == "auto" and _on_gpu()
-    if n <= cfg.segment_size or (auto_gpu and not _auto_may_pay(q, cfg)):
+    if n <= cfg.segment_size or (auto_gpu and not _auto_may_pay(q, k, cfg)):
         out = _dense(q, k, v, impl, lengths)
-        perm, block_mask, dens = _dense_plan(b, n, hq, k.shape[2], cfg, lengths)
+        perm, block_mask, dens = _dense_plan(b, m, n, hq, k.shape[2], cfg, lengths)
         sparse = jnp.bool_(False)
     elif auto_gpu:
         out, perm, block_mask, dens, sparse = _auto_on_gpu(q, k, v, cfg, lengths)
@@ -274,15 +357,16 @@ def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=N
     return out, PBSAux(perm, block_mask, dens, sparse)
 
 
-def _dense_plan(b: int, n: int, hq: int, hkv: int, cfg: PBSConfig, lengths=None):
+def _dense_plan(b: int, m: int, n: int, hq: int, hkv: int, cfg: PBSConfig, lengths=None):
     """The aux of dense attention: identity ``perm [B, Hp, N]``, every causal block
-    ``[B, Hq, T, T]`` (of each row's own grid with ``lengths``), density 1."""
-    t = num_blocks(n, cfg.block_size)
+    ``[B, Hq, Tq, T]`` of the queries' blocks (the last Tq = ceil(M / block_size); of each
+    row's own grid with ``lengths``), density 1."""
+    t, tq = num_blocks(n, cfg.block_size), num_blocks(m, cfg.block_size)
     perm = identity_permutation(b, cfg.num_perm_heads(hq, hkv), n)
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    if lengths is not None:
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t - tq, t)[:, None]
+    if lengths is not None:  # M = N (validate_chunk)
         causal = causal & real_blocks(lengths, t, cfg.block_size)[:, None]
-    block_mask = jnp.broadcast_to(causal, (b, hq, t, t))
+    block_mask = jnp.broadcast_to(causal, (b, hq, tq, t))
     return perm, block_mask, _mean_density(block_mask, lengths, cfg)
 
 
@@ -293,10 +377,16 @@ def _auto_costs(q: jax.Array, cfg: PBSConfig):
     return cost_model.card_costs(), shape, mgpu_supported(q, cfg.block_size)
 
 
-def _auto_may_pay(q: jax.Array, cfg: PBSConfig) -> bool:
+# impl="auto" with a chunk of queries (M < N): the cost model is measured on whole prefills, so
+# a chunk is judged at the length of its keys N with its own density (computed blocks / causal
+# blocks of its rows): the kernel's and cuDNN's work both scale with the chunk's causal blocks,
+# so their ratio at a density is about the whole prefill's; the floor is the whole grid's.
+
+
+def _auto_may_pay(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> bool:
     """``impl="auto"``, at trace time: can even a plan of only forced blocks beat cuDNN?"""
     table, shape, mosaic = _auto_costs(q, cfg)
-    n = q.shape[1]
+    n = k.shape[1]
     floor = cost_model.floor_density(n, cfg)
     return cost_model.choose(table, n, floor, stage=cost_model.AT_TRACE, shape=shape, mosaic=mosaic)
 
@@ -306,7 +396,8 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
     unless it predicts a loss the plan, then the kernel or cuDNN, whichever is faster at the
     plan's density (the plan is spent by then). Returns (out, perm, block_mask, density, sparse).
     """
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
+    n = k.shape[1]
     table, shape, mosaic = _auto_costs(q, cfg)
 
     def choose(density, stage):
@@ -326,7 +417,7 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
         return jax.lax.cond(sparse, sparse_path, dense, q, k, v), perm, block_mask, dens, sparse
 
     def skipped(q, k, v):
-        plan = _dense_plan(b, n, hq, k.shape[2], cfg, lengths)
+        plan = _dense_plan(b, m, n, hq, k.shape[2], cfg, lengths)
         return dense(q, k, v), *plan, jnp.bool_(False)
 
     predicted = cost_model.predicted_density(

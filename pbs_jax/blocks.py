@@ -32,7 +32,8 @@ class BlockLists(NamedTuple):
 
 
 def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
-    """Compact ``block_mask [B, H, Tq, Tk]`` bool into :class:`BlockLists`.
+    """Compact ``block_mask [B, H, Tq, Tk]`` bool into :class:`BlockLists` (``Tq < Tk``: a chunk
+    of the last Tq query blocks).
 
     Ascending order puts off-segment blocks first: own-segment blocks are the largest causal ids.
     """
@@ -44,7 +45,8 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
 
     # A cumsum and a scatter per row: linear, where a sort of the mask row would be T log T.
     ids = jax.vmap(compact_row)(block_mask.reshape(-1, t)).reshape(block_mask.shape)
-    full = jnp.sum(block_mask & grid.earlier_segment_blocks(t, cfg), axis=-1, dtype=jnp.int32)
+    earlier = grid.earlier_segment_blocks(t, cfg, t - block_mask.shape[-2])
+    full = jnp.sum(block_mask & earlier, axis=-1, dtype=jnp.int32)
     total = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
     return BlockLists(ids, full, total)
 
@@ -63,7 +65,8 @@ def density(block_mask: jax.Array, row_blocks: jax.Array | None = None) -> jax.A
     """
     t = block_mask.shape[-1]
     computed = grid.computed_causal_blocks(block_mask)
-    causal = grid.causal_block_count(t if row_blocks is None else row_blocks[:, None])
+    row_t = t if row_blocks is None else row_blocks[:, None]
+    causal = grid.causal_block_count(row_t, t - block_mask.shape[-2])  # a chunk: its rows only
     return jnp.sum(computed, axis=(-2, -1), dtype=jnp.float32) / causal
 
 

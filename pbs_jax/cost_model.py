@@ -225,13 +225,14 @@ def estimate_density(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
     """The cheap stage of ``impl="auto"``: the block density of :func:`estimate_config`'s plan.
 
     Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]``.
+      q: ``[B, M, Hq, D]`` (the last M ≤ N positions); k: ``[B, N, Hkv, D]``.
     Returns:
       float32 scalar, averaged over batch and heads. No sort of keys and no proxy pass: pooled
-      block logits ``T × T`` per head, their causal softmax and the same top-p rule.
+      block logits ``Tq × T`` per head, their causal softmax and the same top-p rule.
     """
     est = estimate_config(cfg)
-    b, n, hq, _ = q.shape
+    b, _, hq, _ = q.shape
+    n = k.shape[1]
     perm = identity_permutation(b, est.num_perm_heads(hq, k.shape[2]), n)
     return jnp.mean(blocks.density(selection.select_blocks(q, k, perm, est)))
 

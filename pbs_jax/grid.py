@@ -15,7 +15,10 @@ never re-derives them:
 - :func:`real_tokens`, :func:`zero_padding`, :func:`real_block_counts`, :func:`real_blocks`,
   :func:`permuted_key_counts` — the same rules per row of a right-padded batch (``lengths [B]``).
 
-All masks are ``[T, T]`` bool over (query block, key-slot block).
+All masks are ``[T, T]`` bool over (query block, key-slot block). With ``q_offset`` (a chunk
+of queries continuing a cache: its query blocks are the LAST ``T - q_offset`` blocks of the
+sequence) they are ``[T - q_offset, T]``: row i is the absolute query block ``q_offset + i``. A
+mask's offset is always its ``Tk - Tq``.
 """
 
 from __future__ import annotations
@@ -37,29 +40,30 @@ def segment_blocks(cfg: PBSConfig) -> int:
     return cfg.mask_segment_size // cfg.block_size
 
 
-def _block_grid(t: int) -> tuple[jax.Array, jax.Array]:
-    return jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+def _block_grid(t: int, q_offset: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(absolute query-block ids ``[T - q_offset, 1]``, key-block ids ``[1, T]``)."""
+    return jnp.arange(q_offset, t)[:, None], jnp.arange(t)[None, :]
 
 
-def own_segment_blocks(t: int, cfg: PBSConfig) -> jax.Array:
+def own_segment_blocks(t: int, cfg: PBSConfig, q_offset: int = 0) -> jax.Array:
     """``[T, T]`` bool: blocks always computed and masked token by token on original positions.
 
     Every block of the query block's own segment (``cfg.mask_segment_size``), including blocks
     above the block diagonal: permuted keys cross block boundaries inside a segment.
     """
     per_segment = segment_blocks(cfg)
-    qb, kb = _block_grid(t)
+    qb, kb = _block_grid(t, q_offset)
     return kb // per_segment == qb // per_segment
 
 
-def earlier_segment_blocks(t: int, cfg: PBSConfig) -> jax.Array:
+def earlier_segment_blocks(t: int, cfg: PBSConfig, q_offset: int = 0) -> jax.Array:
     """``[T, T]`` bool: key blocks of strictly earlier (masked) segments: causal without a mask."""
     per_segment = segment_blocks(cfg)
-    qb, kb = _block_grid(t)
+    qb, kb = _block_grid(t, q_offset)
     return kb // per_segment < qb // per_segment
 
 
-def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
+def softmax_domain(t: int, cfg: PBSConfig, q_offset: int = 0) -> jax.Array:
     """``[T, T]`` bool: the key blocks that compete in the block softmax of each query block.
 
     With permutation: blocks of strictly earlier segments (own-segment blocks are computed anyway,
@@ -67,31 +71,37 @@ def softmax_domain(t: int, cfg: PBSConfig) -> jax.Array:
     the diagonal included, as the official baseline does.
     """
     if cfg.permute:
-        return earlier_segment_blocks(t, cfg)
-    qb, kb = _block_grid(t)
+        return earlier_segment_blocks(t, cfg, q_offset)
+    qb, kb = _block_grid(t, q_offset)
     return kb <= qb
 
 
-def dense_tail_blocks(t: int, cfg: PBSConfig, row_blocks: jax.Array | None = None) -> jax.Array:
+def dense_tail_blocks(
+    t: int, cfg: PBSConfig, row_blocks: jax.Array | None = None, q_offset: int = 0
+) -> jax.Array:
     """``[T, T]`` bool: every allowed block (:func:`softmax_domain`) of the last
     ``ceil(cfg.dense_tail / block_size)`` query blocks: the rows ``cfg.dense_tail`` computes
     densely, rounded up to whole blocks.
 
     ``row_blocks [B]`` (a ragged batch: each row's own T, :func:`real_block_counts`): the tail
-    of each row's own last blocks, ``[B, T, T]``.
+    of each row's own last blocks, ``[B, T, T]``. ``q_offset``: a chunk's rows only,
+    ``[T - q_offset, T]``.
     """
-    qb, _ = _block_grid(t)
+    qb, _ = _block_grid(t, q_offset)
     last = t if row_blocks is None else row_blocks[:, None, None]
-    return (qb >= last - num_blocks(cfg.dense_tail, cfg.block_size)) & softmax_domain(t, cfg)
+    tail = qb >= last - num_blocks(cfg.dense_tail, cfg.block_size)
+    return tail & softmax_domain(t, cfg, q_offset)
 
 
-def causal_block_count(t: int) -> int:
-    """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2."""
-    return t * (t + 1) // 2
+def causal_block_count(t: int, q_offset: int = 0) -> int:
+    """Blocks a dense causal kernel computes over a ``T × T`` block grid: T(T+1)/2; for the
+    query blocks ``[q_offset, T)`` only (a chunk), T(T+1)/2 - q_offset(q_offset+1)/2."""
+    return t * (t + 1) // 2 - q_offset * (q_offset + 1) // 2
 
 
 def computed_causal_blocks(block_mask: jax.Array) -> jax.Array:
-    """``block_mask [..., T, T]`` → the blocks a causal kernel computes for it, ``[..., T, T]``.
+    """``block_mask [..., Tq, T]`` → the blocks a causal kernel computes for it, same shape
+    (``Tq < T``: the chunk of the last Tq query blocks).
 
     Own-segment blocks above the block diagonal hold permuted keys, but a kernel that reads the
     own segment in original order (the Mosaic kernel; any causal flash kernel) computes exactly
@@ -99,7 +109,7 @@ def computed_causal_blocks(block_mask: jax.Array) -> jax.Array:
     causal triangle, and keeping every block is a density of exactly 1.
     """
     t = block_mask.shape[-1]
-    qb, kb = _block_grid(t)
+    qb, kb = _block_grid(t, t - block_mask.shape[-2])
     return block_mask & (kb <= qb)
 
 

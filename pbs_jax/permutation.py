@@ -31,7 +31,9 @@ def key_importance(
     queries (the paper: one block).
 
     Args:
-      q: ``[B, N, Hq, D]`` queries.
+      q: ``[B, M, Hq, D]`` queries, the last M positions of the keys (M = N: a whole prefill;
+        M < N: a chunk continuing a cache, whose proxy is its own last rows; fewer than
+        ``proxy_blocks × block_size`` rows: all M of them).
       k: ``[B, N, Hkv, D]`` keys, Hq a multiple of Hkv.
       cfg: static configuration.
       lengths: ``[B]`` int32 real tokens per row of a right-padded batch, or None (all N); see
@@ -48,10 +50,10 @@ def key_importance(
     """
     if lengths is not None:
         return ragged_key_importance(q, k, cfg, lengths)
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
     hkv = k.shape[2]
-    complete = (n // cfg.segment_size) * cfg.segment_size
-    proxy = q[:, max(n - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
+    complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
+    proxy = q[:, max(m - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
     keys = k[:, :complete]  # [B, L, Hkv, D]
     if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
         per_head = proxy_importance(proxy, keys)
@@ -114,10 +116,12 @@ def compute_permutation(
 ) -> jax.Array:
     """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute.
 
-    ``lengths [B]`` (a right-padded batch): each row's permutation of its real tokens, as that
-    row alone (a row of at most ``segment_size`` tokens keeps the identity), padding in place.
+    q ``[B, M, Hq, D]`` (M ≤ N: the last M positions), k ``[B, N, Hkv, D]``. ``lengths [B]``
+    (a right-padded batch, M = N only): each row's permutation of its real tokens, as that row
+    alone (a row of at most ``segment_size`` tokens keeps the identity), padding in place.
     """
-    b, n, hq, _ = q.shape
+    b, _, hq, _ = q.shape
+    n = k.shape[1]
     hp = cfg.num_perm_heads(hq, k.shape[2])
     if not cfg.permute or n < cfg.segment_size:
         return identity_permutation(b, hp, n)

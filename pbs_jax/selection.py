@@ -2,7 +2,7 @@
 
 Every selector is two steps, and only the first differs between selectors:
 
-1. block probabilities ``[B, Hq, T, T]``: a distribution over the *allowed* key blocks of each
+1. block probabilities ``[B, Hq, Tq, T]``: a distribution over the *allowed* key blocks of each
    query block (:func:`softmax_domain`), from a cheap estimate of the attention;
    - ``"meanpool"`` (PBS-Attn, and the MeanPooling baseline without permutation): softmax of
      mean-pooled query blocks against mean-pooled (permuted) key blocks;
@@ -19,6 +19,10 @@ GPU :func:`select_blocks` runs ``"meanpool"``'s logits, softmax and top-p as one
 Every function takes an optional ``lengths [B]`` (a right-padded batch, None: every row has N
 tokens): each row's mask is then that row's own, as if run alone on its real tokens, inside
 the batch's static grid (``pbs_jax.grid``'s per-row rules), and 0 outside the row's blocks.
+
+Queries may be the last M < N positions (a chunk continuing a cache): the masks are then the
+chunk's ``[Tq, T]`` rows of the grid (``pbs_jax.grid``'s ``q_offset = T - Tq``); ``lengths``
+with such a chunk is not supported (``pbs_attention`` refuses it).
 """
 
 from __future__ import annotations
@@ -106,9 +110,10 @@ def pooled_permuted_keys(
 def pooled_blocks(
     q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """The MeanPooling selector's inputs: ``pooled_q [B, T, Hq, D]`` (:func:`mean_pool_blocks`)
-    and ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`), float32; with ``lengths``
-    the rows past a row's length count as its zero padding."""
+    """The MeanPooling selector's inputs: ``pooled_q [B, Tq, Hq, D]`` (:func:`mean_pool_blocks`;
+    Tq = T for a whole prefill, the chunk's last Tq blocks for q ``[B, M, Hq, D]``, M < N) and
+    ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`), float32; with ``lengths`` the
+    rows past a row's length count as its zero padding."""
     pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
     return pooled_q, pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size, lengths)
 
@@ -128,18 +133,18 @@ def meanpool_block_probabilities(
     """The MeanPooling selector's block distribution (paper Alg. 2, step 3).
 
     Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+      q: ``[B, M, Hq, D]`` (the last M ≤ N positions); k: ``[B, N, Hkv, D]`` original order;
+      perm: ``[B, Hp, N]``.
     Returns:
-      ``[B, Hq, T, T]`` float32: per query block, the softmax of the pooled logits
+      ``[B, Hq, Tq, T]`` float32: per query block, the softmax of the pooled logits
       ``pooled_q · pooled_k / √D`` over the allowed key blocks (:func:`softmax_domain`); 0
       elsewhere and on rows with nothing allowed. The statement is
       ``pallas_kernels.pooled_block_probabilities_reference``, the contract of the selection
       kernel :func:`select_blocks` runs on GPU.
     """
-    t = num_blocks(q.shape[1], cfg.block_size)
-    return pooled_block_probabilities_reference(
-        *pooled_blocks(q, k, perm, cfg, lengths), softmax_domain(t, cfg)
-    )
+    pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths)
+    tq, t = pooled_q.shape[1], pooled_k.shape[1]
+    return pooled_block_probabilities_reference(pooled_q, pooled_k, softmax_domain(t, cfg, t - tq))
 
 
 def antidiagonal_logits(q: jax.Array, k_slots: jax.Array, stride: int) -> jax.Array:
@@ -181,23 +186,27 @@ def antidiagonal_block_probabilities(
     block's strided rows and renormalised per query block.
 
     Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` original order; perm: ``[B, Hp, N]``.
+      q: ``[B, M, Hq, D]`` (the last M ≤ N positions, N - M a multiple of block_size: strided
+        rows are numbered from position 0 of the keys); k: ``[B, N, Hkv, D]`` original order;
+      perm: ``[B, Hp, N]``.
     Returns:
-      ``[B, Hq, T, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
+      ``[B, Hq, Tq, T]`` float32, rows summing to 1 over the allowed blocks (0 if none).
     """
-    b, n, hq, _ = q.shape
+    b, m, hq, _ = q.shape
+    n = k.shape[1]
     stride, block = cfg.antidiagonal_stride, cfg.block_size
-    t = num_blocks(n, block)
+    t, tq = num_blocks(n, block), num_blocks(m, block)
+    first_row = (t - tq) * (block // stride)  # the chunk's first strided row, absolute
     per_block = block // stride
     if lengths is not None:  # a row's padding is its zero pad; its real strides are its own
         q, k = zero_padding(q, lengths), zero_padding(k, lengths)
     # Query blocks are scored a chunk at a time (rows are independent softmaxes), so only one
     # chunk's [B, Hq, C·block/s, N/s] scores exist at once; T is padded to whole chunks.
     row_bytes = b * hq * per_block * t * per_block * 4
-    chunk = int(max(1, min(t, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
-    num_chunks = num_blocks(t, chunk)
+    chunk = int(max(1, min(tq, ANTIDIAGONAL_CHUNK_BYTES // row_bytes)))
+    num_chunks = num_blocks(tq, chunk)
     q = jnp.pad(
-        q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - n), (0, 0), (0, 0))
+        q.astype(jnp.float32), ((0, 0), (0, num_chunks * chunk * block - m), (0, 0), (0, 0))
     )
     k_slots = jnp.pad(
         gather_keys(k, perm).astype(jnp.float32), ((0, 0), (0, t * block - n), (0, 0), (0, 0))
@@ -206,12 +215,12 @@ def antidiagonal_block_probabilities(
     real_columns = (columns * stride < n)[None, :]  # strided columns holding a real token
     if lengths is not None:  # [B, 1, 1, N/s]: per row
         real_columns = (columns[None, :] * stride < lengths[:, None])[:, None, None, :]
-    allowed = jnp.pad(softmax_domain(t, cfg), ((0, num_chunks * chunk - t), (0, 0)))
+    allowed = jnp.pad(softmax_domain(t, cfg, t - tq), ((0, num_chunks * chunk - tq), (0, 0)))
 
     def chunk_mass(c):  # → [B, Hq, chunk, T]
         q_chunk = jax.lax.dynamic_slice_in_dim(q, c * chunk * block, chunk * block, axis=1)
         logits = antidiagonal_logits(q_chunk, k_slots, stride)
-        rows = c * chunk * per_block + jnp.arange(chunk * per_block)
+        rows = first_row + c * chunk * per_block + jnp.arange(chunk * per_block)
         blocks_allowed = jnp.repeat(
             jnp.repeat(
                 jax.lax.dynamic_slice_in_dim(allowed, c * chunk, chunk, axis=0), per_block, 0
@@ -227,7 +236,7 @@ def antidiagonal_block_probabilities(
         return probs.reshape(b, hq, chunk, per_block, t, per_block).sum(axis=(3, 5))
 
     mass = jax.lax.map(chunk_mass, jnp.arange(num_chunks))  # [chunks, B, Hq, chunk, T]
-    mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :t]
+    mass = jnp.moveaxis(mass, 0, 2).reshape(b, hq, num_chunks * chunk, t)[:, :, :tq]
     total = mass.sum(axis=-1, keepdims=True)
     return mass / jnp.where(total > 0, total, 1.0)
 
@@ -241,16 +250,22 @@ BLOCK_SCORERS = {
 def block_probabilities(
     q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> jax.Array:
-    """``[B, Hq, T, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain)."""
+    """``[B, Hq, Tq, T]`` float32 block distribution of ``cfg.selector`` (0 outside the domain);
+    q ``[B, M, Hq, D]`` holds the last M ≤ N positions (Tq = T when M = N)."""
     if lengths is None:
         return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg)
     return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg, lengths)
 
 
 def forced_blocks(
-    perm: jax.Array, num_q_heads: int, cfg: PBSConfig, lengths: jax.Array | None = None
+    perm: jax.Array,
+    num_q_heads: int,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    q_offset: int = 0,
 ) -> jax.Array:
-    """``[B, Hq | 1, T, T]`` bool: blocks every selector computes whatever their score.
+    """``[B, Hq | 1, T - q_offset, T]`` bool: blocks every selector computes whatever their
+    score (``q_offset``: the query blocks are the last ``T - q_offset``).
 
     Every block of the query's own segment (:func:`own_segment_blocks`), with
     ``cfg.force_sink`` the key block holding original token 0, and with ``cfg.dense_tail``
@@ -258,10 +273,10 @@ def forced_blocks(
     ``lengths`` each row's own last blocks).
     """
     t = num_blocks(perm.shape[-1], cfg.block_size)
-    forced = own_segment_blocks(t, cfg)[None, None]
+    forced = own_segment_blocks(t, cfg, q_offset)[None, None]
     if cfg.dense_tail:
         row_blocks = None if lengths is None else real_block_counts(lengths, cfg.block_size)
-        tail = dense_tail_blocks(t, cfg, row_blocks)
+        tail = dense_tail_blocks(t, cfg, row_blocks, q_offset)
         forced = forced | (tail[None, None] if lengths is None else tail[:, None])
     if cfg.force_sink:
         forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
@@ -271,12 +286,14 @@ def forced_blocks(
 def with_forced_blocks(
     top_p_mask: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> jax.Array:
-    """``top_p_mask [B, Hq, T, T]`` bool | :func:`forced_blocks`: the block mask of a selection
-    (with ``lengths``, restricted to each row's own blocks, :func:`pbs_jax.grid.real_blocks`)."""
-    mask = top_p_mask | forced_blocks(perm, top_p_mask.shape[1], cfg, lengths)
+    """``top_p_mask [B, Hq, Tq, T]`` bool | :func:`forced_blocks`: the block mask of a selection
+    (Tq < T: a chunk's last Tq query blocks; with ``lengths``, restricted to each row's own
+    blocks, :func:`pbs_jax.grid.real_blocks`)."""
+    tq, t = top_p_mask.shape[-2:]
+    mask = top_p_mask | forced_blocks(perm, top_p_mask.shape[1], cfg, lengths, t - tq)
     if lengths is None:
         return mask
-    return mask & real_blocks(lengths, mask.shape[-1], cfg.block_size)[:, None]
+    return mask & real_blocks(lengths, t, cfg.block_size)[:, None, t - tq :]
 
 
 def select_from_probabilities(
@@ -285,17 +302,17 @@ def select_from_probabilities(
     """The top-p rule plus the forced blocks, shared by every selector.
 
     Args:
-      probs: ``[B, Hq, T, T]`` float32 from :func:`block_probabilities`.
+      probs: ``[B, Hq, Tq, T]`` float32 from :func:`block_probabilities` (Tq < T: the last Tq
+        query blocks).
       perm: ``[B, Hp, N]`` original position of each slot.
       lengths: ``[B]`` (a right-padded batch) or None: blocks outside a row's own grid
         (:func:`pbs_jax.grid.real_blocks`) are never selected.
     Returns:
-      ``block_mask [B, Hq, T, T]`` bool.
+      ``block_mask [B, Hq, Tq, T]`` bool.
     """
     t = probs.shape[-1]
-    return with_forced_blocks(
-        top_p_blocks(probs, softmax_domain(t, cfg), float(cfg.threshold)), perm, cfg, lengths
-    )
+    mask = top_p_blocks(probs, softmax_domain(t, cfg, t - probs.shape[-2]), float(cfg.threshold))
+    return with_forced_blocks(mask, perm, cfg, lengths)
 
 
 def select_blocks(
@@ -304,21 +321,24 @@ def select_blocks(
     """The PBS block mask of ``cfg.selector``.
 
     Args:
-      q: ``[B, N, Hq, D]`` queries (original order).
+      q: ``[B, M, Hq, D]`` queries (original order), the last M ≤ N positions.
       k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
       perm: ``[B, Hp, N]`` original position of each slot.
       lengths: ``[B]`` int32 real tokens per row (right padding), or None: all N.
     Returns:
-      ``block_mask [B, Hq, T, T]`` bool, T = ceil(N / block_size).
+      ``block_mask [B, Hq, Tq, T]`` bool, T = ceil(N / block_size), Tq = ceil(M / block_size):
+      only the chunk's query blocks are scored (never a T × T grid for a chunk).
 
     One rule, two evaluations for ``"meanpool"``: on GPU the Pallas kernel
     ``pooled_top_p_blocks`` (logits, softmax and top-p in one launch) for the pooled blocks it
-    takes (T up to ``pallas_kernels.MAX_POOLED_BLOCKS``); elsewhere, and for every other
-    selector, :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
+    takes (T up to ``pallas_kernels.MAX_POOLED_BLOCKS``, and Tq = T: the kernel's grid is
+    square, so a chunk's rows take the jnp path); elsewhere, and for every other selector,
+    :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
     """
     if cfg.selector == "meanpool" and jax.default_backend() == "gpu":
         pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths)
-        if pooled_top_p_supported(pooled_q, pooled_k):
+        # The kernel's grid is square (domain [T, T]): a chunk's Tq < T rows take the jnp path.
+        if pooled_q.shape[1] == pooled_k.shape[1] and pooled_top_p_supported(pooled_q, pooled_k):
             t = pooled_q.shape[1]
             top_p_mask = pooled_top_p_blocks(
                 pooled_q, pooled_k, softmax_domain(t, cfg), float(cfg.threshold)

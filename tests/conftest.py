@@ -157,6 +157,20 @@ def make_case(
     return Case(q, k, v, kp, ids, full, total, block_size)
 
 
+def last_rows(case: Case, m: int) -> Case:
+    """The case's last ``m`` queries, a chunk continuing a cache: q ``[B, M, Hq, D]`` and the
+    lists of its last ``ceil(M / block_size)`` query blocks; keys and key positions unchanged.
+    Its output is the whole case's last M rows (``numpy_oracle(case)[:, -m:]``)."""
+    tq = -(-m // case.block_size)
+    return dataclasses.replace(
+        case,
+        q=case.q[:, -m:],
+        ids=case.ids[:, :, -tq:],
+        full=case.full[:, :, -tq:],
+        total=case.total[:, :, -tq:],
+    )
+
+
 def permute_kv(x, key_pos):
     """[B, N, Hk, D] -> [B, N, Hp, D] with slot j of head p = row key_pos[b, p, j] of head
     p // (Hp // Hk) (the caller-side permutation that gather_kv=False expects)."""

@@ -1,4 +1,4 @@
-"""Head-parallel prefill on 4 virtual CPU devices equals the unsharded model."""
+"""Head-parallel prefill on 4 virtual CPU devices equals the unsharded model (also chunked)."""
 
 import json
 import os
@@ -44,7 +44,7 @@ def test_parameters_are_split_by_heads(report):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-@pytest.mark.parametrize("attention", ["full", "pbs", "pbs_ragged"])
+@pytest.mark.parametrize("attention", ["full", "pbs", "pbs_ragged", "pbs_chunked"])
 def test_sharded_logits_equal_unsharded(report, attention):
     r = report[attention]
     assert r["max_abs_diff"] < 1e-4 * max(1.0, r["logit_scale"]), r

@@ -24,6 +24,7 @@ from models import (
     config_from_hf,
     default_checkpoint_path,
 )
+from models.attention_spec import check_chunk_size
 from pbs_jax import PBSConfig
 
 # Defaults per backend. On a CPU the prefill runs the exact O(N²) reference, so the length is
@@ -66,6 +67,7 @@ class Plan:
     pbs_config: PBSConfig
     attention: object  # PBSAttention, or LayerAttention over it with --dense-layers
     json_path: str | None
+    chunk_size: int | None = None  # both prefills chunked (None: the whole prompt at once)
 
     @property
     def text_path(self) -> str:
@@ -190,6 +192,16 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         attention = LayerAttention(
             attention, tuple((layer, FULL_ATTENTION) for layer in dense_layers)
         )
+    chunk_size = getattr(args, "chunk_size", None)
+    try:
+        check_chunk_size(chunk_size, attention)
+    except ValueError as error:
+        raise ValueError(f"--chunk-size: {error}") from None
+    if chunk_size is not None and len(text_paths) > 1:
+        raise ValueError(
+            f"--chunk-size takes one text: {len(text_paths)} texts are one ragged batch, which "
+            "is prefilled whole (a chunked ragged prefill is not supported)"
+        )
     return Plan(
         text_paths=text_paths,
         texts=texts,
@@ -206,4 +218,5 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         pbs_config=pbs_config,
         attention=attention,
         json_path=args.json,
+        chunk_size=chunk_size,
     )

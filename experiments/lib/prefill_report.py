@@ -168,6 +168,8 @@ def format_report(
     label = method_label(plan.pbs_config)
     cfg = plan.pbs_config
     dense_layers = f", dense layers {list(plan.dense_layers)}" if plan.dense_layers else ""
+    if plan.chunk_size is not None:
+        dense_layers += f", both prefills in chunks of {plan.chunk_size} tokens"
     lines = [
         "",
         f"model: {plan.model_name} "
@@ -219,6 +221,7 @@ def summary_record(
         method=method_label(plan.pbs_config),
         pbs=dataclasses.asdict(plan.pbs_config),
         dense_layers=list(plan.dense_layers),
+        chunk_size=plan.chunk_size,
         impl=plan.impl,
         warmup=plan.warmup,
         repeats=plan.repeats,
