@@ -151,7 +151,6 @@ def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size:
             f"must be {MGPU_BLOCK_SIZE}"
         )
     n_kv = shapes["k_perm"][1] if len(shapes["k_perm"]) == 4 else n  # k, v: checked below
-    check_query_offset(n, n_kv, block_size)
     if d not in MGPU_HEAD_DIMS:
         raise ValueError(
             f"head dim must be one of {MGPU_HEAD_DIMS} (SMEM holds Q and a 2-slot K/V ring), "
@@ -182,6 +181,7 @@ def validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, *, block_size:
             f"dividing Hq (q [B, M, Hq, D], the last M of N positions); got q {shapes['q']}, "
             f"k_perm {kp}, k {kk}"
         )
+    check_query_offset(n, n_kv, block_size)
     t = n // block_size
     if len(shapes["block_ids"]) != 4 or shapes["block_ids"][:3] != (b, hq, t):
         raise ValueError(

@@ -33,6 +33,7 @@ def test_help_explains_every_option(capsys):
         "--warmup",
         "--selector",
         "--allow-longer",
+        "--chunk-size",
     ):
         assert option in text
     flat = " ".join(text.split())
@@ -225,6 +226,8 @@ def bad_inputs(tmp_path, text_path):
         ([text, "--gqa", "both"], "invalid choice"),
         ([text, "--selector", "top-k"], "invalid choice"),
         ([text, "--json", str(tmp_path / "no" / "out.json")], "folder does not exist"),
+        ([text, "--chunk-size", "0"], "--chunk-size: must be at least 1"),
+        ([text, "--chunk-size", "100"], "multiple of the PBS segment_size (256)"),
     ]
 
 
