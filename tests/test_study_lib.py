@@ -197,7 +197,6 @@ def rerender(tmp_path, module, *names, args=()):
             "bench_prefill",
             [
                 "bench_prefill.json",
-                "bench_prefill_64k-128k.json",
                 "bench_prefill_2gpu.json",
                 "bench_prefill_4gpu.json",
             ],
