@@ -47,8 +47,9 @@ def check_query_offset(m: int, n: int, block_size: int) -> None:
         )
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
+def is_pow2(x) -> bool:
+    """A positive int power of two (bools and other types are not): every Triton tile size."""
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
 
 
 def _shape(name, x):
@@ -64,7 +65,7 @@ def validate(
     """Check the kernel contract; raise ValueError naming the argument and the rule."""
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
         raise ValueError(f"block_size must be an int, got {block_size!r}")
-    if not _is_pow2(int(block_size)) or block_size < 16:
+    if not is_pow2(int(block_size)) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     if sm_scale is not None and not (
         isinstance(sm_scale, (int, float, np.floating)) and np.isfinite(sm_scale) and sm_scale > 0
@@ -88,7 +89,7 @@ def validate(
     hk = ks[2]
     if hk == 0 or hq % hk:
         raise ValueError(f"Hq={hq} (q.shape[2]) must be a multiple of Hk={hk} (k.shape[2])")
-    if not _is_pow2(d) or d < 16 or d > MAX_HEAD_DIM:
+    if not is_pow2(d) or d < 16 or d > MAX_HEAD_DIM:
         raise ValueError(
             f"head dim D={d} must be a power of two in [16, {MAX_HEAD_DIM}] (Triton tensor "
             "shapes are powers of two; pad D yourself otherwise)"

@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels._checks import is_pow2
+
 __all__ = [
     "ImportanceTiles",
     "importance_tiles",
@@ -48,10 +50,6 @@ _MAX_HEAD_DIM = 256
 # Initial running max of pass 1 (log2 units): finite so that exp2(_M_INIT - m) is an exact 0,
 # never inf - inf = NaN. Every split walks at least one key tile, so it is always replaced.
 _M_INIT = -1e30
-
-
-def _is_pow2(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +82,7 @@ class ImportanceTiles:
     def __post_init__(self):
         for name in ("block_rows", "block_keys", "split_keys"):
             val = getattr(self, name)
-            if not _is_pow2(val) or val < 16:
+            if not is_pow2(val) or val < 16:
                 raise ValueError(
                     f"ImportanceTiles.{name} must be a power of two >= 16, got {val!r}"
                 )
@@ -93,7 +91,7 @@ class ImportanceTiles:
                 f"ImportanceTiles.split_keys={self.split_keys} must be a multiple of "
                 f"block_keys={self.block_keys} (a split walks whole key tiles)"
             )
-        if not _is_pow2(self.num_warps) or self.num_warps > 32:
+        if not is_pow2(self.num_warps) or self.num_warps > 32:
             raise ValueError(
                 f"ImportanceTiles.num_warps must be a power of two in [1, 32], "
                 f"got {self.num_warps!r}"
@@ -155,7 +153,7 @@ def _validate(q_proxy, k, tiles) -> ImportanceTiles:
         raise ValueError(f"q_proxy and k must share the head dim, got {d} and {kd}")
     if hkv <= 0 or hq % hkv:
         raise ValueError(f"Hq={hq} (q_proxy) must be a positive multiple of Hkv={hkv} (k)")
-    if not _is_pow2(d) or not 16 <= d <= _MAX_HEAD_DIM:
+    if not is_pow2(d) or not 16 <= d <= _MAX_HEAD_DIM:
         raise ValueError(
             f"head dim must be a power of two in [16, {_MAX_HEAD_DIM}] (a Triton dot operand), "
             f"got {d}"

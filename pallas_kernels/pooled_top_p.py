@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels._checks import is_pow2
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [
@@ -55,10 +56,6 @@ _MIN_DOT_DIM = 16
 # Key elements of one dot step's operand: [T_pad, depth_chunk] float32 goes through shared
 # memory (Triton's FMA dot for IEEE float32); 16K floats = 64 KiB leaves room on any GPU.
 _DOT_CHUNK_ELEMENTS = 16 * 1024
-
-
-def _is_pow2(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
 
 
 def padded_blocks(num_blocks: int) -> int:
@@ -83,11 +80,11 @@ class PooledTopPTiles:
     def __post_init__(self):
         for name in ("block_rows", "depth_chunk"):
             val = getattr(self, name)
-            if not _is_pow2(val) or val < _MIN_DOT_DIM:
+            if not is_pow2(val) or val < _MIN_DOT_DIM:
                 raise ValueError(
                     f"PooledTopPTiles.{name} must be a power of two >= {_MIN_DOT_DIM}, got {val!r}"
                 )
-        if not _is_pow2(self.num_warps) or self.num_warps > 32:
+        if not is_pow2(self.num_warps) or self.num_warps > 32:
             raise ValueError(
                 f"PooledTopPTiles.num_warps must be a power of two in [1, 32], "
                 f"got {self.num_warps!r}"
@@ -142,7 +139,7 @@ def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
         raise ValueError(
             f"T={t} pooled blocks must be in [1, {MAX_POOLED_BLOCKS}] (a [rows, T] register tile)"
         )
-    if not _is_pow2(d) or not _MIN_DOT_DIM <= d <= _MAX_HEAD_DIM:
+    if not is_pow2(d) or not _MIN_DOT_DIM <= d <= _MAX_HEAD_DIM:
         raise ValueError(
             f"head dim must be a power of two in [{_MIN_DOT_DIM}, {_MAX_HEAD_DIM}] "
             f"(a Triton dot operand), got {d}"
