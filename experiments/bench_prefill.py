@@ -9,7 +9,9 @@ not give realistic attention (their plans come out dense), so PBS runs two ways:
   (b) the real permutation and selection are computed (their cost counts), then the kernel runs
       a fixed block density per length: Llama-3.1-8B's own densities with permutation at
       threshold 0.9, from the paper's Table 5 (our accuracy study measures SmolLM2 only).
-``--devices N`` splits the model by heads over N GPUs (models/sharding.py) for 256K and 512K.
+``--devices N`` splits the model by heads over N GPUs (models/sharding.py) for 256K and beyond;
+``--chunk-size C`` prefills C tokens at a time (``Llama.prefill``'s chunked prefill: activations
+bounded by a chunk, e.g. 1M tokens on 2 GPUs), every mode alike.
 Reported per length: prefill time (jitted, warm, median), the split (attention, plan, rest of
 the model, from the per-layer ops timed alone x layers) and the compiled peak memory.
 """
@@ -62,6 +64,19 @@ def peak_bytes(compiled) -> int:
     )
 
 
+def fits_or_raise(compiled) -> None:
+    """Raise ``MemoryError`` before running a prefill whose compiled peak exceeds a device's
+    memory: run on several GPUs, an out-of-memory on one leaves the others waiting in a
+    collective until the call's time runs out."""
+    limit = jax.devices()[0].memory_stats() or {}
+    limit = limit.get("bytes_limit")
+    if limit and peak_bytes(compiled) > limit:
+        raise MemoryError(
+            f"compiled peak {peak_bytes(compiled) / 2**30:.1f} GiB per device exceeds the "
+            f"device's {limit / 2**30:.1f} GiB"
+        )
+
+
 def bench(args, out: pathlib.Path) -> dict:
     config = LlamaConfig.preset("llama-3.1-8b")
     model = nnx.jit(lambda: Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
@@ -84,7 +99,8 @@ def bench(args, out: pathlib.Path) -> dict:
             for name, spec in modes.items()
             if name in args.modes
         }
-        row = {"n": n, "fixed_density": density, "devices": args.devices}
+        chunk = args.chunk_size if args.chunk_size and args.chunk_size < n else None
+        row = {"n": n, "fixed_density": density, "devices": args.devices, "chunk_size": chunk}
         extrapolate = args.extrapolate_full_above and n > args.extrapolate_full_above
         for name, attention in modes.items():
             if name == "full" and extrapolate:
@@ -92,14 +108,15 @@ def bench(args, out: pathlib.Path) -> dict:
             try:
                 # Compiled once: its memory analysis is the peak, its first call the warm-up
                 # (at 512K one prefill takes tens of seconds, so no run is spent twice).
-                compiled = compile_prefill(graphdef, state, tokens, attention)
+                compiled = compile_prefill(graphdef, state, tokens, attention, chunk)
+                fits_or_raise(compiled)
                 _, _, aux = compiled(graphdef, state, tokens)
                 row[name] = {
                     "ms": timing.time_call(
                         lambda s, t: compiled(graphdef, s, t)[0],
                         state,
                         tokens,
-                        min_reps=2,
+                        min_reps=args.min_reps,
                         budget_s=1.0,
                         warm=True,
                     ),
@@ -118,7 +135,7 @@ def bench(args, out: pathlib.Path) -> dict:
                 f"{row[name]['density']:.3f}, peak {row[name]['peak_gib']:.1f} GiB",
                 flush=True,
             )
-        row["split"] = layer_split(n, density, cfg, config, mesh, row)
+        row["split"] = layer_split(n, density, cfg, config, mesh, row, chunk)
         if extrapolate and "ms" in row.get("pbs_fixed", {}):
             sp = row["split"]
             row["full"] = {
@@ -160,10 +177,21 @@ def rest_of_model_flops(n: int, config: LlamaConfig, devices: int) -> float:
     return 2.0 * n * proj * config.num_layers / devices
 
 
-def layer_split(n, density, cfg, config, mesh, row) -> dict:
+def chunk_bounds(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of a prefill of N tokens (one: the whole prompt)."""
+    step = chunk or n
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def layer_split(n, density, cfg, config, mesh, row, chunk=None) -> dict:
     """One layer's attention ops timed alone (on each device's own heads when ``mesh``) × layers:
     full attention, PBS (b)'s attention (plan + lists + kernel) and its plan alone; the rest of
-    the model (a prefill minus its attention) beside its matmul FLOPs at the card's GEMM rate."""
+    the model (a prefill minus its attention) beside its matmul FLOPs at the card's GEMM rate.
+
+    ``chunk``: PBS (b) and its plan as the chunked prefill runs them, each chunk's queries
+    (the last ``end - start``) over keys ``0 … end-1``, summed over chunks; full attention
+    whole (cuDNN over all N: the same causal work as its chunks, and no chunk plumbing that
+    could slow it)."""
     h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
 
     heads = P(None, None, sharding.AXIS, None)
@@ -180,18 +208,21 @@ def layer_split(n, density, cfg, config, mesh, row) -> dict:
         x = jax.random.normal(jax.random.key(key), shape, jnp.bfloat16)
         return jax.device_put(x, NamedSharding(mesh, heads)) if mesh else x
 
-    q, k, v = operand((1, n, h, d), 1), operand((1, n, hk, d), 2), operand((1, n, hk, d), 3)
+    k, v = operand((1, n, hk, d), 2), operand((1, n, hk, d), 3)
     dense = per_device(pbs_jax.dense_attention)
     fixed = per_device(lambda q, k, v: FixedDensityPBS(round(density, 4), cfg)(q, k, v)[0])
-    # The plan's block mask [B, Hq, T, T]: heads on axis 1.
+    # The plan's block mask [B, Hq, Tq, T]: heads on axis 1.
     plan = per_device(
         lambda q, k, v: pbs_jax.pbs_plan(q, k, cfg)[1], P(None, sharding.AXIS, None, None)
     )
-    split = {
-        "attention_full_ms": layers * timing.time_call(dense, q, k, v, min_reps=2),
-        "attention_pbs_fixed_ms": layers * timing.time_call(fixed, q, k, v, min_reps=2),
-        "plan_ms": layers * timing.time_call(plan, q, k, v, min_reps=2),
-    }
+    split = {"attention_full_ms": 0.0, "attention_pbs_fixed_ms": 0.0, "plan_ms": 0.0}
+    q = operand((1, n, h, d), 1)
+    split["attention_full_ms"] = layers * timing.time_call(dense, q, k, v, min_reps=2)
+    for start, end in chunk_bounds(n, chunk):
+        qc, kc, vc = q[:, start:end], k[:, :end], v[:, :end]
+        split["attention_pbs_fixed_ms"] += layers * timing.time_call(fixed, qc, kc, vc, min_reps=2)
+        split["plan_ms"] += layers * timing.time_call(plan, qc, kc, vc, min_reps=2)
+        del qc, kc, vc
     devices = mesh.shape[sharding.AXIS] if mesh else 1
     ceiling = gemm_ceiling_tflops()
     split["gemm_ceiling_tflops"] = ceiling
@@ -204,11 +235,13 @@ def layer_split(n, density, cfg, config, mesh, row) -> dict:
 
 
 def gpus(row) -> str:
-    """ " on 2 × NVIDIA H200" for a multi-GPU row (its own run's card), "" for one GPU."""
+    """ " on 2 × NVIDIA H200" for a multi-GPU row (its own run's card), "" for one GPU; and
+    ", chunks of C" for a chunked prefill."""
+    chunks = f", chunks of {row['chunk_size']}" if row.get("chunk_size") else ""
     if row.get("devices", 1) == 1:
-        return ""
+        return chunks
     card = row.get("stamp", {}).get("device", "GPUs")
-    return f" on {row['devices']} × {card}"
+    return f" on {row['devices']} × {card}{chunks}"
 
 
 def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
@@ -332,6 +365,19 @@ def add_arguments(parser):
         help="above this N, the full prefill is not run but estimated: PBS (b)'s prefill with "
         "its per-layer attention and plan replaced by full attention, each timed alone on one "
         "layer × layers (0: always run it)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="chunked prefill: this many tokens at a time, for lengths above it (a multiple "
+        "of the segment, 256; 0: the whole prompt at once)",
+    )
+    parser.add_argument(
+        "--min-reps",
+        type=int,
+        default=2,
+        help="timed prefills per mode after the warm-up (1 for minute-long prefills)",
     )
 
 

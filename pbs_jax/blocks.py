@@ -71,7 +71,11 @@ def density(block_mask: jax.Array, row_blocks: jax.Array | None = None) -> jax.A
 
 
 def fixed_density_mask(
-    key: jax.Array, shape: tuple[int, int, int], target: float, cfg: PBSConfig
+    key: jax.Array,
+    shape: tuple[int, int, int],
+    target: float,
+    cfg: PBSConfig,
+    q_offset: int = 0,
 ) -> jax.Array:
     """A random block mask for benchmarks: own-segment blocks plus random earlier-segment blocks.
 
@@ -79,19 +83,21 @@ def fixed_density_mask(
       shape: ``(B, H, T)``.
       target: wanted density; earlier-segment blocks are kept with the probability that gives it
         in expectation (clipped to [0, 1]).
+      q_offset: a chunk's mask (queries continuing a cache): only query blocks
+        ``[q_offset, T)``, the density that of those rows.
     Returns:
-      ``[B, H, T, T]`` bool.
+      ``[B, H, T - q_offset, T]`` bool.
     """
     b, h, t = shape
-    own = grid.own_segment_blocks(t, cfg)
+    own = grid.own_segment_blocks(t, cfg, q_offset)
     # The static block grid, concrete even under jit (it depends on T alone), so it counts.
     with jax.ensure_compile_time_eval():
-        earlier = grid.earlier_segment_blocks(t, cfg)
+        earlier = grid.earlier_segment_blocks(t, cfg, q_offset)
         n_earlier = int(earlier.sum())
-    causal = grid.causal_block_count(t)
+    causal = grid.causal_block_count(t, q_offset)
     keep_p = 1.0 if n_earlier == 0 else (target * causal - (causal - n_earlier)) / n_earlier
     keep_p = min(max(keep_p, 0.0), 1.0)
-    rand = jax.random.uniform(key, (b, h, t, t)) < keep_p
+    rand = jax.random.uniform(key, (b, h, t - q_offset, t)) < keep_p
     return own | (earlier & rand)
 
 

@@ -431,10 +431,17 @@ def test_density_of_dense_is_exactly_one():
     np.testing.assert_allclose(float(blocks.density(own)[0, 0]), 7 / 15)
 
 
-def test_fixed_density_mask_hits_its_target():
+@pytest.mark.parametrize("q_offset", [0, 192])  # a whole prefill; a chunk of its last 64 blocks
+def test_fixed_density_mask_hits_its_target(q_offset):
     cfg = PBSConfig.paper(block_size=128, segment_size=256)
-    mask = blocks.fixed_density_mask(jax.random.key(1), (1, 8, 256), 0.2, cfg)
+    mask = blocks.fixed_density_mask(jax.random.key(1), (1, 8, 256), 0.2, cfg, q_offset)
+    assert mask.shape == (1, 8, 256 - q_offset, 256)
     assert abs(float(blocks.density(mask).mean()) - 0.2) < 0.01
+    # Row i is query block q_offset + i: its whole own segment in, nothing after that segment.
+    m = np.asarray(mask)[0]
+    for i, qb in enumerate(range(q_offset, 256)):
+        seg = qb // 2 * 2
+        assert m[:, i, seg : seg + 2].all() and not m[:, i, seg + 2 :].any()
 
 
 # --------------------------------------------------------------------------------------------

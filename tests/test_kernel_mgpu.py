@@ -21,8 +21,10 @@ from pallas_kernels import (
     block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
     mgpu_supported,
+    planned,
     planned_attention,
 )
+from pallas_kernels.planned import kv_heads_per_launch
 from pbs_jax import PBSConfig
 from tests.conftest import jit_plan, make_case, make_qkv, numpy_oracle, permute_kv, rel_err
 
@@ -106,6 +108,67 @@ def test_planned_attention_off_hopper_is_the_triton_contract(hp):
         segment_blocks=2,
     )
     assert rel_err(out, numpy_oracle(c)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "n,hp,hkv,expected",
+    [
+        # 32 query heads of 128, bf16, 256 MiB: one permutation per query head (4 per KV head)
+        (8192, 32, 8, 8),  # 8 × 16 MiB: one launch
+        (32768, 32, 8, 4),  # 64 MiB per KV head: two launches of 4
+        (131072, 32, 8, 1),  # 256 MiB per KV head: eight launches
+        (131072, 8, 8, 4),  # one permutation per KV head: 64 MiB each
+        (1048576, 32, 8, 1),  # above the limit even alone: one KV head, the smallest unit
+        (32768, 24, 3, 1),  # 3 is prime: 3 × 128 MiB > 256 MiB, so one at a time
+    ],
+)
+def test_kv_heads_per_launch_worked_by_hand(n, hp, hkv, expected):
+    assert kv_heads_per_launch(1, n, hp, hkv, 128, 2, 256 * 2**20) == expected
+
+
+@pytest.mark.parametrize("hq,hk,hp", [(4, 2, 4), (6, 3, 3), (4, 4, 4)])
+def test_mosaic_path_per_kv_head_group_equals_one_launch(hq, hk, hp):
+    """The Mosaic path launched per group of KV heads (a tiny copy limit) is the one launch,
+    on the kernel's contract reference (any machine), ragged N padded, and the token-mask
+    oracle."""
+    c = make_case(11, n=200, d=16, hq=hq, hk=hk, hp=hp, block_size=32, density=0.5)
+    args = (c.q, c.k, c.v, jnp.asarray(c.key_pos), jnp.asarray(c.ids), jnp.asarray(c.full))
+
+    def mosaic_path(limit):
+        return planned._mosaic(
+            *args,
+            block_size=32,
+            segment_blocks=2,
+            kernel=block_sparse_attention_mgpu_reference,
+            limit=limit,
+        )
+
+    assert kv_heads_per_launch(1, 200, hp, hk, 16, 4, 0) == 1  # the grouped branch runs
+    grouped, whole = mosaic_path(0), mosaic_path(2**40)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    assert rel_err(grouped, numpy_oracle(c)) < 1e-5
+
+
+@hopper
+def test_planned_attention_per_kv_head_group_on_hopper(monkeypatch):
+    """The Mosaic kernel launched once per KV head equals one launch (bf16, GQA 4, ragged N)."""
+    c = make_case(
+        5, n=1000, d=128, hq=8, hk=2, hp=8, block_size=128, dtype=jnp.bfloat16, density=0.4
+    )
+    args = (
+        c.q,
+        c.k,
+        c.v,
+        jnp.asarray(c.key_pos),
+        jnp.asarray(c.ids),
+        jnp.asarray(c.full),
+        jnp.asarray(c.total),
+    )
+    whole = planned_attention(*args, block_size=128, segment_blocks=2)
+    monkeypatch.setattr(planned, "SLOT_COPY_LIMIT_BYTES", 0)
+    grouped = planned_attention(*args, block_size=128, segment_blocks=2)
+    np.testing.assert_array_equal(np.asarray(grouped, np.float32), np.asarray(whole, np.float32))
+    assert rel_err(grouped, numpy_oracle(c)) < TOL[jnp.bfloat16]
 
 
 @hopper

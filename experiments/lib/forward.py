@@ -55,11 +55,13 @@ def run_forward(
     return ForwardOutput(logits, np.asarray(continuation[0]), aux.density)
 
 
-def compile_prefill(graphdef, state, tokens, attention):
+def compile_prefill(graphdef, state, tokens, attention, chunk_size: int | None = None):
     """The whole prefill (cache, last logits and aux) compiled ahead of time, for XLA's memory
     analysis: ``compiled(graphdef, state, tokens) -> (last logits, KVCache, PrefillAux)``.
 
-    graphdef, state: ``nnx.split`` of a model (sharded or not); tokens ``[B, N]`` int32.
+    graphdef, state: ``nnx.split`` of a model (sharded or not); tokens ``[B, N]`` int32;
+    ``chunk_size``: a chunked prefill (``Llama.prefill``), None: the whole prompt at once.
     """
     runner = JittedLlama.from_split(graphdef, state)
-    return runner.lower_prefill(tokens, attention, return_aux=True).compile()
+    lowered = runner.lower_prefill(tokens, attention, return_aux=True, chunk_size=chunk_size)
+    return lowered.compile()

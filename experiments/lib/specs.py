@@ -84,10 +84,13 @@ class FixedDensityPBS:
     cfg: PBSConfig = PBSConfig.paper()
 
     def __call__(self, q, k, v):
+        """q ``[B, M, Hq, D]`` (the last M ≤ N positions: a chunk when M < N), k/v ``[B, N,
+        Hkv, D]``: the chunk's Tq × T mask at the density of its rows."""
         perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
-        t = pbs_jax.num_blocks(q.shape[1], self.cfg.block_size)
+        t = pbs_jax.num_blocks(k.shape[1], self.cfg.block_size)
+        tq = pbs_jax.num_blocks(q.shape[1], self.cfg.block_size)
         mask = pbs_jax.fixed_density_mask(
-            jax.random.key(0), (q.shape[0], q.shape[2], t), self.density, self.cfg
+            jax.random.key(0), (q.shape[0], q.shape[2], t), self.density, self.cfg, t - tq
         )
         lists = pbs_jax.index_lists(mask, self.cfg)
         return pbs_jax.kernel_attention(q, k, v, perm, lists, self.cfg), jnp.mean(
