@@ -83,8 +83,9 @@ class ImportanceTiles:
 
     block_rows: proxy rows per logits tile (pass 1: rows per program; pass 2: rows per loop
                 step). Must divide P.
-    block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program).
-                Must divide L.
+    block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program;
+                :func:`proxy_permutation`'s pass 2: a program's segment is walked, ranked and
+                pooled in tiles of block_keys). Must divide L (and the segment).
     split_keys: keys walked by one pass-1 program; L / split_keys splits (the last one may be
                 short) give the grid enough programs at long L while the partial statistics
                 stay small (``B·Hq·(L/split_keys)·P`` pairs of floats). A multiple of
@@ -648,12 +649,12 @@ def _segment_order_kernel(
     # key_pos, one tile of slots at a time: slot r holds the key whose rank is r (one-hot over
     # the keys, a sum with one nonzero term).
     segment_start = pl.program_id(0) * k_ref.shape[0]
-    for b_ in range(num_tiles):
-        slot = b_ * block_keys + row  # [bn slots, bn keys]
+    for slot_tile in range(num_tiles):
+        slot = slot_tile * block_keys + row  # [bn slots, bn keys]
         pos = jnp.zeros((block_keys,), jnp.int32)
         for a, rank in enumerate(ranks):
             pos = pos + jnp.sum(jnp.where(rank[None, :] == slot, a * block_keys + col, 0), axis=1)
-        pos_ref[pl.ds(b_ * block_keys, block_keys)] = segment_start + pos
+        pos_ref[pl.ds(slot_tile * block_keys, block_keys)] = segment_start + pos
 
     # Block t of slots holds the keys of rank in [t·block_size, (t+1)·block_size): masked sums
     # of the key tiles, float32 adds.
