@@ -11,13 +11,20 @@ Public API:
   proxy_importance(q_proxy, k)          the planner's key importance, logits never in HBM
   proxy_importance_supported(q_proxy, k)  whether proxy_importance takes these operands
   ImportanceTiles, importance_tiles     proxy_importance's static tiling and its default
+  proxy_permutation(q_proxy, k, *, segment_size, block_size, gqa)
+                                        the planner's key_pos and pooled permuted keys, fused
+                                        with the importance (no importance, sort or pooling
+                                        in HBM)
+  proxy_permutation_supported(q_proxy, k, ...)  whether proxy_permutation takes these operands
+  block_means(x, block_size)            block means, zero padding of a partial block counted
   pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
                                         the meanpool selector's top-p mask in one launch
   pooled_top_p_supported(pooled_q, pooled_k)  whether pooled_top_p_blocks takes these operands
   PooledTopPTiles, pooled_top_p_tiles, MAX_POOLED_BLOCKS  its static tiling, default, largest T
   masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
-  proxy_importance_reference(...), pooled_top_p_blocks_reference(...),
+  proxy_importance_reference(...), proxy_permutation_reference(...),
+  pooled_top_p_blocks_reference(...),
   pooled_block_probabilities_reference(...)  pure-jnp oracles of the kernels' contracts
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
@@ -26,9 +33,12 @@ from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu, mgpu_supported
 from pallas_kernels.importance import (
     ImportanceTiles,
+    block_means,
     importance_tiles,
     proxy_importance,
     proxy_importance_supported,
+    proxy_permutation,
+    proxy_permutation_supported,
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
@@ -44,6 +54,7 @@ from pallas_kernels.reference import (
     pooled_block_probabilities_reference,
     pooled_top_p_blocks_reference,
     proxy_importance_reference,
+    proxy_permutation_reference,
 )
 from pallas_kernels.tiles import DEFAULT_TILES, TileConfig, get_tiles
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
@@ -61,6 +72,10 @@ __all__ = [
     "proxy_importance_reference",
     "ImportanceTiles",
     "importance_tiles",
+    "proxy_permutation",
+    "proxy_permutation_supported",
+    "proxy_permutation_reference",
+    "block_means",
     "pooled_top_p_blocks",
     "pooled_top_p_supported",
     "pooled_top_p_blocks_reference",

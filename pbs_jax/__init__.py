@@ -42,6 +42,7 @@ from pbs_jax.permutation import (
     identity_permutation,
     inverse_permutation,
     key_importance,
+    plan_permutation,
     segment_permutation,
 )
 from pbs_jax.reference import exact_causal_attention, permuted_block_sparse_attention
@@ -80,6 +81,7 @@ __all__ = [
     "pbs_attention",
     "pbs_plan",
     "permuted_block_sparse_attention",
+    "plan_permutation",
     "segment_permutation",
     "select_blocks",
     "select_from_probabilities",

@@ -13,7 +13,7 @@ from pallas_kernels import mgpu_supported, planned_attention
 from pbs_jax import blocks, cost_model, reference
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import num_blocks, real_block_counts, real_blocks, segment_blocks, zero_padding
-from pbs_jax.permutation import compute_permutation, identity_permutation
+from pbs_jax.permutation import identity_permutation, plan_permutation
 from pbs_jax.selection import select_blocks
 
 IMPLS = ("auto", "reference", "pallas")
@@ -195,9 +195,12 @@ def pbs_plan(
     (q ``[B, M, Hq, D]``, the last M ≤ N positions; Tq = ceil(M / block_size)).
 
     ``lengths [B]`` int32 (right padding; None: all N; M = N only): each row's plan is that
-    row's alone, its padding left in place and never selected."""
-    perm = compute_permutation(q, k, cfg, lengths)
-    return perm, select_blocks(q, k, perm, cfg, lengths)
+    row's alone, its padding left in place and never selected.
+
+    On GPU the permutation kernel also pools the permuted keys
+    (:func:`pbs_jax.permutation.plan_permutation`): the selection takes them from there."""
+    perm, pooled_k = plan_permutation(q, k, cfg, lengths)
+    return perm, select_blocks(q, k, perm, cfg, lengths, pooled_k)
 
 
 def kernel_attention(

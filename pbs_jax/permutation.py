@@ -14,6 +14,8 @@ from pallas_kernels import (
     proxy_importance,
     proxy_importance_reference,
     proxy_importance_supported,
+    proxy_permutation,
+    proxy_permutation_supported,
     slot_order,
 )
 from pbs_jax.config import PBSConfig
@@ -22,6 +24,12 @@ from pbs_jax.grid import permuted_key_counts
 # Rows of K/V in slot order ``[B, N, Hkv, D] → [B, N, Hp, D]``: one gather rule for the planner,
 # the reference and the kernels' input preparation.
 gather_keys = slot_order
+
+
+def proxy_queries(q: jax.Array, cfg: PBSConfig) -> jax.Array:
+    """The importance proxy: the last ``proxy_blocks × block_size`` rows of ``q [B, M, Hq, D]``
+    (all M of them when fewer), ``[B, P, Hq, D]``."""
+    return q[:, max(q.shape[1] - cfg.proxy_blocks * cfg.block_size, 0) :]
 
 
 def key_importance(
@@ -50,10 +58,10 @@ def key_importance(
     """
     if lengths is not None:
         return ragged_key_importance(q, k, cfg, lengths)
-    b, m, hq, _ = q.shape
+    b, _, hq, _ = q.shape
     hkv = k.shape[2]
     complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
-    proxy = q[:, max(m - cfg.proxy_blocks * cfg.block_size, 0) :]  # [B, P, Hq, D]
+    proxy = proxy_queries(q, cfg)  # [B, P, Hq, D]
     keys = k[:, :complete]  # [B, L, Hkv, D]
     if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
         per_head = proxy_importance(proxy, keys)
@@ -120,12 +128,32 @@ def compute_permutation(
     (a right-padded batch, M = N only): each row's permutation of its real tokens, as that row
     alone (a row of at most ``segment_size`` tokens keeps the identity), padding in place.
     """
+    return plan_permutation(q, k, cfg, lengths)[0]
+
+
+def plan_permutation(
+    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """:func:`compute_permutation`'s ``perm [B, Hp, N]``, and ``pooled_k [B, T, Hp, D]``
+    float32 (the values of ``pbs_jax.selection.pooled_permuted_keys``) where they came on the
+    way, else None (the selection pools the keys itself).
+
+    One rule, two evaluations: on GPU, for a permuted plan without ``lengths``, the Pallas
+    kernel ``proxy_permutation`` (importance, segment sort and pooling of the permuted keys in
+    one pass: none of them reaches HBM), for the shapes it takes; elsewhere
+    :func:`key_importance` then :func:`segment_permutation`.
+    """
     b, _, hq, _ = q.shape
     n = k.shape[1]
     hp = cfg.num_perm_heads(hq, k.shape[2])
     if not cfg.permute or n < cfg.segment_size:
-        return identity_permutation(b, hp, n)
-    return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths)
+        return identity_permutation(b, hp, n), None
+    if lengths is None and jax.default_backend() == "gpu":
+        proxy = proxy_queries(q, cfg)
+        kernel_args = dict(segment_size=cfg.segment_size, block_size=cfg.block_size, gqa=cfg.gqa)
+        if proxy_permutation_supported(proxy, k, **kernel_args):
+            return proxy_permutation(proxy, k, **kernel_args)
+    return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths), None
 
 
 def ragged_key_importance(

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import (
+    block_means,
     pooled_block_probabilities_reference,
     pooled_top_p_blocks,
     pooled_top_p_supported,
@@ -55,12 +56,9 @@ def mean_pool_blocks(x: jax.Array, block_size: int, lengths: jax.Array | None = 
     """``[B, N, H, D]`` → ``[B, T, H, D]`` float32 block means; zero padding of a partial last
     block is counted in its mean (official semantics); with ``lengths`` rows past a row's length
     count as that zero padding."""
-    b, n, h, d = x.shape
-    t = num_blocks(n, block_size)
     if lengths is not None:
         x = zero_padding(x, lengths)
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, t * block_size - n), (0, 0), (0, 0)))
-    return x.reshape(b, t, block_size, h, d).mean(axis=2)
+    return block_means(x, block_size)
 
 
 def pooled_permuted_keys(
@@ -108,14 +106,22 @@ def pooled_permuted_keys(
 
 
 def pooled_blocks(
-    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    perm: jax.Array,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    pooled_k: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The MeanPooling selector's inputs: ``pooled_q [B, Tq, Hq, D]`` (:func:`mean_pool_blocks`;
     Tq = T for a whole prefill, the chunk's last Tq blocks for q ``[B, M, Hq, D]``, M < N) and
-    ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`), float32; with ``lengths`` the
-    rows past a row's length count as its zero padding."""
+    ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`, unless the plan already holds
+    them: ``pbs_jax.permutation.plan_permutation``'s), float32; with ``lengths`` the rows past
+    a row's length count as its zero padding."""
     pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
-    return pooled_q, pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size, lengths)
+    if pooled_k is None:
+        pooled_k = pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size, lengths)
+    return pooled_q, pooled_k
 
 
 def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
@@ -142,7 +148,14 @@ def meanpool_block_probabilities(
       ``pallas_kernels.pooled_block_probabilities_reference``, the contract of the selection
       kernel :func:`select_blocks` runs on GPU.
     """
-    pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths)
+    return pooled_block_probabilities(*pooled_blocks(q, k, perm, cfg, lengths), cfg)
+
+
+def pooled_block_probabilities(
+    pooled_q: jax.Array, pooled_k: jax.Array, cfg: PBSConfig
+) -> jax.Array:
+    """:func:`meanpool_block_probabilities` from its pooled blocks (:func:`pooled_blocks`):
+    ``[B, Hq, Tq, T]`` float32, the chunk's last Tq query blocks where Tq < T."""
     tq, t = pooled_q.shape[1], pooled_k.shape[1]
     return pooled_block_probabilities_reference(pooled_q, pooled_k, softmax_domain(t, cfg, t - tq))
 
@@ -316,7 +329,12 @@ def select_from_probabilities(
 
 
 def select_blocks(
-    q: jax.Array, k: jax.Array, perm: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    perm: jax.Array,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    pooled_k: jax.Array | None = None,
 ) -> jax.Array:
     """The PBS block mask of ``cfg.selector``.
 
@@ -325,6 +343,9 @@ def select_blocks(
       k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
       perm: ``[B, Hp, N]`` original position of each slot.
       lengths: ``[B]`` int32 real tokens per row (right padding), or None: all N.
+      pooled_k: ``[B, T, Hp, D]`` float32, the block means of the permuted keys where the plan
+        already holds them (``pbs_jax.permutation.plan_permutation``), or None: pooled here.
+        Only the ``"meanpool"`` selector reads them.
     Returns:
       ``block_mask [B, Hq, Tq, T]`` bool, T = ceil(N / block_size), Tq = ceil(M / block_size):
       only the chunk's query blocks are scored (never a T × T grid for a chunk).
@@ -335,14 +356,20 @@ def select_blocks(
     square, so a chunk's rows take the jnp path); elsewhere, and for every other selector,
     :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
     """
-    if cfg.selector == "meanpool" and jax.default_backend() == "gpu":
-        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths)
+    if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
+        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k)
         # The kernel's grid is square (domain [T, T]): a chunk's Tq < T rows take the jnp path.
-        if pooled_q.shape[1] == pooled_k.shape[1] and pooled_top_p_supported(pooled_q, pooled_k):
+        if (
+            jax.default_backend() == "gpu"
+            and pooled_q.shape[1] == pooled_k.shape[1]
+            and pooled_top_p_supported(pooled_q, pooled_k)
+        ):
             t = pooled_q.shape[1]
             top_p_mask = pooled_top_p_blocks(
                 pooled_q, pooled_k, softmax_domain(t, cfg), float(cfg.threshold)
             )
             return with_forced_blocks(top_p_mask, perm, cfg, lengths)
-    probs = block_probabilities(q, k, perm, cfg, lengths)
+        probs = pooled_block_probabilities(pooled_q, pooled_k, cfg)
+    else:
+        probs = block_probabilities(q, k, perm, cfg, lengths)
     return select_from_probabilities(probs, perm, cfg, lengths)
