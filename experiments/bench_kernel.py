@@ -16,7 +16,8 @@ Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
     (random earlier-segment blocks plus the always-computed own-segment blocks): the Triton
     kernel and the Mosaic GPU kernel (Hopper);
   * the plan stage by stage, each jitted alone on its real inputs (structured input): proxy,
-    permutation sort, block scores, top-p selection, index lists, the whole plan as one jit,
+    permutation sort, block scores, top-p selection, index lists, the fused permutation kernel
+    (importance + sort + pooling) and the selection from its pooled keys, the whole plan as one jit,
     ``impl="auto"``'s estimate stage and the K/V slot-order copy before the Mosaic kernel;
   * the whole op, pbs_attention(impl="pallas"), on structured input;
   * ``impl="auto"`` on four input families against min(cuDNN, kernel at the plan's density):
@@ -36,6 +37,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 import pbs_jax
 from experiments.lib import capture, kernels, timing
 from experiments.lib.kernel_report import cost_table, cost_table_literal, report
@@ -98,6 +100,21 @@ def op_fns(cfg: PBSConfig) -> dict:
         # top-p + forced blocks; on GPU the fused pooled top-p kernel).
         "block_scores": stage(selection.pooled_blocks),
         "top_p": stage(selection.select_blocks),
+        # The fused permutation kernel (importance, segment sort and pooled permuted keys in one
+        # pass: pallas_kernels.proxy_permutation, off in the plan: permutation.FUSED_PERMUTATION)
+        # and the selection from its pooled keys.
+        "fused_permutation": jax.jit(
+            lambda q, k: pallas_kernels.proxy_permutation(
+                permutation.proxy_queries(q, cfg),
+                k,
+                segment_size=cfg.segment_size,
+                block_size=cfg.block_size,
+                gqa=cfg.gqa,
+            )
+        ),
+        "select_pooled": jax.jit(
+            lambda q, k, perm, pooled_k: selection.select_blocks(q, k, perm, cfg, pooled_k=pooled_k)
+        ),
         "lists": stage(blocks.index_lists),
         "plan": jax.jit(
             lambda q, k: (lambda perm, mask: (perm, blocks.index_lists(mask, cfg)))(
@@ -151,12 +168,15 @@ def plan_stages(q, k, v, cfg, time) -> dict:
     scores = fns["proxy"](q, k)
     perm = fns["permutation"](scores, n)
     mask = fns["top_p"](q, k, perm)
+    fused = fns["fused_permutation"](q, k)  # (perm, pooled keys)
     return {
         "proxy_ms": time(fns["proxy"], q, k),
         "permutation_ms": time(fns["permutation"], scores, n),
         "block_scores_ms": time(fns["block_scores"], q, k, perm),
         "top_p_ms": time(fns["top_p"], q, k, perm) - time(fns["block_scores"], q, k, perm),
         "lists_ms": time(fns["lists"], mask),
+        "fused_permutation_ms": time(fns["fused_permutation"], q, k),
+        "select_pooled_ms": time(fns["select_pooled"], q, k, *fused),
         "plan_ms": time(fns["plan"], q, k),
         "estimate_ms": time(fns["estimate"], q, k),
         "kv_copy_ms": time(fns["kv_copy"], k, v, perm),

@@ -131,6 +131,15 @@ def compute_permutation(
     return plan_permutation(q, k, cfg, lengths)[0]
 
 
+# The fused permutation kernel is exact and tested, but on the H200 (bench_kernel, JAX 0.11.2,
+# 2026-11-30, 32/8 heads of 128, bf16) it is slower than the three stages it replaces: 0.44 ms
+# vs proxy 0.17 + sort 0.11 + pooling 0.15 at 8K, 3.66 ms vs 1.38 + 0.36 + 0.96 at 128K, and
+# the whole plan 0.48 / 5.28 ms vs 0.33 / 3.62. Its [S, S] rank comparisons and one-hot
+# reductions per program cost more than the sort and the pooling they save, at the untuned
+# default tiles. Off until a tuned kernel beats the stages; bench_kernel times it either way.
+FUSED_PERMUTATION = False
+
+
 def plan_permutation(
     q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -138,17 +147,17 @@ def plan_permutation(
     float32 (the values of ``pbs_jax.selection.pooled_permuted_keys``) where they came on the
     way, else None (the selection pools the keys itself).
 
-    One rule, two evaluations: on GPU, for a permuted plan without ``lengths``, the Pallas
-    kernel ``proxy_permutation`` (importance, segment sort and pooling of the permuted keys in
-    one pass: none of them reaches HBM), for the shapes it takes; elsewhere
-    :func:`key_importance` then :func:`segment_permutation`.
+    One rule, two evaluations: with :data:`FUSED_PERMUTATION` on GPU, for a permuted plan
+    without ``lengths``, the Pallas kernel ``proxy_permutation`` (importance, segment sort and
+    pooling of the permuted keys in one pass: none of them reaches HBM), for the shapes it
+    takes; otherwise :func:`key_importance` then :func:`segment_permutation`.
     """
     b, _, hq, _ = q.shape
     n = k.shape[1]
     hp = cfg.num_perm_heads(hq, k.shape[2])
     if not cfg.permute or n < cfg.segment_size:
         return identity_permutation(b, hp, n), None
-    if lengths is None and jax.default_backend() == "gpu":
+    if FUSED_PERMUTATION and lengths is None and jax.default_backend() == "gpu":
         proxy = proxy_queries(q, cfg)
         kernel_args = dict(segment_size=cfg.segment_size, block_size=cfg.block_size, gqa=cfg.gqa)
         if proxy_permutation_supported(proxy, k, **kernel_args):

@@ -202,6 +202,7 @@ def test_plan_through_the_fused_kernel_equals_jnp_plan(monkeypatch, gqa):
     cpu_perm, cpu_mask = jax.jit(functools.partial(pbs_plan, cfg=cfg))(q, k)
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(permutation, "FUSED_PERMUTATION", True)
     calls = []
 
     def interpreted_permutation(*args, **kwargs):
@@ -227,6 +228,7 @@ def test_ragged_plan_keeps_the_jnp_permutation(monkeypatch):
     cfg = PBSConfig(block_size=32, segment_size=SEGMENT)
     q, k = _qk()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(permutation, "FUSED_PERMUTATION", True)
     monkeypatch.setattr(permutation, "proxy_permutation", None)  # calling it would raise
     perm, pooled_k = permutation.plan_permutation(
         q[:, :, :KV_HEADS], k, cfg, jnp.array([1000, 700], jnp.int32)

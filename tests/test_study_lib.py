@@ -193,6 +193,7 @@ def rerender(tmp_path, module, *names, args=()):
     "script,names",
     [
         ("bench_kernel", ["bench_kernel.json"]),
+        ("bench_kernel", ["bench_kernel_fused_plan.json"]),
         (
             "bench_prefill",
             [

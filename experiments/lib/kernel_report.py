@@ -94,12 +94,15 @@ def stage_lines(rows) -> list[str]:
         "Plan stages on structured input, each jitted alone on its real inputs (ms), their sum "
         'and the plan as one jit (what the op pays); the estimate is impl="auto"\'s cheap '
         "stage, the K/V copy what the Mosaic kernel's input preparation adds; the last column is "
-        "the op's default rule (PBSConfig(): 4 proxy blocks, dense last block row):",
+        "the op's default rule (PBSConfig(): 4 proxy blocks, dense last block row); fused: the "
+        "proxy_permutation kernel (proxy + sort + pooling in one pass) and the selection from "
+        "its pooled keys, where the run timed them:",
         "",
         "| N | proxy | permutation sort | pooling | scores + top-p + forced | lists | sum | "
         "plan (one jit) | "
-        "plan / cuDNN | estimate | K/V copy | default rule: proxy / plan |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "plan / cuDNN | estimate | K/V copy | default rule: proxy / plan | fused: permutation "
+        "/ selection |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         st = r["stages"]
@@ -114,6 +117,11 @@ def stage_lines(rows) -> list[str]:
                 f"{st['default_proxy_ms']:.3f} / {st['default_plan_ms']:.3f} |"
                 if "default_plan_ms" in st
                 else "— |"
+            )
+            + (
+                f" {st['fused_permutation_ms']:.3f} / {st['select_pooled_ms']:.3f} |"
+                if "fused_permutation_ms" in st
+                else " — |"
             )
         )
     return lines
