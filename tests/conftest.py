@@ -19,7 +19,7 @@ from tokenizers import pre_tokenizers
 
 from experiments.lib.metrics import rel_err  # noqa: F401 (the one relative error, for tests)
 from models import JittedLlama, LlamaConfig, default_checkpoint_path, load_pretrained
-from pbs_jax import pbs_plan, permutation, reference
+from pbs_jax import pbs_attention, pbs_plan, permutation, reference, selection
 
 
 def make_qkv(
@@ -59,6 +59,19 @@ jit_block_sparse_reference = jax.jit(  # (q, k, v, perm, mask, block_size)
     reference.permuted_block_sparse_attention, static_argnums=5
 )
 jit_exact_attention = jax.jit(reference.exact_causal_attention)
+jit_block_probabilities = jax.jit(
+    selection.block_probabilities, static_argnums=3
+)  # (q, k, perm, cfg)
+jit_select_blocks = jax.jit(selection.select_blocks, static_argnums=3)  # (q, k, perm, cfg)
+jit_select_from_probabilities = jax.jit(  # (probs, perm, cfg)
+    selection.select_from_probabilities, static_argnums=2
+)
+jit_pbs_attention = jax.jit(  # (q, k, v, cfg, *, impl, return_aux)
+    pbs_attention, static_argnums=3, static_argnames=("impl", "return_aux")
+)
+# A module constant read at trace time (selection.ANTIDIAGONAL_CHUNK_BYTES, monkeypatched by a
+# test) is baked into the cached trace of the jitted functions above: tests that patch one jit
+# a fresh closure instead (a new function object is traced again).
 
 
 # Kernel cases: random PBS-like plans in kernel terms, and an independent float64 oracle.

@@ -17,10 +17,13 @@ import pytest
 import pbs_jax
 from pbs_jax import PBSConfig, blocks, permutation, selection
 from tests.conftest import (
+    jit_block_probabilities,
     jit_block_sparse_reference,
     jit_exact_attention,
+    jit_pbs_attention,
     jit_permutation,
     jit_plan,
+    jit_select_from_probabilities,
     make_qkv,
     rel_err,
 )
@@ -53,7 +56,7 @@ def _hand_inputs():
 
 def test_hand_worked_permutation():
     q, k, _ = _hand_inputs()
-    perm = permutation.compute_permutation(q, k, HAND_CFG)
+    perm = jit_permutation(q, k, HAND_CFG)
     np.testing.assert_array_equal(np.asarray(perm)[0, 0], [1, 3, 2, 0, 4, 6, 7, 5])
 
 
@@ -61,7 +64,7 @@ def test_hand_worked_permutation():
 def test_hand_worked_block_mask(force_sink):
     q, k, v = _hand_inputs()
     cfg = PBSConfig.paper(block_size=2, segment_size=4, threshold=0.8, force_sink=force_sink)
-    _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+    _, aux = jit_pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     late = [1, 1, 1, 1] if force_sink else [1, 0, 1, 1]  # the sink adds block 1
     expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], late, late], bool)
     np.testing.assert_array_equal(np.asarray(aux.block_mask)[0, 0], expected)
@@ -81,7 +84,7 @@ def test_hand_worked_dense_tail():
         cfg = PBSConfig.paper(
             block_size=2, segment_size=4, threshold=0.8, force_sink=False, dense_tail=tail
         )
-        _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+        _, aux = jit_pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
         np.testing.assert_array_equal(np.asarray(aux.block_mask)[0, 0], np.array(expected_rows))
 
 
@@ -95,7 +98,7 @@ def test_hand_worked_proxy_blocks():
     q = jnp.asarray([1, 1, 1, 1, 1, 1, -1, -1], jnp.float32).reshape(1, 8, 1, 1)
     for blocks_, expected in ((1, [0, 2, 3, 1, 5, 7, 6, 4]), (2, [0, 2, 1, 3, 4, 5, 6, 7])):
         cfg = PBSConfig.paper(block_size=2, segment_size=4, proxy_blocks=blocks_)
-        perm = permutation.compute_permutation(q, k, cfg)
+        perm = jit_permutation(q, k, cfg)
         np.testing.assert_array_equal(np.asarray(perm)[0, 0], expected)
 
 
@@ -114,7 +117,7 @@ def test_paper_rule_is_the_official_default():
 
 def test_hand_worked_output():
     q, k, v = _hand_inputs()
-    out = pbs_jax.pbs_attention(q, k, v, HAND_CFG, impl="reference")
+    out = jit_pbs_attention(q, k, v, HAND_CFG, impl="reference")
     # Keys each query sees (original positions): own-segment keys up to itself, plus block 0
     # ({1, 3}) for the second segment.
     key_sets = [
@@ -162,7 +165,7 @@ ORACLE_CASES = [
 def test_matches_official_semantics(n, bs, seg, hq, hk, gqa):
     q, k, v = make_qkv(n * 7 + hq, 1, n, hq, hk, 16)
     cfg = PBSConfig.paper(block_size=bs, segment_size=seg, threshold=0.9, gqa=gqa)
-    out, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+    out, aux = jit_pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     ref_out, ref_perm, ref_mask = oracle_pbs(q, k, v, bs, seg, 0.9, gqa=gqa)
     np.testing.assert_array_equal(np.asarray(aux.perm), ref_perm)
     np.testing.assert_array_equal(np.asarray(aux.block_mask), ref_mask)
@@ -181,7 +184,7 @@ def test_selection_matches_oracle_across_thresholds(threshold):
 def test_importance_matches_oracle_scores():
     q, k, _ = make_qkv(5, 1, 300, 4, 2, 16)
     cfg = PBSConfig.paper(block_size=32, segment_size=64, gqa="shared")
-    scores = permutation.key_importance(q, k, cfg)
+    scores = jax.jit(permutation.key_importance, static_argnums=2)(q, k, cfg)
     _, ref_scores = oracle_permutation(q, k, 32, 64, gqa="shared")
     chex.assert_shape(scores, (1, 2, 256))
     chex.assert_trees_all_close(np.asarray(scores, np.float64), ref_scores, rtol=1e-5, atol=1e-9)
@@ -190,7 +193,7 @@ def test_importance_matches_oracle_scores():
 @pytest.mark.parametrize("n", [1, 7, 100, 256])
 def test_short_sequences_fall_back_to_dense(n):
     q, k, v = make_qkv(n, 1, n, 2, 1, 8)
-    out, aux = pbs_jax.pbs_attention(q, k, v, PBSConfig.paper(), impl="reference", return_aux=True)
+    out, aux = jit_pbs_attention(q, k, v, PBSConfig.paper(), impl="reference", return_aux=True)
     ref_out, _, _ = oracle_pbs(q, k, v, 128, 256, 0.9)
     assert rel_err(out, ref_out) < 1e-5
     np.testing.assert_array_equal(np.asarray(aux.perm)[0, 0], np.arange(n))
@@ -199,7 +202,7 @@ def test_short_sequences_fall_back_to_dense(n):
 def test_meanpooling_baseline_matches_oracle():
     q, k, v = make_qkv(11, 1, 150, 2, 2, 16)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=0.8, permute=False)
-    out, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+    out, aux = jit_pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     ref_out, ref_perm, ref_mask = oracle_pbs(q, k, v, 16, 32, 0.8, permute=False)
     np.testing.assert_array_equal(np.asarray(aux.perm), ref_perm)
     np.testing.assert_array_equal(np.asarray(aux.block_mask), ref_mask)
@@ -216,7 +219,7 @@ def test_meanpooling_baseline_matches_oracle():
 def test_threshold_one_is_dense_causal(hq, hk, gqa):
     q, k, v = make_qkv(hq + hk, 1, 150, hq, hk, 16)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=1.0, gqa=gqa)
-    out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
+    out = jit_pbs_attention(q, k, v, cfg, impl="reference")
     assert rel_err(out, jit_exact_attention(q, k, v)) < 1e-5
     ref_out, _, _ = oracle_pbs(q, k, v, 16, 32, 1.0, gqa=gqa)
     assert rel_err(out, ref_out) < 1e-5
@@ -268,8 +271,8 @@ def test_values_after_position_never_reach_earlier_outputs(n, seed):
     cfg = PBSConfig.paper(block_size=8, segment_size=16, threshold=0.7)
     i = n // 2
     v2 = _redrawn_after(v, i, seed + 1)
-    out1 = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
-    out2 = pbs_jax.pbs_attention(q, k, v2, cfg, impl="reference")
+    out1 = jit_pbs_attention(q, k, v, cfg, impl="reference")
+    out2 = jit_pbs_attention(q, k, v2, cfg, impl="reference")
     np.testing.assert_array_equal(np.asarray(out1[:, : i + 1]), np.asarray(out2[:, : i + 1]))
     assert not np.allclose(np.asarray(out1[:, i + 1 :]), np.asarray(out2[:, i + 1 :]))
 
@@ -369,12 +372,10 @@ def test_lower_threshold_selects_a_subset(gqa):
     q, k, _ = make_qkv(9, 1, 512, 4, 2, 16)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, gqa=gqa)
     perm = jit_permutation(q, k, cfg)
-    probs = selection.block_probabilities(q, k, perm, cfg)
+    probs = jit_block_probabilities(q, k, perm, cfg)
     masks, dens = [], []
     for tau in (0.2, 0.5, 0.8, 0.9, 0.99, 1.0):
-        mask = selection.select_from_probabilities(
-            probs, perm, dataclasses.replace(cfg, threshold=tau)
-        )
+        mask = jit_select_from_probabilities(probs, perm, dataclasses.replace(cfg, threshold=tau))
         masks.append(np.asarray(mask))
         dens.append(float(jnp.mean(blocks.density(mask))))  # the op's aux.density
     for lo, hi in zip(masks, masks[1:]):
@@ -388,7 +389,7 @@ def test_permutation_lowers_density_on_structured_input():
     q, k, v = make_qkv(4, 1, 1024, 2, 2, 16)
     dens = {}
     for permute in (True, False):
-        _, aux = pbs_jax.pbs_attention(
+        _, aux = jit_pbs_attention(
             q,
             k,
             v,
@@ -465,7 +466,7 @@ def test_jit_of_jit_and_vmap():
 def test_dtypes(dtype):
     q, k, v = make_qkv(6, 1, 200, 4, 2, 16, dtype=dtype)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=1.0)
-    out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
+    out = jit_pbs_attention(q, k, v, cfg, impl="reference")
     chex.assert_type(out, dtype)
     chex.assert_shape(out, (1, 200, 4, 16))
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -476,7 +477,7 @@ def test_dtypes(dtype):
 @pytest.mark.parametrize("n", [1, 5, 16, 33, 63, 64, 65, 129])
 def test_lengths_against_oracle(n):
     q, k, v = make_qkv(n + 100, 1, n, 2, 2, 8)
-    out = pbs_jax.pbs_attention(
+    out = jit_pbs_attention(
         q, k, v, PBSConfig.paper(block_size=16, segment_size=32, threshold=0.8), impl="reference"
     )
     ref_out, _, _ = oracle_pbs(q, k, v, 16, 32, 0.8)
@@ -487,7 +488,7 @@ def test_lengths_against_oracle(n):
 def test_no_nan_on_extreme_inputs():
     q, k, v = make_qkv(8, 1, 300, 2, 2, 16)
     for scale in (1e-4, 30.0):
-        out = pbs_jax.pbs_attention(
+        out = jit_pbs_attention(
             q * scale,
             k * scale,
             v,

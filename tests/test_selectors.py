@@ -12,7 +12,18 @@ import pytest
 
 import pbs_jax
 from pbs_jax import PBSConfig, blocks, permutation, selection
-from tests.conftest import jit_exact_attention, jit_plan, make_qkv, rel_err
+from tests.conftest import (
+    jit_block_probabilities,
+    jit_block_sparse_reference,
+    jit_exact_attention,
+    jit_pbs_attention,
+    jit_permutation,
+    jit_plan,
+    jit_select_blocks,
+    jit_select_from_probabilities,
+    make_qkv,
+    rel_err,
+)
 
 # --------------------------------------------------------------------------------------------
 # A tiny anti-diagonal case worked by hand: N=12, block 4 (T=3), stride 2, D=1, no permutation,
@@ -59,8 +70,10 @@ def antidiagonal_chunks(request, monkeypatch):
 
 def test_hand_worked_antidiagonal_probabilities(antidiagonal_chunks):
     q, k = _hand_inputs()
-    perm = permutation.compute_permutation(q, k, HAND_CFG)
-    probs = np.asarray(selection.block_probabilities(q, k, perm, HAND_CFG))[0, 0]
+    perm = jit_permutation(q, k, HAND_CFG)
+    # A fresh closure: traced under this test's ANTIDIAGONAL_CHUNK_BYTES (see conftest).
+    probs = jax.jit(lambda q, k, p: selection.block_probabilities(q, k, p, HAND_CFG))(q, k, perm)
+    probs = np.asarray(probs)[0, 0]
     np.testing.assert_allclose(probs[2], [0.2234, 0.6122, 0.1644], atol=1e-4)
     np.testing.assert_allclose(probs[1], [0.2879, 0.7121, 0.0], atol=1e-4)
     np.testing.assert_allclose(probs[0], [1.0, 0.0, 0.0], atol=1e-6)
@@ -70,11 +83,12 @@ def test_hand_worked_antidiagonal_probabilities(antidiagonal_chunks):
 def test_hand_worked_antidiagonal_mask(threshold, last_row, antidiagonal_chunks):
     q, k = _hand_inputs()
     cfg = dataclasses.replace(HAND_CFG, threshold=threshold)
-    perm = permutation.compute_permutation(q, k, cfg)
-    mask = np.asarray(selection.select_blocks(q, k, perm, cfg))[0, 0]
-    np.testing.assert_array_equal(mask, [[1, 0, 0], [0, 1, 0], last_row])
+    perm = jit_permutation(q, k, cfg)
+    # A fresh closure: traced under this test's ANTIDIAGONAL_CHUNK_BYTES (see conftest).
+    mask = jax.jit(lambda q, k, p: selection.select_blocks(q, k, p, cfg))(q, k, perm)
+    np.testing.assert_array_equal(np.asarray(mask)[0, 0], [[1, 0, 0], [0, 1, 0], last_row])
     meanpool = dataclasses.replace(cfg, selector="meanpool")
-    mask = np.asarray(selection.select_blocks(q, k, perm, meanpool))[0, 0]
+    mask = np.asarray(jit_select_blocks(q, k, perm, meanpool))[0, 0]
     np.testing.assert_array_equal(mask[2], [1, 1, 1])
 
 
@@ -84,10 +98,12 @@ def test_antidiagonal_chunking_does_not_change_probabilities(n, chunk_bytes, mon
     ragged N) gives the probabilities of scoring all of them at once."""
     cfg = PBSConfig.paper(block_size=32, segment_size=64, selector="antidiagonal", gqa="shared")
     q, k, _ = make_qkv(n, 1, n, 4, 2, 16)
-    perm = permutation.compute_permutation(q, k, cfg)
-    whole = np.asarray(selection.block_probabilities(q, k, perm, cfg))
+    perm = jit_permutation(q, k, cfg)
+    whole = np.asarray(jit_block_probabilities(q, k, perm, cfg))
     monkeypatch.setattr(selection, "ANTIDIAGONAL_CHUNK_BYTES", chunk_bytes)
-    chunked = np.asarray(selection.block_probabilities(q, k, perm, cfg))
+    # A fresh closure, traced under the patched chunk size (the jit above keeps its trace).
+    chunked = jax.jit(lambda q, k, p: selection.block_probabilities(q, k, p, cfg))(q, k, perm)
+    chunked = np.asarray(chunked)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)  # fp32 reassociation
     np.testing.assert_allclose(
         whole.sum(-1)[..., cfg.segment_size // cfg.block_size :], 1.0, rtol=1e-5
@@ -97,7 +113,8 @@ def test_antidiagonal_chunking_does_not_change_probabilities(n, chunk_bytes, mon
 def test_antidiagonal_logits_match_a_loop():
     q, k, _ = make_qkv(2, 1, 32, 4, 2, 8)
     perm = permutation.identity_permutation(1, 2, 32)
-    logits = np.asarray(selection.antidiagonal_logits(q, permutation.gather_keys(k, perm), 4))
+    k_slots = jax.jit(permutation.gather_keys)(k, perm)
+    logits = np.asarray(jax.jit(selection.antidiagonal_logits, static_argnums=2)(q, k_slots, 4))
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
     for h in range(4):
         for r in range(8):
@@ -124,7 +141,7 @@ def test_antidiagonal_threshold_one_is_dense(permute, gqa, n):
         gqa=gqa,
         selector="antidiagonal",
     )
-    out = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference")
+    out = jit_pbs_attention(q, k, v, cfg, impl="reference")
     assert rel_err(out, jit_exact_attention(q, k, v)) < 1e-5
 
 
@@ -151,15 +168,13 @@ def test_forced_blocks_present_for_every_selector(selector, permute, gqa):
 def test_antidiagonal_lower_threshold_selects_a_subset(permute):
     q, k, _ = make_qkv(9, 1, 512, 4, 2, 16)
     cfg = PBSConfig.paper(block_size=16, segment_size=32, permute=permute, selector="antidiagonal")
-    perm = permutation.compute_permutation(q, k, cfg)
-    probs = selection.block_probabilities(q, k, perm, cfg)
+    perm = jit_permutation(q, k, cfg)
+    probs = jit_block_probabilities(q, k, perm, cfg)
     rows = np.asarray(probs).sum(-1)
     assert np.all((np.abs(rows - 1) < 1e-5) | (rows == 0))  # a distribution per query block
     masks = [
         np.asarray(
-            selection.select_from_probabilities(
-                probs, perm, dataclasses.replace(cfg, threshold=tau)
-            )
+            jit_select_from_probabilities(probs, perm, dataclasses.replace(cfg, threshold=tau))
         )
         for tau in (0.3, 0.6, 0.9, 1.0)
     ]
@@ -172,13 +187,11 @@ def test_select_blocks_is_probabilities_then_top_p():
     q, k, _ = make_qkv(3, 2, 300, 2, 2, 8)
     for selector in pbs_jax.SELECTORS:
         cfg = PBSConfig.paper(block_size=16, segment_size=32, threshold=0.8, selector=selector)
-        perm = permutation.compute_permutation(q, k, cfg)
+        perm = jit_permutation(q, k, cfg)
         np.testing.assert_array_equal(
-            np.asarray(selection.select_blocks(q, k, perm, cfg)),
+            np.asarray(jit_select_blocks(q, k, perm, cfg)),
             np.asarray(
-                selection.select_from_probabilities(
-                    selection.block_probabilities(q, k, perm, cfg), perm, cfg
-                )
+                jit_select_from_probabilities(jit_block_probabilities(q, k, perm, cfg), perm, cfg)
             ),
         )
 
@@ -201,7 +214,7 @@ def test_permutation_lowers_antidiagonal_density_on_structured_input():
         cfg = PBSConfig.paper(
             block_size=32, segment_size=64, permute=permute, selector="antidiagonal"
         )
-        _, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+        _, aux = jit_pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
         dens[permute] = float(aux.density)
     assert dens[True] < dens[False]
 
@@ -235,7 +248,7 @@ def test_sink_local_mask_runs_through_the_reference():
     q, k, v = make_qkv(6, 1, 96, 2, 2, 8)
     mask = blocks.sink_local_mask((1, 2, 6), 2)
     perm = permutation.identity_permutation(1, 2, 96)
-    out = np.asarray(pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, 16))
+    out = np.asarray(jit_block_sparse_reference(q, k, v, perm, mask, 16))
     # Query 95 (block 5) sees block 0 and blocks 4..5 (causal): positions 0..15 and 64..95.
     keys = np.r_[0:16, 64:96]
     qn, kn, vn = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v))
@@ -273,8 +286,8 @@ def test_extensions_through_the_kernel_equal_the_reference(gqa):
     cfg = PBSConfig(
         block_size=16, segment_size=32, threshold=0.6, dense_tail=20, proxy_blocks=2, gqa=gqa
     )
-    out = pbs_jax.pbs_attention(q, k, v, cfg, impl="pallas")
-    ref, aux = pbs_jax.pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
+    out = jit_pbs_attention(q, k, v, cfg, impl="pallas")
+    ref, aux = jit_pbs_attention(q, k, v, cfg, impl="reference", return_aux=True)
     # Triton's float32 dots run in tf32 on a GPU (~1e-3); exact in interpret mode.
     assert rel_err(out, ref) < (3e-3 if jax.default_backend() == "gpu" else 1e-4)
     t = pbs_jax.num_blocks(300, 16)
