@@ -146,6 +146,7 @@ def test_card_costs_and_table_checks():
         dataclasses.replace(toy_table(), lengths=one)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's auto path")
 def test_auto_on_cpu_is_the_reference():
     cfg = PBSConfig(threshold=0.8)
     q, k, v = make_qkv(2, 1, 768, 2, 1, 16)
