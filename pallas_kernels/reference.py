@@ -182,7 +182,12 @@ def block_sparse_attention_mgpu_reference(
     return out.astype(q.dtype)
 
 
-def proxy_importance_reference(q_proxy: jax.Array, k: jax.Array) -> jax.Array:
+def proxy_importance_reference(
+    q_proxy: jax.Array,
+    k: jax.Array,
+    real_rows: jax.Array | None = None,
+    real_keys: jax.Array | None = None,
+) -> jax.Array:
     """Mean softmax probability that each key receives from the proxy rows, per query head.
 
     The contract of ``pallas_kernels.proxy_importance`` (any shapes and dtypes here), and the
@@ -191,9 +196,12 @@ def proxy_importance_reference(q_proxy: jax.Array, k: jax.Array) -> jax.Array:
     Args:
       q_proxy: ``[B, P, Hq, D]``; k: ``[B, L, Hkv, D]``, Hq a multiple of Hkv (query head h
         reads key head ``h // (Hq // Hkv)``).
+      real_rows, real_keys: ``[B]`` int32 or None (all P, all L): per batch row (a ragged
+        batch), only its first ``real_rows`` proxy rows count in the mean and only its first
+        ``real_keys`` keys in the softmax; a row with no real key gets importance 0 throughout.
     Returns:
-      ``[B, Hq, L]`` float32: softmax over all L keys of ``q·k / √D`` (no causal mask, fp32
-      accumulation), averaged over the P rows.
+      ``[B, Hq, L]`` float32: softmax over the keys of ``q·k / √D`` (no causal mask, fp32
+      accumulation), averaged over the rows; 0 at keys past ``real_keys``.
     """
     b, p, hq, d = q_proxy.shape
     l, hkv = k.shape[1], k.shape[2]
@@ -206,7 +214,17 @@ def proxy_importance_reference(q_proxy: jax.Array, k: jax.Array) -> jax.Array:
         preferred_element_type=jnp.float32,
         precision=jax.lax.Precision.HIGHEST,
     ) / jnp.sqrt(jnp.float32(d))
-    return jax.nn.softmax(logits, axis=-1).mean(axis=-2).reshape(b, hq, l)
+    if real_rows is None and real_keys is None:
+        return jax.nn.softmax(logits, axis=-1).mean(axis=-2).reshape(b, hq, l)
+    key_in = jnp.arange(l)[None, :] < (l if real_keys is None else real_keys[:, None])  # [B, L]
+    key_in = key_in[:, None, None, None, :]
+    probs = jax.nn.softmax(jnp.where(key_in, logits, -jnp.inf), axis=-1)
+    probs = jnp.where(key_in.any(axis=-1, keepdims=True), probs, 0.0)  # no real key: 0, not NaN
+    row_in = jnp.arange(p)[None, :] < (p if real_rows is None else real_rows[:, None])  # [B, P]
+    row_in = row_in[:, None, None, :, None]
+    # A where, not a product: rows past real_rows may hold anything.
+    mean = jnp.where(row_in, probs, 0.0).sum(axis=-2) / row_in.sum(axis=-2)
+    return mean.reshape(b, hq, l)
 
 
 def proxy_permutation_reference(

@@ -32,6 +32,22 @@ def proxy_queries(q: jax.Array, cfg: PBSConfig) -> jax.Array:
     return q[:, max(q.shape[1] - cfg.proxy_blocks * cfg.block_size, 0) :]
 
 
+def ragged_proxy_queries(
+    q: jax.Array, cfg: PBSConfig, lengths: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`proxy_queries` of each row of a right-padded batch, as that row alone: its last
+    ``proxy_blocks × block_size`` REAL rows (all of them when it is shorter).
+
+    q ``[B, N, Hq, D]``, lengths ``[B]`` int32 in ``[1, N]`` → (``[B, P, Hq, D]``, real rows
+    ``[B]`` int32: a short row's first ``lengths[b]`` proxy rows are its queries, the rest its
+    padding). A per-row dynamic slice of P = min(proxy rows, N) rows."""
+    n = q.shape[1]
+    rows = min(cfg.proxy_blocks * cfg.block_size, n)
+    start = jnp.clip(lengths - rows, 0, n - rows)  # [B]
+    proxy = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, rows, axis=0))(q, start)
+    return proxy, (lengths - start).astype(jnp.int32)
+
+
 def key_importance(
     q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> jax.Array:
@@ -44,8 +60,10 @@ def key_importance(
         ``proxy_blocks × block_size`` rows: all M of them).
       k: ``[B, N, Hkv, D]`` keys, Hq a multiple of Hkv.
       cfg: static configuration.
-      lengths: ``[B]`` int32 real tokens per row of a right-padded batch, or None (all N); see
-        :func:`ragged_key_importance`.
+      lengths: ``[B]`` int32 real tokens per row of a right-padded batch, or None (all N): each
+        row as that row alone — its own proxy (:func:`ragged_proxy_queries`), the softmax over
+        its own complete segments (:func:`pbs_jax.grid.permuted_key_counts`), 0 at keys beyond
+        them (all 0 for a row of at most ``segment_size`` tokens).
 
     Returns:
       ``[B, Hp, G*S]`` float32, G = N // segment_size complete segments; Hp = Hq (replicate) or
@@ -56,17 +74,21 @@ def key_importance(
     reach HBM); elsewhere, and for shapes the kernel does not take, its pure-jnp statement
     ``proxy_importance_reference`` (interpret mode would be slow inside the op).
     """
-    if lengths is not None:
-        return ragged_key_importance(q, k, cfg, lengths)
     b, _, hq, _ = q.shape
     hkv = k.shape[2]
     complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
-    proxy = proxy_queries(q, cfg)  # [B, P, Hq, D]
     keys = k[:, :complete]  # [B, L, Hkv, D]
-    if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
-        per_head = proxy_importance(proxy, keys)
+    if lengths is not None:
+        proxy, real_rows = ragged_proxy_queries(q, cfg, lengths)
+        per_head = proxy_importance_reference(
+            proxy, keys, real_rows, permuted_key_counts(lengths, cfg)
+        )
     else:
-        per_head = proxy_importance_reference(proxy, keys)  # [B, Hq, L]
+        proxy = proxy_queries(q, cfg)  # [B, P, Hq, D]
+        if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
+            per_head = proxy_importance(proxy, keys)
+        else:
+            per_head = proxy_importance_reference(proxy, keys)  # [B, Hq, L]
     if cfg.gqa == "shared":
         return per_head.reshape(b, hkv, hq // hkv, complete).mean(axis=2)
     return per_head
@@ -163,43 +185,3 @@ def plan_permutation(
         if proxy_permutation_supported(proxy, k, **kernel_args):
             return proxy_permutation(proxy, k, **kernel_args)
     return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths), None
-
-
-def ragged_key_importance(
-    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array
-) -> jax.Array:
-    """:func:`key_importance` of each row of a right-padded batch, as that row alone.
-
-    The proxy is the row's last ``proxy_blocks × block_size`` REAL queries (a per-row dynamic
-    slice; all of them when the row is shorter); the softmax runs over the row's own complete
-    segments (:func:`pbs_jax.grid.permuted_key_counts`), keys beyond them masked out.
-
-    Args:
-      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]``; lengths: ``[B]`` int32 in ``[1, N]``.
-    Returns:
-      ``[B, Hp, G*S]`` float32 with the batch's G = N // segment_size; 0 at keys outside the
-      row's complete segments (all 0 for a row of at most ``segment_size`` tokens).
-    """
-    b, n, hq, d = q.shape
-    hkv = k.shape[2]
-    group = hq // hkv
-    complete = (n // cfg.segment_size) * cfg.segment_size
-    rows = min(cfg.proxy_blocks * cfg.block_size, n)
-    start = jnp.clip(lengths - rows, 0, n - rows)  # [B]
-    proxy = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, rows, axis=0))(q, start)
-    proxy = proxy.reshape(b, rows, hkv, group, d)
-    real_row = start[:, None] + jnp.arange(rows)[None, :] < lengths[:, None]  # [B, P]
-    real_key = jnp.arange(complete)[None, :] < permuted_key_counts(lengths, cfg)[:, None]
-    logits = jnp.einsum(
-        "bpkgd,blkd->bkgpl", proxy, k[:, :complete], preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(d))
-    real_key = real_key[:, None, None, None, :]
-    probs = jax.nn.softmax(jnp.where(real_key, logits, -jnp.inf), axis=-1)
-    # A row with no complete segment has every key masked (NaN): its scores are 0, unused.
-    probs = jnp.where(real_key.any(axis=-1, keepdims=True), probs, 0.0)
-    # Mean over the real proxy rows (a where, not a product: padded rows may hold anything).
-    real_row = real_row[:, None, None, :, None]
-    probs = jnp.where(real_row, probs, 0.0).sum(axis=-2) / real_row.sum(axis=-2)  # [B,Hkv,G,L]
-    if cfg.gqa == "shared":
-        return probs.mean(axis=2)
-    return probs.reshape(b, hq, complete)

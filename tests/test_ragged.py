@@ -181,3 +181,19 @@ def test_model_batch_equals_rows_alone(tiny_runner):
         new_alone, _ = runner.greedy_decode(last_alone, cache_alone, length, NEW_TOKENS)
         chex.assert_trees_all_close(last[b], last_alone[0], atol=1e-4, rtol=1e-4)
         np.testing.assert_array_equal(new[b], new_alone[0])
+
+
+def test_proxy_importance_with_real_counts_is_each_row_alone():
+    """The importance reference with per-row real proxy rows and real keys: row b equals the
+    reference on that row's first ``real_rows[b]`` rows and ``real_keys[b]`` keys alone, 0 at
+    the keys past them, and all 0 for a row with no real key (never NaN)."""
+    from pallas_kernels import proxy_importance_reference
+
+    q, k, _ = make_qkv(3, 3, 96, 4, 2, 16)  # P = 96 proxy rows over L = 96 keys, GQA 2
+    real_rows, real_keys = (96, 40, 7), (96, 64, 0)
+    got = proxy_importance_reference(q, k, jnp.asarray(real_rows), jnp.asarray(real_keys))
+    for b, (rows, keys) in enumerate(zip(real_rows, real_keys)):
+        want = np.zeros((4, 96), np.float32)
+        if keys:
+            want[:, :keys] = proxy_importance_reference(q[b : b + 1, :rows], k[b : b + 1, :keys])[0]
+        np.testing.assert_allclose(np.asarray(got[b]), want, rtol=1e-6, atol=1e-7)
