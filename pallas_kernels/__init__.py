@@ -33,12 +33,9 @@ from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu, mgpu_supported
 from pallas_kernels.importance import (
     ImportanceTiles,
-    block_means,
     importance_tiles,
     proxy_importance,
     proxy_importance_supported,
-    proxy_permutation,
-    proxy_permutation_supported,
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
@@ -47,6 +44,11 @@ from pallas_kernels.pooled_top_p import (
     pooled_top_p_blocks,
     pooled_top_p_supported,
     pooled_top_p_tiles,
+)
+from pallas_kernels.proxy_permutation import (
+    block_means,
+    proxy_permutation,
+    proxy_permutation_supported,
 )
 from pallas_kernels.reference import (
     block_sparse_attention_mgpu_reference,
