@@ -37,7 +37,6 @@ import sys
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels
 import pbs_jax
 from experiments.lib import capture, kernels, timing
 from experiments.lib.kernel_report import cost_table, cost_table_literal, report
@@ -103,15 +102,7 @@ def op_fns(cfg: PBSConfig) -> dict:
         # The fused permutation kernel (importance, segment sort and pooled permuted keys in one
         # pass: pallas_kernels.proxy_permutation, off in the plan: permutation.FUSED_PERMUTATION)
         # and the selection from its pooled keys.
-        "fused_permutation": jax.jit(
-            lambda q, k: pallas_kernels.proxy_permutation(
-                permutation.proxy_queries(q, cfg),
-                k,
-                segment_size=cfg.segment_size,
-                block_size=cfg.block_size,
-                gqa=cfg.gqa,
-            )
-        ),
+        "fused_permutation": stage(permutation.fused_permutation),
         "select_pooled": jax.jit(
             lambda q, k, perm, pooled_k: selection.select_blocks(q, k, perm, cfg, pooled_k=pooled_k)
         ),
@@ -168,15 +159,21 @@ def plan_stages(q, k, v, cfg, time) -> dict:
     scores = fns["proxy"](q, k)
     perm = fns["permutation"](scores, n)
     mask = fns["top_p"](q, k, perm)
-    fused = fns["fused_permutation"](q, k)  # (perm, pooled keys)
+    fused = permutation.fused_permutation(q, k, cfg)  # (perm, pooled keys), None: not taken
     return {
         "proxy_ms": time(fns["proxy"], q, k),
         "permutation_ms": time(fns["permutation"], scores, n),
         "block_scores_ms": time(fns["block_scores"], q, k, perm),
         "top_p_ms": time(fns["top_p"], q, k, perm) - time(fns["block_scores"], q, k, perm),
         "lists_ms": time(fns["lists"], mask),
-        "fused_permutation_ms": time(fns["fused_permutation"], q, k),
-        "select_pooled_ms": time(fns["select_pooled"], q, k, *fused),
+        **(
+            {
+                "fused_permutation_ms": time(fns["fused_permutation"], q, k),
+                "select_pooled_ms": time(fns["select_pooled"], q, k, *fused),
+            }
+            if fused is not None
+            else {}
+        ),
         "plan_ms": time(fns["plan"], q, k),
         "estimate_ms": time(fns["estimate"], q, k),
         "kv_copy_ms": time(fns["kv_copy"], k, v, perm),

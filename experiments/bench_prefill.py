@@ -33,7 +33,7 @@ from experiments.lib import timing
 from experiments.lib.forward import compile_prefill
 from experiments.lib.report import pyplot, save_figure
 from experiments.lib.specs import FixedDensityPBS
-from models import FULL_ATTENTION, Llama, LlamaConfig, PBSAttention, sharding
+from models import FULL_ATTENTION, Llama, LlamaConfig, PBSAttention, chunk_bounds, sharding
 from pbs_jax import PBSConfig
 
 LENGTHS = (8192, 16384, 32768, 65536, 131072)
@@ -85,6 +85,7 @@ def bench(args, out: pathlib.Path) -> dict:
     graphdef, state = sharding.shard_model(model, mesh) if mesh else nnx.split(model)
     del model
     cfg = PBSConfig.paper()
+    ceiling = gemm_ceiling_tflops()  # the card's, measured once
     rows = []
     for n in args.lengths:
         tokens = jax.random.randint(jax.random.key(n), (1, n), 0, config.vocab_size)
@@ -136,7 +137,7 @@ def bench(args, out: pathlib.Path) -> dict:
                 f"{row[name]['density']:.3f}, peak {row[name]['peak_gib']:.1f} GiB",
                 flush=True,
             )
-        row["split"] = layer_split(n, density, cfg, config, mesh, row, chunk)
+        row["split"] = layer_split(n, density, cfg, config, mesh, row, chunk, ceiling)
         if extrapolate:
             row["full"] = {"ms": full_lower_bound_ms(row["split"]), "extrapolated": True}
         for name in ("pbs_selector", "pbs_fixed"):
@@ -183,21 +184,16 @@ def full_lower_bound_ms(split: dict) -> float:
     return split["attention_full_ms"] + split["rest_at_ceiling_ms"]
 
 
-def chunk_bounds(n: int, chunk: int | None) -> list[tuple[int, int]]:
-    """(start, end) of each chunk of a prefill of N tokens (one: the whole prompt)."""
-    step = chunk or n
-    return [(start, min(start + step, n)) for start in range(0, n, step)]
-
-
-def layer_split(n, density, cfg, config, mesh, row, chunk=None) -> dict:
+def layer_split(n, density, cfg, config, mesh, row, chunk, ceiling) -> dict:
     """One layer's attention ops timed alone (on each device's own heads when ``mesh``) × layers:
-    full attention, PBS (b)'s attention (plan + lists + kernel) and its plan alone; the rest of
-    the model (a prefill minus its attention) beside its matmul FLOPs at the card's GEMM rate.
+        full attention, PBS (b)'s attention (plan + lists + kernel) and its plan alone; the rest of
+        the model (a prefill minus its attention) beside its matmul FLOPs at the card's GEMM rate
+    ``ceiling`` (TFLOP/s, :func:`gemm_ceiling_tflops`).
 
-    ``chunk``: PBS (b) and its plan as the chunked prefill runs them, each chunk's queries
-    (the last ``end - start``) over keys ``0 … end-1``, summed over chunks; full attention
-    whole (cuDNN over all N: the same causal work as its chunks, and no chunk plumbing that
-    could slow it)."""
+        ``chunk``: PBS (b) and its plan as the chunked prefill runs them, each chunk's queries
+        (the last ``end - start``) over keys ``0 … end-1``, summed over chunks; full attention
+        whole (cuDNN over all N: the same causal work as its chunks, and no chunk plumbing that
+        could slow it)."""
     h, hk, d, layers = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
 
     heads = P(None, None, sharding.AXIS, None)
@@ -230,7 +226,6 @@ def layer_split(n, density, cfg, config, mesh, row, chunk=None) -> dict:
         split["plan_ms"] += layers * timing.time_call(plan, qc, kc, vc, min_reps=2)
         del qc, kc, vc
     devices = mesh.shape[sharding.AXIS] if mesh else 1
-    ceiling = gemm_ceiling_tflops()
     split["gemm_ceiling_tflops"] = ceiling
     split["rest_at_ceiling_ms"] = rest_of_model_flops(n, config, devices) / ceiling / 1e9
     if "ms" in row.get("full", {}) and not row["full"].get("extrapolated"):

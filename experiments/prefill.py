@@ -363,7 +363,8 @@ def run(argv: list[str] | None = None) -> dict:
             lengths=lengths if ragged else None,
             chunk_size=plan.chunk_size,
         )
-        logits = [runner.output_logits(aux.hidden[row, :n]) for row, n in enumerate(lengths)]
+        # Every row's logits at the batch's full length, cut after: one compile, not one per length.
+        logits = [runner.output_logits(aux.hidden[row])[:n] for row, n in enumerate(lengths)]
         new_ids = [[] for _ in lengths]
         if plan.new_tokens > 0:
             new_ids = greedy_continuation(

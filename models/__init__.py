@@ -7,7 +7,13 @@ JittedLlama), then ``weights``, ``pretrained``, ``tokenizer``, ``sharding``.
 """
 
 from models import runner
-from models.attention_spec import FULL_ATTENTION, AttentionSpec, LayerAttention, PBSAttention
+from models.attention_spec import (
+    FULL_ATTENTION,
+    AttentionSpec,
+    LayerAttention,
+    PBSAttention,
+    chunk_bounds,
+)
 from models.config import PRESETS, Llama3RopeScaling, LlamaConfig
 from models.gguf_loader import config_from_gguf, load_gguf
 from models.hf_loader import config_from_hf, load_safetensors
@@ -34,6 +40,7 @@ __all__ = [
     "LlamaConfig",
     "PBSAttention",
     "PrefillAux",
+    "chunk_bounds",
     "Tokenizer",
     "config_from_gguf",
     "config_from_hf",

@@ -151,17 +151,43 @@ def attend(
 
 
 def _pbs_configs(attention) -> list[PBSConfig]:
-    """Every PBSConfig a spec runs: its own, its layers', or (duck-typed, e.g.
-    ``models.sharding.HeadParallel``) those of the spec it wraps in ``.attention``."""
+    """Every PBSConfig a spec runs: its own, its layers', or (duck-typed) a callable's ``.cfg``
+    (e.g. ``experiments.lib.specs.FixedDensityPBS``) or those of the spec it wraps in
+    ``.attention`` (e.g. ``models.sharding.HeadParallel``)."""
     if isinstance(attention, PBSConfig):
         return [attention]
     if isinstance(attention, PBSAttention):
         return [attention.config]
+    if isinstance(getattr(attention, "cfg", None), PBSConfig):
+        return [attention.cfg]
     if isinstance(attention, LayerAttention):
         specs = (attention.default, *(spec for _, spec in attention.overrides))
         return [cfg for spec in specs for cfg in _pbs_configs(spec)]
     inner = getattr(attention, "attention", None)
     return [] if inner is None or inner is attention else _pbs_configs(inner)
+
+
+def chunk_bounds(length: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of a prefill of ``length`` tokens: ``chunk_size`` at a time,
+    the last one possibly shorter (None: one chunk, the whole prompt)."""
+    step = chunk_size or length
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def chunk_density_weights(bounds: list[tuple[int, int]], attention) -> list[float]:
+    """Per chunk, its share of the prompt's causal blocks: the weights that make the chunks'
+    densities (computed / causal blocks of their rows) the whole prompt's. Blocks of the spec's
+    PBS block size (one size for all its configs); tokens (block 1) when it has none or several
+    (dense attention: density 1 whatever the weights)."""
+    sizes = {cfg.block_size for cfg in _pbs_configs(attention)}
+    block = sizes.pop() if len(sizes) == 1 else 1
+
+    def causal_blocks_before(position):
+        t = -(-position // block)
+        return t * (t + 1) // 2
+
+    counts = [causal_blocks_before(end) - causal_blocks_before(start) for start, end in bounds]
+    return [c / sum(counts) for c in counts]
 
 
 def check_chunk_size(chunk_size, attention) -> None:

@@ -31,6 +31,8 @@ from models.attention_spec import (
     LayerAttention,
     attend,
     check_chunk_size,
+    chunk_bounds,
+    chunk_density_weights,
     resolve_attention,
 )
 from models.config import LlamaConfig
@@ -329,7 +331,8 @@ class Llama(nnx.Module):
         one possibly shorter) runs every layer on its own tokens: its k/v go into the cache,
         its queries attend to keys 0 … end-1 (static shapes per chunk, a Python loop over
         chunks), so activations are bounded by one chunk. A chunk's density is weighted by its
-        causal (query, key) pairs, so the density is the whole prompt's.
+        share of the prompt's causal blocks (:func:`chunk_density_weights`), so the density is
+        the whole prompt's.
         """
         attention = resolve_attention(attention)
         c = self.config
@@ -338,9 +341,9 @@ class Llama(nnx.Module):
         cache = KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
         layers_graphdef, layers_state = nnx.split(self.layers)
         layer_attention = _per_layer_attention(attention, c.num_layers)
-        hiddens, densities, weights = [], [], []
-        for start in range(0, length, chunk_size):
-            end = min(start + chunk_size, length)
+        hiddens, densities = [], []
+        bounds = chunk_bounds(length, chunk_size)
+        for start, end in bounds:
 
             def one_layer(carry, xs, start=start):
                 hidden, cache = carry
@@ -358,10 +361,9 @@ class Llama(nnx.Module):
             )
             hiddens = [*hiddens, hidden] if keep_hidden else [hidden]
             densities.append(density)
-            weights.append((end - start) * start + (end - start) * (end - start + 1) / 2)
-        total = sum(weights)
+        weights = chunk_density_weights(bounds, attention)
         density = jax.tree.map(
-            lambda *per_chunk: sum(w / total * d for w, d in zip(weights, per_chunk)), *densities
+            lambda *per_chunk: sum(w * d for w, d in zip(weights, per_chunk)), *densities
         )
         return jnp.concatenate(hiddens, axis=1), cache, density
 

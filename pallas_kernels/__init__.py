@@ -45,8 +45,8 @@ from pallas_kernels.pooled_top_p import (
     pooled_top_p_supported,
     pooled_top_p_tiles,
 )
+from pallas_kernels.pooling import block_means
 from pallas_kernels.proxy_permutation import (
-    block_means,
     proxy_permutation,
     proxy_permutation_supported,
 )

@@ -36,7 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._checks import is_pow2
+from pallas_kernels._checks import _FLOAT_DTYPES, is_pow2
+from pallas_kernels._checks import MAX_HEAD_DIM as _MAX_HEAD_DIM
 
 __all__ = [
     "ImportanceTiles",
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 _LOG2E = math.log2(math.e)
-_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-_MAX_HEAD_DIM = 256
 # Initial running max of pass 1 (log2 units): finite so that exp2(_M_INIT - m) is an exact 0,
 # never inf - inf = NaN. Every split walks at least one key tile, so it is always replaced.
 _M_INIT = -1e30
@@ -235,7 +234,7 @@ def row_log2_sum_exp(q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, inter
     n, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = tiles.block_rows, tiles.block_keys
-    split_keys = min(tiles.split_keys, pl.cdiv(num_keys, bn) * bn)  # never longer than L itself
+    split_keys = min(tiles.split_keys, num_keys)  # never longer than L itself (whole tiles)
     num_splits = pl.cdiv(num_keys, split_keys)
 
     # Per (split, row tile, batch, head) the running max and exp-sum of its split.

@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels._checks import MAX_HEAD_DIM as _MAX_HEAD_DIM
 from pallas_kernels._checks import is_pow2
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
@@ -50,7 +51,6 @@ __all__ = [
 # registers through the bisection; at 2048 blocks (256K tokens of 128) that is 32K floats,
 # 128 per thread at 8 warps. Beyond, callers run the jnp path.
 MAX_POOLED_BLOCKS = 2048
-_MAX_HEAD_DIM = 256
 # Smallest dimension of a Triton dot operand.
 _MIN_DOT_DIM = 16
 # Key elements of one dot step's operand: [T_pad, depth_chunk] float32 goes through shared

@@ -41,10 +41,10 @@ from pallas_kernels.importance import (
     row_log2_sum_exp,
     validate_operands,
 )
+from pallas_kernels.pooling import block_means
 
 __all__ = [
     "GQA_MODES",
-    "block_means",
     "proxy_permutation",
     "proxy_permutation_supported",
 ]
@@ -55,18 +55,6 @@ GQA_MODES = ("replicate", "shared")
 # Key tiles of one segment in proxy_permutation's pass 2: the rank takes (S / block_keys)²
 # tile comparisons, unrolled at trace time (2 at the paper's S = 256 with 128-key tiles).
 _MAX_SEGMENT_TILES = 16
-
-
-def block_means(x: jax.Array, block_size: int) -> jax.Array:
-    """``[B, N, H, D]`` → ``[B, ceil(N / block_size), H, D]`` float32 means of consecutive
-    blocks of rows; the zero padding of a partial last block is counted in its mean (the
-    official code's pooling). The one statement of that rule: the planner's mean pooling
-    (``pbs_jax.selection.mean_pool_blocks``), :func:`proxy_permutation`'s incomplete segment
-    and its reference."""
-    b, n, h, d = x.shape
-    t = pl.cdiv(n, block_size)
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, t * block_size - n), (0, 0), (0, 0)))
-    return x.reshape(b, t, block_size, h, d).mean(axis=2)
 
 
 def _validate_permutation(q_proxy, k, segment_size, block_size, gqa, tiles) -> ImportanceTiles:

@@ -18,7 +18,7 @@ from jax import lax
 
 from pallas_kernels import _checks
 from pallas_kernels.planned import slot_order
-from pallas_kernels.proxy_permutation import block_means
+from pallas_kernels.pooling import block_means
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [

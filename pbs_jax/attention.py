@@ -12,7 +12,14 @@ import numpy as np
 from pallas_kernels import mgpu_supported, planned_attention
 from pbs_jax import blocks, cost_model, reference
 from pbs_jax.config import PBSConfig
-from pbs_jax.grid import num_blocks, real_block_counts, real_blocks, segment_blocks, zero_padding
+from pbs_jax.grid import (
+    causal_blocks,
+    num_blocks,
+    real_block_counts,
+    real_blocks,
+    segment_blocks,
+    zero_padding,
+)
 from pbs_jax.permutation import identity_permutation, plan_permutation
 from pbs_jax.selection import select_blocks
 
@@ -345,11 +352,10 @@ def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=N
     else:
         perm, block_mask = pbs_plan(q, k, cfg, lengths)
         dens = _mean_density(block_mask, lengths, cfg)
+        sparse = jnp.bool_(True)
         if impl == "pallas":
-            sparse = jnp.bool_(True)
             out = kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
         else:
-            sparse = jnp.bool_(True)
             out = reference.permuted_block_sparse_attention(
                 q, k, v, perm, block_mask, cfg.block_size, lengths
             )
@@ -366,7 +372,7 @@ def _dense_plan(b: int, m: int, n: int, hq: int, hkv: int, cfg: PBSConfig, lengt
     row's own grid with ``lengths``), density 1."""
     t, tq = num_blocks(n, cfg.block_size), num_blocks(m, cfg.block_size)
     perm = identity_permutation(b, cfg.num_perm_heads(hq, hkv), n)
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t - tq, t)[:, None]
+    causal = causal_blocks(t, t - tq)
     if lengths is not None:  # M = N (validate_chunk)
         causal = causal & real_blocks(lengths, t, cfg.block_size)[:, None]
     block_mask = jnp.broadcast_to(causal, (b, hq, tq, t))

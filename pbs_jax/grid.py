@@ -45,6 +45,13 @@ def _block_grid(t: int, q_offset: int = 0) -> tuple[jax.Array, jax.Array]:
     return jnp.arange(q_offset, t)[:, None], jnp.arange(t)[None, :]
 
 
+def causal_blocks(t: int, q_offset: int = 0) -> jax.Array:
+    """``[T - q_offset, T]`` bool: the causal block grid (key block ≤ query block), what a dense
+    causal kernel computes."""
+    qb, kb = _block_grid(t, q_offset)
+    return kb <= qb
+
+
 def own_segment_blocks(t: int, cfg: PBSConfig, q_offset: int = 0) -> jax.Array:
     """``[T, T]`` bool: blocks always computed and masked token by token on original positions.
 
@@ -72,8 +79,7 @@ def softmax_domain(t: int, cfg: PBSConfig, q_offset: int = 0) -> jax.Array:
     """
     if cfg.permute:
         return earlier_segment_blocks(t, cfg, q_offset)
-    qb, kb = _block_grid(t, q_offset)
-    return kb <= qb
+    return causal_blocks(t, q_offset)
 
 
 def dense_tail_blocks(
@@ -109,8 +115,7 @@ def computed_causal_blocks(block_mask: jax.Array) -> jax.Array:
     causal triangle, and keeping every block is a density of exactly 1.
     """
     t = block_mask.shape[-1]
-    qb, kb = _block_grid(t, t - block_mask.shape[-2])
-    return block_mask & (kb <= qb)
+    return block_mask & causal_blocks(t, t - block_mask.shape[-2])
 
 
 # Batches of different lengths (right padding): row b holds ``lengths[b]`` real tokens, then

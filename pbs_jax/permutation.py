@@ -180,8 +180,20 @@ def plan_permutation(
     if not cfg.permute or n < cfg.segment_size:
         return identity_permutation(b, hp, n), None
     if FUSED_PERMUTATION and lengths is None and jax.default_backend() == "gpu":
-        proxy = proxy_queries(q, cfg)
-        kernel_args = dict(segment_size=cfg.segment_size, block_size=cfg.block_size, gqa=cfg.gqa)
-        if proxy_permutation_supported(proxy, k, **kernel_args):
-            return proxy_permutation(proxy, k, **kernel_args)
+        fused = fused_permutation(q, k, cfg)
+        if fused is not None:
+            return fused
     return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths), None
+
+
+def fused_permutation(
+    q: jax.Array, k: jax.Array, cfg: PBSConfig
+) -> tuple[jax.Array, jax.Array] | None:
+    """``(perm [B, Hp, N], pooled_k [B, T, Hp, D])`` from the fused kernel
+    ``pallas_kernels.proxy_permutation`` on the configuration's proxy, or None for shapes it
+    does not take (a permuted plan of N >= segment_size, no ``lengths``)."""
+    proxy = proxy_queries(q, cfg)
+    kernel_args = dict(segment_size=cfg.segment_size, block_size=cfg.block_size, gqa=cfg.gqa)
+    if not proxy_permutation_supported(proxy, k, **kernel_args):
+        return None
+    return proxy_permutation(proxy, k, **kernel_args)

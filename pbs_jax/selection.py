@@ -358,12 +358,9 @@ def select_blocks(
     """
     if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
         pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k)
-        # The kernel's grid is square (domain [T, T]): a chunk's Tq < T rows take the jnp path.
-        if (
-            jax.default_backend() == "gpu"
-            and pooled_q.shape[1] == pooled_k.shape[1]
-            and pooled_top_p_supported(pooled_q, pooled_k)
-        ):
+        # The kernel's grid is square (domain [T, T]): it refuses a chunk's Tq < T rows, which
+        # take the jnp path.
+        if jax.default_backend() == "gpu" and pooled_top_p_supported(pooled_q, pooled_k):
             t = pooled_q.shape[1]
             top_p_mask = pooled_top_p_blocks(
                 pooled_q, pooled_k, softmax_domain(t, cfg), float(cfg.threshold)

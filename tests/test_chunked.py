@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import pbs_jax
-from models import JittedLlama, Llama, PBSAttention
+from models import JittedLlama, Llama, PBSAttention, chunk_bounds
 from pallas_kernels import (
     block_sparse_attention,
     block_sparse_attention_mgpu,
@@ -253,3 +253,20 @@ def test_chunks_of_a_ragged_batch_raise(tiny_runner):
     tokens = random_tokens(TINY, (2, 64))
     with pytest.raises(NotImplementedError, match="lengths"):
         tiny_runner.prefill(tokens, SMALL, chunk_size=32, lengths=[64, 40])
+
+
+def test_chunk_bounds_and_density_weights_worked_by_hand():
+    """Chunks of 256 of a 600-token prompt, and each chunk's share of the causal blocks: PBS
+    blocks of 128 (block grids of 2, 4 and 5 blocks: 3, 10 and 15 causal blocks before each
+    end), and tokens for dense attention (causal token pairs)."""
+    from models.attention_spec import chunk_density_weights
+
+    bounds = chunk_bounds(600, 256)
+    assert bounds == [(0, 256), (256, 512), (512, 600)] and chunk_bounds(600, None) == [(0, 600)]
+    np.testing.assert_allclose(
+        chunk_density_weights(bounds, PBSConfig.paper()), [3 / 15, 7 / 15, 5 / 15]
+    )
+    pairs = [256 * 257 / 2, 512 * 513 / 2 - 256 * 257 / 2, 600 * 601 / 2 - 512 * 513 / 2]
+    np.testing.assert_allclose(
+        chunk_density_weights(bounds, "full"), np.array(pairs) / (600 * 601 / 2)
+    )

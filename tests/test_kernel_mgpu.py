@@ -96,17 +96,7 @@ def test_planned_attention_off_hopper_is_the_triton_contract(hp):
     """The kernel entry on a machine without Hopper: the Triton kernel (interpret mode on CPU),
     K/V permuted physically when Hp == Hkv and gathered in-kernel otherwise."""
     c = make_case(7, n=200, d=16, hq=4, hk=1, hp=hp, block_size=32, density=0.5)
-    out = planned_attention(
-        c.q,
-        c.k,
-        c.v,
-        jnp.asarray(c.key_pos),
-        jnp.asarray(c.ids),
-        jnp.asarray(c.full),
-        jnp.asarray(c.total),
-        block_size=32,
-        segment_blocks=2,
-    )
+    out = planned_attention(*c.args(), block_size=32, segment_blocks=2)
     assert rel_err(out, numpy_oracle(c)) < 1e-4
 
 
@@ -132,11 +122,10 @@ def test_mosaic_path_per_kv_head_group_equals_one_launch(hq, hk, hp):
     on the kernel's contract reference (any machine), ragged N padded, and the token-mask
     oracle."""
     c = make_case(11, n=200, d=16, hq=hq, hk=hk, hp=hp, block_size=32, density=0.5)
-    args = (c.q, c.k, c.v, jnp.asarray(c.key_pos), jnp.asarray(c.ids), jnp.asarray(c.full))
 
     def mosaic_path(limit):
         return planned._mosaic(
-            *args,
+            *c.args()[:6],  # q, k, v, key_pos, ids, full (the Mosaic path has no totals)
             block_size=32,
             segment_blocks=2,
             kernel=block_sparse_attention_mgpu_reference,
@@ -155,18 +144,9 @@ def test_planned_attention_per_kv_head_group_on_hopper(monkeypatch):
     c = make_case(
         5, n=1000, d=128, hq=8, hk=2, hp=8, block_size=128, dtype=jnp.bfloat16, density=0.4
     )
-    args = (
-        c.q,
-        c.k,
-        c.v,
-        jnp.asarray(c.key_pos),
-        jnp.asarray(c.ids),
-        jnp.asarray(c.full),
-        jnp.asarray(c.total),
-    )
-    whole = planned_attention(*args, block_size=128, segment_blocks=2)
+    whole = planned_attention(*c.args(), block_size=128, segment_blocks=2)
     monkeypatch.setattr(planned, "SLOT_COPY_LIMIT_BYTES", 0)
-    grouped = planned_attention(*args, block_size=128, segment_blocks=2)
+    grouped = planned_attention(*c.args(), block_size=128, segment_blocks=2)
     np.testing.assert_array_equal(np.asarray(grouped, np.float32), np.asarray(whole, np.float32))
     assert rel_err(grouped, numpy_oracle(c)) < TOL[jnp.bfloat16]
 

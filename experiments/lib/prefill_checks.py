@@ -74,10 +74,6 @@ class Plan:
         """The first (with one text, the only) text file."""
         return self.text_paths[0]
 
-    @property
-    def text(self) -> str:
-        return self.texts[0]
-
     def row(self, index: int) -> Plan:
         """This plan restricted to one text (row ``index`` of the batch): what its report says."""
         return dataclasses.replace(
