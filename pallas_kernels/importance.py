@@ -103,12 +103,14 @@ class ImportanceTiles:
             )
 
 
-# Starting points, not measured (no benchmark yet): 128 × 128 tiles at 8 warps for 16-bit
-# inputs (the attention kernel's measured best for D 128 is the same shape); 64 × 64 at 4 warps
-# for float32 (IEEE dots, twice the register bytes per element).
+# 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep in
+# experiments/profile_plan.py): 128 proxy rows × 64 keys at 4 warps, splits of 512 keys, against
+# 128 × 128 at 8 warps, splits of 1024: 1.27 vs 1.45 ms at 128K keys and one proxy block,
+# 3.99 vs 4.91 ms at four blocks; 0.24 vs 0.29 ms at 8K and four blocks, 75 µs both at one.
+# float32: 64 × 64 at 4 warps, not measured (IEEE dots, twice the register bytes per element).
 _DEFAULT_TILES = {
-    "bfloat16": ImportanceTiles(128, 128, num_warps=8, num_stages=2),
-    "float16": ImportanceTiles(128, 128, num_warps=8, num_stages=2),
+    "bfloat16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2),
+    "float16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2),
     "float32": ImportanceTiles(64, 64, num_warps=4, num_stages=2),
 }
 

@@ -96,13 +96,16 @@ class PooledTopPTiles:
 
 
 def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
-    """Default tiles for T pooled blocks of head dim D (not measured yet; reasoning below).
+    """Default tiles for T pooled blocks of head dim D (reasoning below; measured on an H200,
+    JAX 0.11.2, 2026-11-30, 32 heads of D 128: experiments/profile_plan.py's sweep).
 
-    * block_rows 16 at every T: the [16, T_pad] tile is the smallest the dot takes, so the
-      register tile stays small at large T (16 × 2048 = 32K floats) and small T still gets
-      B·Hq·T_pad/16 programs (128 at T = 64, 32 heads: the selection at 8K is latency-bound, so
-      more, shorter programs finish sooner). The cost is re-reading a head's pooled keys once
-      per 16 query blocks, from L2 (T_pad²·D·4/16 bytes per head).
+    * block_rows 16, except 32 at T_pad = 1024: the [16, T_pad] tile is the smallest the dot
+      takes, so the register tile stays small at large T (16 × 2048 = 32K floats) and small T
+      still gets B·Hq·T_pad/16 programs (128 at T = 64, 32 heads: the selection at 8K is
+      latency-bound, so more, shorter programs finish sooner; 32 rows there: 0.11 vs 0.08 ms).
+      The cost is re-reading a head's pooled keys once per 16 query blocks, from L2
+      (T_pad²·D·4/16 bytes per head): at T_pad = 1024 (128K tokens) 32 rows halve it, 0.98 vs
+      1.19 ms; at 2048, 32 rows would hold 64K floats in registers (not measured).
     * num_warps 4 while the tile is <= 4K floats (T_pad <= 256: 32 per thread), 8 above (up to
       128 per thread at T_pad = 2048).
     * depth_chunk: the largest power of two <= D with a [T_pad, depth_chunk] float32 operand of
@@ -112,7 +115,7 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     t_pad = padded_blocks(num_blocks)
     depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))
     return PooledTopPTiles(
-        block_rows=min(16, t_pad),
+        block_rows=32 if t_pad == 1024 else min(16, t_pad),
         depth_chunk=depth_chunk,
         num_warps=4 if t_pad <= 256 else 8,
         num_stages=1,

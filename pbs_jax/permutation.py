@@ -112,7 +112,9 @@ def segment_permutation(
     b, hp, complete = scores.shape
     s = cfg.segment_size
     g = complete // s
-    order = jnp.argsort(scores.reshape(b, hp, g, s), axis=-1, descending=True, stable=True)
+    # Descending and stable as an ascending stable sort of the negated scores (>= 0, so no
+    # signed zeros mix): jnp's descending sort reverses its operand and result, two more passes.
+    order = jnp.argsort(-scores.reshape(b, hp, g, s), axis=-1, stable=True)
     if lengths is not None:
         sorted_segment = jnp.arange(g)[None, :] < (permuted_key_counts(lengths, cfg) // s)[:, None]
         order = jnp.where(sorted_segment[:, None, :, None], order, jnp.arange(s))

@@ -104,7 +104,7 @@ def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa):
 
 
 def test_default_tiles_shrink_to_divide():
-    assert importance_tiles(512, 131072, jnp.bfloat16) == ImportanceTiles(128, 128)
+    assert importance_tiles(512, 131072, jnp.bfloat16) == ImportanceTiles(128, 64, 512, 4, 2)
     tiles = importance_tiles(48, 96, jnp.float32)
     assert (tiles.block_rows, tiles.block_keys) == (16, 32)
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -148,7 +148,7 @@ def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch):
 def test_default_tiles_follow_t():
     assert pooled_top_p_tiles(5, 16) == PooledTopPTiles(16, 16, num_warps=4)
     assert pooled_top_p_tiles(64, 128) == PooledTopPTiles(16, 128, num_warps=4)
-    assert pooled_top_p_tiles(1024, 128) == PooledTopPTiles(16, 16, num_warps=8)
+    assert pooled_top_p_tiles(1024, 128) == PooledTopPTiles(32, 16, num_warps=8)
     assert pooled_top_p_tiles(MAX_POOLED_BLOCKS, 64) == PooledTopPTiles(16, 16, num_warps=8)
 
 

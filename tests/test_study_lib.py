@@ -194,6 +194,7 @@ def rerender(tmp_path, module, *names, args=()):
     [
         ("bench_kernel", ["bench_kernel.json"]),
         ("bench_kernel", ["bench_kernel_fused_plan.json"]),
+        ("bench_kernel", ["bench_kernel_tuned_plan.json"]),
         (
             "bench_prefill",
             [

@@ -1,0 +1,187 @@
+"""Where the plan's time goes: a per-kernel GPU profile of the plan and of ``impl="auto"``'s
+estimate, and the tile sweeps behind the planner kernels' default tiles.
+
+Run on a GPU (one call):
+  python -m experiments.profile_plan            # writes $OUT/profile_plan.json and .md
+  python -m experiments.profile_plan --smoke    # the script's logic on CPU (tiny, no GPU rows)
+
+Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
+  * the plan as the op runs it (``pbs_plan`` + ``index_lists`` in one jit), for the paper's rule
+    and the op's default, and the estimate stage, each profiled with ``jax.profiler`` (a
+    Perfetto trace): GPU time per kernel, summed per call, beside the wall time of the call
+    (dispatch included, as bench_kernel times it);
+  * ``pallas_kernels.proxy_importance`` over a set of ``ImportanceTiles`` (one and four proxy
+    blocks) and ``pallas_kernels.pooled_top_p_blocks`` over a set of ``PooledTopPTiles``
+    (checked equal to the default tiles' mask), wall time of each call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import gzip
+import json
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import pbs_jax
+from experiments.lib import timing
+from experiments.lib.synthetic import structured_qkv
+from pallas_kernels import (
+    ImportanceTiles,
+    PooledTopPTiles,
+    pooled_top_p_blocks,
+    proxy_importance,
+)
+from pbs_jax import PBSConfig, blocks, cost_model, permutation, selection
+from pbs_jax.grid import softmax_domain
+
+LENGTHS = (8192, 131072)
+RULES = {"paper": PBSConfig.paper(), "default": PBSConfig()}
+IMPORTANCE_TILES = (
+    ImportanceTiles(128, 128, 1024, 8, 2),
+    ImportanceTiles(128, 64, 512, 4, 2),
+    ImportanceTiles(128, 64, 1024, 4, 2),
+    ImportanceTiles(64, 64, 256, 4, 2),
+)
+TOP_P_TILES = (
+    PooledTopPTiles(16, 16, 8, 1),
+    PooledTopPTiles(32, 16, 8, 1),
+    PooledTopPTiles(16, 32, 8, 1),
+    PooledTopPTiles(16, 16, 4, 1),
+)
+
+
+def kernel_profile(fn, *args, reps: int = 5) -> list[tuple[str, float, float]]:
+    """(kernel name, launches per call, GPU µs per call), largest first, from a Perfetto trace of
+    ``reps`` warm calls; empty off the GPU."""
+    jax.block_until_ready(fn(*args))
+    log_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(reps):
+            jax.block_until_ready(fn(*args))
+    trace_file = next(pathlib.Path(log_dir).rglob("perfetto_trace.json.gz"))
+    events = json.load(gzip.open(trace_file))["traceEvents"]
+    gpu_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in e["args"]["name"]
+    }
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            totals[e["name"]][0] += 1
+            totals[e["name"]][1] += e.get("dur", 0.0)
+    rows = [(name, n / reps, us / reps) for name, (n, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def plan_fn(cfg: PBSConfig):
+    return jax.jit(
+        lambda q, k: (lambda perm, mask: (perm, blocks.index_lists(mask, cfg)))(
+            *pbs_jax.pbs_plan(q, k, cfg)
+        )
+    )
+
+
+def profiled(fn, *args, time) -> dict:
+    kernels = kernel_profile(fn, *args)
+    return {
+        "wall_ms": time(fn, *args),
+        "gpu_us": sum(r[2] for r in kernels),
+        "launches": sum(r[1] for r in kernels),
+        "kernels": kernels[:20],
+    }
+
+
+def sweeps(q, k, time) -> dict:
+    """Wall ms of the importance kernel per tiles and proxy size, and of the pooled top-p kernel
+    per tiles (with whether its mask equals the default tiles')."""
+    n = k.shape[1]
+    keys = k[:, : (n // 256) * 256]
+    importance = []
+    for rule, cfg in RULES.items():
+        proxy = permutation.proxy_queries(q, cfg)
+        for tiles in IMPORTANCE_TILES:
+            fn = jax.jit(functools.partial(proxy_importance, tiles=tiles))
+            importance.append({"rule": rule, "tiles": repr(tiles), "ms": time(fn, proxy, keys)})
+    cfg = RULES["paper"]
+    perm = permutation.compute_permutation(q, k, cfg)
+    pooled_q, pooled_k = jax.jit(lambda q, k, p: selection.pooled_blocks(q, k, p, cfg))(q, k, perm)
+    domain = softmax_domain(pooled_q.shape[1], cfg)
+    select = functools.partial(pooled_top_p_blocks, domain=domain, threshold=cfg.threshold)
+    default = jax.jit(select)(pooled_q, pooled_k)
+    top_p = [{"tiles": "default", "ms": time(jax.jit(select), pooled_q, pooled_k), "same": True}]
+    for tiles in TOP_P_TILES:
+        fn = jax.jit(functools.partial(select, tiles=tiles))
+        try:
+            same = bool((fn(pooled_q, pooled_k) == default).all())
+        except Exception as err:  # a tile the card cannot hold (shared memory): say so
+            top_p.append({"tiles": repr(tiles), "error": str(err)[:160]})
+            continue
+        top_p.append({"tiles": repr(tiles), "ms": time(fn, pooled_q, pooled_k), "same": same})
+    return {"importance": importance, "top_p": top_p}
+
+
+def run(lengths, heads=32, kv_heads=8, dim=128, smoke=False) -> dict:
+    time = functools.partial(timing.time_call, min_reps=10, max_reps=200, budget_s=1.0)
+    if smoke:
+        time = functools.partial(timing.time_call, min_reps=1, max_reps=1, budget_s=0.0)
+    payload = {"stamp": timing.stamp(), "shape": [1, heads, kv_heads, dim], "rows": []}
+    for n in lengths:
+        q, k, _ = structured_qkv(jax.random.key(n + 1), 1, n, heads, kv_heads, dim, jnp.bfloat16)
+        row = {"n": n}
+        for rule, cfg in RULES.items():
+            row[f"plan_{rule}"] = profiled(plan_fn(cfg), q, k, time=time)
+        estimate = jax.jit(functools.partial(cost_model.estimate_density, cfg=PBSConfig()))
+        row["estimate"] = profiled(estimate, q, k, time=time)
+        row.update(sweeps(q, k, time))
+        payload["rows"].append(row)
+        print(render([row]), flush=True)
+    return payload
+
+
+def render(rows) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"\n## N = {r['n']}\n")
+        lines.append("| call | wall ms | GPU µs | launches | largest kernels (µs) |")
+        lines.append("|---|---|---|---|---|")
+        for name in ("plan_paper", "plan_default", "estimate"):
+            p = r[name]
+            top = ", ".join(f"{k[:40]} {us:.1f}" for k, _, us in p["kernels"][:5])
+            lines.append(
+                f"| {name} | {p['wall_ms']:.3f} | {p['gpu_us']:.1f} | {p['launches']:.0f} | {top} |"
+            )
+        lines.append("\n| importance tiles | rule | ms |\n|---|---|---|")
+        lines += [f"| {s['tiles']} | {s['rule']} | {s['ms']:.3f} |" for s in r["importance"]]
+        lines.append("\n| top-p tiles | ms | mask = default's |\n|---|---|---|")
+        lines += [
+            f"| {s['tiles']} | {s.get('ms', float('nan')):.3f} | {s.get('same', s.get('error'))} |"
+            for s in r["top_p"]
+        ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        payload = run([512], heads=2, kv_heads=1, dim=64, smoke=True)
+    else:
+        payload = run(args.lengths)
+    out = timing.out_dir()
+    timing.write_json(out / "profile_plan.json", payload)
+    st = payload["stamp"]
+    head = f"# Plan profile — {st['device']}, JAX {st['jax']}, {st['date']}\n"
+    (out / "profile_plan.md").write_text(head + render(payload["rows"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
