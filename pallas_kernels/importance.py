@@ -14,6 +14,13 @@ read back twice (softmax, then the row mean). Here they never leave the chip:
   recomputes the logits tile and accumulates the column sums of ``exp(s - lse_row)``; dividing
   by P gives the mean probability of each key.
 
+A ragged (right-padded) batch passes ``real_rows [B]`` and ``real_keys [B]``: a static flag
+adds the counts as two scalar operands of each pass (Pallas Triton has no scalar prefetch; a
+``(None,)`` block gives each program its batch row's count) and masks built from iota compares,
+always with ``where`` (padded rows and keys may hold anything). Pass 1 walks only the key tiles
+that hold a real key and skips row tiles of padding; pass 2 walks only the real rows' tiles, and
+not at all for a key tile of padding. Without counts the kernels are exactly the unragged ones.
+
 The logits are computed twice (2·P·L·D multiply-adds per head, against the XLA path's one pass
 plus ~3 HBM round trips of P·L floats), which is the usual trade of flash-style kernels. All
 accumulation is float32 (``preferred_element_type``); inputs stay in their own dtype. Softmax
@@ -48,8 +55,12 @@ __all__ = [
 
 _LOG2E = math.log2(math.e)
 # Initial running max of pass 1 (log2 units): finite so that exp2(_M_INIT - m) is an exact 0,
-# never inf - inf = NaN. Every split walks at least one key tile, so it is always replaced.
+# never inf - inf = NaN. Every split walks at least one key tile, so it is always replaced
+# (ragged: a split may walk none, then its exp-sum 0 weighs it out of the combine).
 _M_INIT = -1e30
+# Pass 1's logit (log2 units) at a key past real_keys: far below _M_INIT, so exp2 of it minus any
+# running max is an exact 0 and it never becomes the max; finite, so no inf arithmetic.
+_PADDED_LOGIT = -1e38
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +195,8 @@ def proxy_importance_supported(q_proxy, k) -> bool:
 def proxy_importance(
     q_proxy: jax.Array,
     k: jax.Array,
+    real_rows: jax.Array | None = None,
+    real_keys: jax.Array | None = None,
     *,
     tiles: ImportanceTiles | None = None,
     interpret: bool | None = None,
@@ -197,6 +210,11 @@ def proxy_importance(
       q_proxy: ``[B, P, Hq, D]`` proxy queries, P a multiple of 16.
       k: ``[B, L, Hkv, D]`` keys, L a multiple of 16, Hq a multiple of Hkv, same dtype as
         q_proxy (float32, bfloat16 or float16); D a power of two in [16, 256].
+      real_rows, real_keys: ``[B]`` integers or None (all P, all L; both None: the unragged
+        kernels): per batch row of a ragged batch, only its first ``real_rows`` proxy rows count
+        in the mean (divided by real_rows) and only its first ``real_keys`` keys in the softmax;
+        keys past real_keys get 0, a row with no real key (or no real row) 0 throughout. The
+        padded rows and keys may hold anything finite. Counts are clipped to [0, P] / [0, L].
       tiles: :class:`ImportanceTiles`; default :func:`importance_tiles` (P, L, dtype).
       interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
 
@@ -204,13 +222,35 @@ def proxy_importance(
       ``[B, Hq, L]`` float32.
 
     Raises:
-      ValueError: bad ranks, dtypes, shapes, head counts, head dim or tiles (the message names
-        the argument and the rule).
+      ValueError: bad ranks, dtypes, shapes, head counts, head dim or tiles, or counts that are
+        not ``[B]`` integers (the message names the argument and the rule).
     """
     tiles = validate_operands(q_proxy, k, tiles)
+    counts = real_counts(q_proxy, k, real_rows, real_keys)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return _proxy_importance(q_proxy, k, tiles=tiles, interpret=bool(interpret))
+    return _proxy_importance(q_proxy, k, counts, tiles=tiles, interpret=bool(interpret))
+
+
+def real_counts(q_proxy, k, real_rows, real_keys) -> tuple[jax.Array, jax.Array] | None:
+    """``(real_rows, real_keys)`` as ``[B]`` int32 clipped to [0, P] and [0, L] (a None one:
+    all of them), or None when both are None (the unragged kernels)."""
+    if real_rows is None and real_keys is None:
+        return None
+    b, p = q_proxy.shape[:2]
+    l = k.shape[1]
+    counts = []
+    for name, count, full in (("real_rows", real_rows, p), ("real_keys", real_keys, l)):
+        if count is None:
+            count = jnp.full((b,), full, jnp.int32)
+        count = jnp.asarray(count)
+        if count.shape != (b,) or not jnp.issubdtype(count.dtype, jnp.integer):
+            raise ValueError(
+                f"{name} must be a [B] = [{b}] integer array or None, "
+                f"got {count.dtype}{list(count.shape)}"
+            )
+        counts.append(jnp.clip(count, 0, full).astype(jnp.int32))
+    return tuple(counts)
 
 
 def kernel_params(q_proxy) -> dict:
@@ -229,15 +269,28 @@ def kv_head(h, group):
     return lax.div(h, group)  # lax.div, as jax ops do for program-id math
 
 
-def row_log2_sum_exp(q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, interpret: bool):
+def count_specs(counts, index_map):
+    """The in_specs of the ragged counts (``[B]`` int32 each): one scalar per program, its batch
+    row's (``index_map`` gives the batch index), or none when ``counts`` is None."""
+    return [] if counts is None else [pl.BlockSpec((None,), index_map)] * len(counts)
+
+
+def row_log2_sum_exp(
+    q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, interpret: bool, counts=None
+):
     """Pass 1: ``lse [B, Hq, P]`` float32, each proxy row's log2-sum-exp2 of its base-2 logits
-    over the first ``num_keys`` keys of ``k [B, N, Hkv, D]`` (a multiple of block_keys)."""
+    over the first ``num_keys`` keys of ``k [B, N, Hkv, D]`` (a multiple of block_keys).
+
+    counts: None or ``(real_rows, real_keys)`` ``[B]`` int32 (:func:`real_counts`): only the
+    first real_keys keys enter a row's sum; the rows past real_rows, and every row of a batch
+    row without a real key, get anything (-inf when their whole row tile is padding)."""
     b, p, hq, d = q_proxy.shape
     n, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = tiles.block_rows, tiles.block_keys
     split_keys = min(tiles.split_keys, num_keys)  # never longer than L itself (whole tiles)
     num_splits = pl.cdiv(num_keys, split_keys)
+    ragged = counts is not None
 
     # Per (split, row tile, batch, head) the running max and exp-sum of its split.
     stats_shape = jax.ShapeDtypeStruct((b, hq, num_splits, p), jnp.float32)
@@ -248,6 +301,7 @@ def row_log2_sum_exp(q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, inter
             block_keys=bn,
             split_tiles=split_keys // bn,
             num_key_tiles=num_keys // bn,
+            ragged=ragged,
             **kernel_params(q_proxy),
         ),
         out_shape=(stats_shape, stats_shape),
@@ -257,12 +311,13 @@ def row_log2_sum_exp(q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, inter
             # The whole key sequence of one kv head: only a base pointer for Triton; the loop
             # addresses its tiles.
             pl.BlockSpec((None, n, None, d), lambda s, r, bi, h: (bi, 0, kv_head(h, group), 0)),
+            *count_specs(counts, lambda s, r, bi, h: (bi,)),
         ],
         out_specs=(stats_spec, stats_spec),
         compiler_params=compiler_params(tiles),
         interpret=interpret,
-        name=f"pbs_importance_stats_m{bm}_n{bn}",
-    )(q_proxy, k)
+        name=f"pbs_importance_stats_m{bm}_n{bn}" + ("_ragged" if ragged else ""),
+    )(q_proxy, k, *(counts or ()))
 
     # Splits → one log2-sum-exp2 per row, [B, Hq, P] (tiny: no kernel needed).
     top = row_max.max(axis=2)
@@ -270,12 +325,13 @@ def row_log2_sum_exp(q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, inter
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def _proxy_importance(q_proxy, k, *, tiles: ImportanceTiles, interpret: bool):
+def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: bool):
     b, p, hq, d = q_proxy.shape
     l, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = tiles.block_rows, tiles.block_keys
-    lse = row_log2_sum_exp(q_proxy, k, num_keys=l, tiles=tiles, interpret=interpret)
+    ragged = counts is not None  # static: None is an empty pytree, its own trace
+    lse = row_log2_sum_exp(q_proxy, k, num_keys=l, tiles=tiles, interpret=interpret, counts=counts)
 
     # Pass 2: per (key tile, batch, head) the column sums of the probabilities over all rows.
     return pl.pallas_call(
@@ -284,6 +340,7 @@ def _proxy_importance(q_proxy, k, *, tiles: ImportanceTiles, interpret: bool):
             block_rows=bm,
             num_row_tiles=p // bm,
             inv_rows=1.0 / p,
+            ragged=ragged,
             **kernel_params(q_proxy),
         ),
         out_shape=jax.ShapeDtypeStruct((b, hq, l), jnp.float32),
@@ -292,37 +349,54 @@ def _proxy_importance(q_proxy, k, *, tiles: ImportanceTiles, interpret: bool):
             pl.BlockSpec((None, p, None, d), lambda j, bi, h: (bi, 0, h, 0)),
             pl.BlockSpec((None, bn, None, d), lambda j, bi, h: (bi, j, kv_head(h, group), 0)),
             pl.BlockSpec((None, None, p), lambda j, bi, h: (bi, h, 0)),
+            *count_specs(counts, lambda j, bi, h: (bi,)),
         ],
         out_specs=pl.BlockSpec((None, None, bn), lambda j, bi, h: (bi, h, j)),
         compiler_params=compiler_params(tiles),
         interpret=interpret,
-        name=f"pbs_importance_columns_m{bm}_n{bn}",
-    )(q_proxy, k, lse)
+        name=f"pbs_importance_columns_m{bm}_n{bn}" + ("_ragged" if ragged else ""),
+    )(q_proxy, k, lse, *(counts or ()))
 
 
-def _row_stats_kernel(
-    q_ref, k_ref, max_ref, sum_ref, *, block_keys, split_tiles, num_key_tiles, qk_scale, precision
-):
+def _row_stats_kernel(*refs, block_keys, split_tiles, num_key_tiles, ragged, qk_scale, precision):
     """One program: ``block_rows`` proxy rows against the key tiles of one split.
 
     q_ref [bm, D], k_ref [N, D]; max_ref, sum_ref [bm] (log2 units: the row max of
     s = q·k·log2(e)/√D over the split, and Σ exp2(s - max)).
+
+    Ragged: real_rows_ref, real_keys_ref [] (this batch row's counts) follow k_ref. Only the
+    split's tiles that hold a real key are walked, keys past real_keys masked; a row tile wholly
+    past real_rows walks none. A split that walks none writes (_M_INIT, 0): weight 0 in the
+    combine of the splits.
     """
+    if ragged:
+        q_ref, k_ref, real_rows_ref, real_keys_ref, max_ref, sum_ref = refs
+    else:
+        q_ref, k_ref, max_ref, sum_ref = refs
     first = pl.program_id(0) * split_tiles
     # The last split may be short; every split holds at least one tile.
     count = jnp.minimum(split_tiles, num_key_tiles - first)
     q = q_ref[...]
+    bm = q.shape[0]
+    if ragged:
+        real_keys = real_keys_ref[...]
+        real_tiles = lax.div(real_keys + block_keys - 1, block_keys)  # tiles with a real key
+        count = jnp.clip(real_tiles - first, 0, count)
+        count = jnp.where(pl.program_id(1) * bm < real_rows_ref[...], count, 0)
 
     def step(t, carry):
         m_prev, l_prev = carry
-        keys = k_ref[pl.ds((first + t) * block_keys, block_keys), :]
+        start = (first + t) * block_keys
+        keys = k_ref[pl.ds(start, block_keys), :]
         s = jnp.dot(q, keys.T, precision=precision, preferred_element_type=jnp.float32)
         s = s * qk_scale  # [bm, bn]
+        if ragged:  # a where: padded keys may hold anything
+            key = start + lax.broadcasted_iota(jnp.int32, (block_keys,), 0)
+            s = jnp.where((key < real_keys)[None, :], s, _PADDED_LOGIT)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         l_new = l_prev * jnp.exp2(m_prev - m_new) + jnp.sum(jnp.exp2(s - m_new[:, None]), axis=1)
         return m_new, l_new
 
-    bm = q.shape[0]
     carry = (jnp.full((bm,), _M_INIT, jnp.float32), jnp.zeros((bm,), jnp.float32))
     m, l = lax.fori_loop(0, count, step, carry)
     max_ref[...] = m
@@ -330,48 +404,89 @@ def _row_stats_kernel(
 
 
 def probability_column_sums(
-    q_ref, lse_ref, key_tiles, *, block_rows, num_row_tiles, qk_scale, precision
+    q_ref,
+    lse_ref,
+    key_tiles,
+    *,
+    block_rows,
+    num_row_tiles,
+    qk_scale,
+    precision,
+    real_rows=None,
+    keys_in=None,
 ):
     """Σ over all rows of ``q_ref [R, D]`` of ``exp2(s - lse_row)`` for each key of each tile
     of ``key_tiles`` (``[bn, D]`` each): a tuple of ``[bn]`` float32, rows walked
-    ``block_rows`` at a time; lse_ref ``[R]`` (log2 units)."""
+    ``block_rows`` at a time; lse_ref ``[R]`` (log2 units).
+
+    Ragged: ``real_rows`` (a scalar) leaves the rows at or past it out of the sums, ``keys_in``
+    (a ``[bn]`` bool per key tile) gives the other keys 0; both by a where, so those rows' and
+    keys' logits and lse may be anything (inf included)."""
 
     def step(r, sums):
         start = r * block_rows
         q = q_ref[pl.ds(start, block_rows), :]
         lse = lse_ref[pl.ds(start, block_rows)]
-        return tuple(
-            acc
-            + jnp.sum(
-                jnp.exp2(
-                    jnp.dot(q, keys.T, precision=precision, preferred_element_type=jnp.float32)
-                    * qk_scale
-                    - lse[:, None]
-                ),
-                axis=0,
+        if real_rows is not None:
+            row_in = start + lax.broadcasted_iota(jnp.int32, (block_rows,), 0) < real_rows
+
+        def probabilities(keys, key_in):
+            p = jnp.exp2(
+                jnp.dot(q, keys.T, precision=precision, preferred_element_type=jnp.float32)
+                * qk_scale
+                - lse[:, None]
             )
-            for acc, keys in zip(sums, key_tiles)
+            if real_rows is not None:
+                p = jnp.where(row_in[:, None], p, 0.0)
+            if key_in is not None:
+                p = jnp.where(key_in[None, :], p, 0.0)
+            return p
+
+        return tuple(
+            acc + jnp.sum(probabilities(keys, key_in), axis=0)
+            for acc, keys, key_in in zip(sums, key_tiles, keys_in or (None,) * len(key_tiles))
         )
 
     zeros = tuple(jnp.zeros((keys.shape[0],), jnp.float32) for keys in key_tiles)
     return lax.fori_loop(0, num_row_tiles, step, zeros)
 
 
-def _column_sums_kernel(
-    q_ref, k_ref, lse_ref, out_ref, *, block_rows, num_row_tiles, inv_rows, qk_scale, precision
-):
+def _column_sums_kernel(*refs, block_rows, num_row_tiles, inv_rows, ragged, qk_scale, precision):
     """One program: ``block_keys`` keys against all P proxy rows, ``block_rows`` at a time.
 
     q_ref [P, D], k_ref [bn, D], lse_ref [P] (log2 units), out_ref [bn]: the mean over rows of
     exp2(s - lse_row), i.e. of the row softmax over all L keys.
+
+    Ragged: real_rows_ref, real_keys_ref [] follow lse_ref; the mean is over the first real_rows
+    rows (only their row tiles are walked), keys past real_keys get 0 (a tile of them walks no
+    row at all).
     """
+    if ragged:
+        q_ref, k_ref, lse_ref, real_rows_ref, real_keys_ref, out_ref = refs
+    else:
+        q_ref, k_ref, lse_ref, out_ref = refs
+    keys = k_ref[...]
+    real_rows = keys_in = None
+    if ragged:
+        block_keys = keys.shape[0]
+        start = pl.program_id(0) * block_keys
+        real_rows, real_keys = real_rows_ref[...], real_keys_ref[...]
+        keys_in = (start + lax.broadcasted_iota(jnp.int32, (block_keys,), 0) < real_keys,)
+        num_row_tiles = jnp.where(
+            start < real_keys, lax.div(real_rows + block_rows - 1, block_rows), 0
+        )
     (sums,) = probability_column_sums(
         q_ref,
         lse_ref,
-        (k_ref[...],),
+        (keys,),
         block_rows=block_rows,
         num_row_tiles=num_row_tiles,
         qk_scale=qk_scale,
         precision=precision,
+        real_rows=real_rows,
+        keys_in=keys_in,
     )
-    out_ref[...] = sums * inv_rows
+    if ragged:  # no real row: sums are 0, and so is the mean
+        out_ref[...] = sums / jnp.maximum(real_rows, 1).astype(jnp.float32)
+    else:
+        out_ref[...] = sums * inv_rows

@@ -79,16 +79,14 @@ def key_importance(
     complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
     keys = k[:, :complete]  # [B, L, Hkv, D]
     if lengths is not None:
-        proxy, real_rows = ragged_proxy_queries(q, cfg, lengths)
-        per_head = proxy_importance_reference(
-            proxy, keys, real_rows, permuted_key_counts(lengths, cfg)
-        )
+        proxy, real_rows = ragged_proxy_queries(q, cfg, lengths)  # [B, P, Hq, D], [B]
+        real_keys = permuted_key_counts(lengths, cfg)  # [B]
     else:
-        proxy = proxy_queries(q, cfg)  # [B, P, Hq, D]
-        if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
-            per_head = proxy_importance(proxy, keys)
-        else:
-            per_head = proxy_importance_reference(proxy, keys)  # [B, Hq, L]
+        proxy, real_rows, real_keys = proxy_queries(q, cfg), None, None
+    if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
+        per_head = proxy_importance(proxy, keys, real_rows, real_keys)
+    else:
+        per_head = proxy_importance_reference(proxy, keys, real_rows, real_keys)  # [B, Hq, L]
     if cfg.gqa == "shared":
         return per_head.reshape(b, hkv, hq // hkv, complete).mean(axis=2)
     return per_head

@@ -2,7 +2,10 @@
 
 - ``proxy_importance`` (Pallas, interpret mode here) against ``proxy_importance_reference``, and
   the segment permutation it induces against the reference importances;
-- ``key_importance``'s GPU path (the kernel) against its CPU path (the reference), both GQA modes;
+- the same on a ragged batch (per-row real proxy rows and real keys, padding of garbage), and each
+  ragged row against the kernel on that row alone;
+- ``key_importance``'s GPU path (the kernel) against its CPU path (the reference), both GQA modes,
+  unragged and ragged;
 - the sort-free ``top_p_blocks`` against the sort-based rule it replaced (kept here only as the
   oracle), mask for mask, on many random rows with ties, zeros and empty rows.
 """
@@ -86,19 +89,23 @@ def test_kernel_permutation_sorts_reference_importance(dtype, p, l, group, tiles
     assert steps.max() <= 1e-6
 
 
+@pytest.mark.parametrize("lengths", [None, (600, 100)])
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
-def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa):
+def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa, lengths):
     """``key_importance`` on GPU (the kernel, run here in interpret mode) equals its CPU path
-    (the reference), in both GQA modes: one semantics, two evaluations. (The kernel's shapes
-    are the first importance case's: no new compile.)"""
+    (the reference), in both GQA modes, unragged and ragged (a row of 512 complete-segment keys
+    and a row of 100 proxy rows and no complete segment): one semantics, two evaluations. (The
+    unragged kernel's shapes are the first importance case's: no new compile.)"""
     cfg = PBSConfig(block_size=32, segment_size=SEGMENT, proxy_blocks=4, gqa=gqa)  # P = 128
     q, k = _qk(jnp.float32)  # N = L = 768, GQA 3
-    on_cpu = permutation.key_importance(q, k, cfg)
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+    on_cpu = permutation.key_importance(q, k, cfg, lengths)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(
         permutation, "proxy_importance", functools.partial(proxy_importance, interpret=True)
     )
-    on_gpu = permutation.key_importance(q, k, cfg)
+    on_gpu = permutation.key_importance(q, k, cfg, lengths)
     chex.assert_shape(on_gpu, (BATCH, cfg.num_perm_heads(Q_HEADS, KV_HEADS), MAX_ROWS))
     chex.assert_trees_all_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-9)
 
@@ -146,6 +153,99 @@ def test_bad_tiles_are_refused():
         ImportanceTiles(block_keys=128, split_keys=64)
     with pytest.raises(ValueError, match="num_warps"):
         ImportanceTiles(num_warps=3)
+
+
+# --------------------------------------------------------------------------------------------
+# proxy_importance on a ragged batch (real_rows, real_keys)
+# --------------------------------------------------------------------------------------------
+
+# B = 4 rows of P = 64 proxy rows over L = 320 keys; tiles of 32 rows × 64 keys, pass 1 in
+# splits of 128 keys (the last one short): every count below lands inside a row tile, a key
+# tile, a split, on their edges, or at P / L.
+RAGGED_P, RAGGED_L = 64, 320
+RAGGED_TILES = ImportanceTiles(32, 64, split_keys=128, num_warps=4)
+RAGGED_COUNTS = [
+    # (real_rows, real_keys): all of P and L; fewer rows mid-tile with keys mid-split; one row
+    # over 9 keys (less than a key tile); no real key at all.
+    ((64, 40, 1, 33), (320, 200, 9, 0)),
+    # Rows < P with all L keys; a whole row tile over exactly one key tile; a split's edge; one
+    # key past it.
+    ((17, 32, 64, 48), (320, 64, 128, 129)),
+]
+GARBAGE = 3e4  # padding the softmax would be ruled by, were it not masked
+
+
+@functools.cache
+def _ragged_qk(dtype: str, group: int):
+    """``q_proxy [4, 64, 2·group, 16]``, ``k [4, 320, 2, 16]`` with heavy-hitter keys."""
+    q, k, _ = make_qkv(11, 4, RAGGED_L, Q_HEADS, KV_HEADS, HEAD_DIM)
+    return q[:, -RAGGED_P:, : KV_HEADS * group].astype(dtype), k.astype(dtype)
+
+
+def _pad_with_garbage(x, counts):
+    """``x [B, T, H, D]`` with the rows at or past ``counts[b]`` set to +GARBAGE: padding."""
+    padded = jnp.arange(x.shape[1])[None, :] >= jnp.asarray(counts)[:, None]
+    return jnp.where(padded[:, :, None, None], jnp.asarray(GARBAGE, x.dtype), x)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ragged_proxy_importance_matches_reference(dtype, group):
+    """With per-row counts the kernel equals the reference with the same counts: softmax over
+    the first real_keys keys, mean over the first real_rows rows, 0 past real_keys and 0 for a
+    row without a real key, never a NaN; padded rows and keys of large garbage leak nothing.
+    (The counts are operands: one compile serves every count vector.)"""
+    q_proxy, keys = _ragged_qk(dtype, group)
+    for real_rows, real_keys in RAGGED_COUNTS:
+        q_pad, k_pad = _pad_with_garbage(q_proxy, real_rows), _pad_with_garbage(keys, real_keys)
+        rows, counts = jnp.asarray(real_rows, jnp.int32), jnp.asarray(real_keys, jnp.int32)
+        kernel = np.asarray(
+            proxy_importance(q_pad, k_pad, rows, counts, tiles=RAGGED_TILES, interpret=None)
+        )
+        reference = np.asarray(proxy_importance_reference(q_pad, k_pad, rows, counts))
+        chex.assert_shape(kernel, (4, KV_HEADS * group, RAGGED_L))
+        assert np.isfinite(kernel).all()
+        chex.assert_trees_all_close(kernel, reference, rtol=1e-5, atol=1e-9)
+        for b, n_keys in enumerate(real_keys):
+            assert (kernel[b, :, n_keys:] == 0).all()
+            want = np.full(kernel.shape[1], 1.0 if n_keys else 0.0)
+            chex.assert_trees_all_close(kernel[b].sum(-1), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ragged_proxy_importance_row_equals_row_alone(dtype):
+    """Row b of the ragged batch equals the kernel on that row alone, cut to its real rows and
+    keys (other shapes, default tiles), and 0 past its keys."""
+    q_proxy, keys = _ragged_qk(dtype, 3)
+    real_rows, real_keys = (48, 16, 64, 32), (192, 64, 320, 0)
+    q_pad, k_pad = _pad_with_garbage(q_proxy, real_rows), _pad_with_garbage(keys, real_keys)
+    batch = np.asarray(
+        proxy_importance(
+            q_pad,
+            k_pad,
+            jnp.asarray(real_rows, jnp.int32),
+            jnp.asarray(real_keys, jnp.int32),
+            tiles=RAGGED_TILES,
+            interpret=None,
+        )
+    )
+    for b, (rows, n_keys) in enumerate(zip(real_rows[:2], real_keys[:2])):
+        alone = proxy_importance(
+            q_proxy[b : b + 1, :rows], keys[b : b + 1, :n_keys], interpret=None
+        )
+        chex.assert_trees_all_close(
+            batch[b, :, :n_keys], np.asarray(alone[0]), rtol=1e-5, atol=1e-9
+        )
+        assert (batch[b, :, n_keys:] == 0).all()
+    assert (batch[3] == 0).all()  # no real key
+
+
+def test_ragged_proxy_importance_rejects_bad_counts():
+    q, k = _operands(b=2)
+    with pytest.raises(ValueError, match="real_rows must be a \\[B\\] = \\[2\\] integer"):
+        proxy_importance(q, k, jnp.zeros((2,), jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="real_keys must be"):
+        proxy_importance(q, k, None, jnp.zeros((3,), jnp.int32), interpret=True)
 
 
 # --------------------------------------------------------------------------------------------

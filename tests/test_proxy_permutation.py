@@ -26,6 +26,7 @@ from pallas_kernels import (
     ImportanceTiles,
     block_means,
     pooled_top_p_blocks,
+    proxy_importance,
     proxy_importance_reference,
     proxy_permutation,
     proxy_permutation_reference,
@@ -224,12 +225,16 @@ def test_plan_through_the_fused_kernel_equals_jnp_plan(monkeypatch, gqa):
 
 def test_ragged_plan_keeps_the_jnp_permutation(monkeypatch):
     """With ``lengths`` (a right-padded batch) the plan's permutation stays on the jnp path:
-    the fused kernel has no per-row proxy or key count."""
+    the fused kernel has no per-row proxy or key count. (The importances come from the
+    ragged ``proxy_importance`` kernel, interpret mode here.)"""
     cfg = PBSConfig(block_size=32, segment_size=SEGMENT)
     q, k = _qk()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(permutation, "FUSED_PERMUTATION", True)
     monkeypatch.setattr(permutation, "proxy_permutation", None)  # calling it would raise
+    monkeypatch.setattr(
+        permutation, "proxy_importance", functools.partial(proxy_importance, interpret=True)
+    )
     perm, pooled_k = permutation.plan_permutation(
         q[:, :, :KV_HEADS], k, cfg, jnp.array([1000, 700], jnp.int32)
     )
