@@ -16,6 +16,8 @@ Public API:
                                         with the importance (no importance, sort or pooling
                                         in HBM)
   proxy_permutation_supported(q_proxy, k, ...)  whether proxy_permutation takes these operands
+  GQA_MODES                             the permutation-head modes ("replicate", "shared"):
+                                        one per query head, or one per KV head
   block_means(x, block_size)            block means, zero padding of a partial block counted
   pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
                                         the meanpool selector's top-p mask in one launch
@@ -47,6 +49,7 @@ from pallas_kernels.pooled_top_p import (
 )
 from pallas_kernels.pooling import block_means
 from pallas_kernels.proxy_permutation import (
+    GQA_MODES,
     proxy_permutation,
     proxy_permutation_supported,
 )
@@ -76,6 +79,7 @@ __all__ = [
     "importance_tiles",
     "proxy_permutation",
     "proxy_permutation_supported",
+    "GQA_MODES",
     "proxy_permutation_reference",
     "block_means",
     "pooled_top_p_blocks",

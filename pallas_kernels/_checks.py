@@ -1,21 +1,46 @@
-"""Argument validation shared by the kernel and its pure-jnp reference.
+"""The rules every kernel module shares, each stated once: argument validation, the tile
+dataclasses' field checks, and the few constants and launch rules of the kernel entries.
 
 Everything checked here is static (shapes, dtypes, Python ints), so it runs at trace time and
 works under an outer `jax.jit`. Data-dependent properties of the block lists (ids in range,
 ascending order) cannot be checked without a host sync; the kernel clamps them for memory
 safety instead (see `block_sparse_attention`).
+
+Contents:
+  LOG2E, FLOAT_DTYPES, MIN_DOT_DIM, MAX_HEAD_DIM, MGPU_*
+                                                  shared constants
+  is_int, is_pow2                                 the integer predicates of every check
+  check_pow2_at_least, check_num_warps, check_num_stages
+                                                  the tile dataclasses' field rules
+  check_dot_head_dim                              a head dim that can be a Triton dot operand
+  resolve_interpret, accepts                      the kernel entries' interpret default and
+                                                  the ``*_supported`` rule
+  dot_precision, shared_head, triton_compiler_params
+                                                  the Triton launches' common pieces
+  check_query_offset, validate, validate_mgpu     the attention kernels' contracts
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
-_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# Softmax in base 2 everywhere: log2(e) folded into the logit scale, exp2 in the kernels.
+LOG2E = math.log2(math.e)
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# Smallest dimension of a Triton dot operand (``tl.dot`` needs M, N, K >= 16).
+MIN_DOT_DIM = 16
 MAX_HEAD_DIM = 256
+# Triton warps per program: a power of two up to this.
+_MAX_NUM_WARPS = 32
 # The Mosaic GPU kernel: two 64-row wgmma warpgroups per 128-row block; SMEM holds the Q tiles
 # and a 2-slot K/V ring, which fits D 64 or 128.
 MGPU_BLOCK_SIZE = 128
@@ -47,9 +72,80 @@ def check_query_offset(m: int, n: int, block_size: int) -> None:
         )
 
 
+def is_int(x) -> bool:
+    """A Python or numpy integer; bools (and floats, arrays, ...) are not."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def is_pow2(x) -> bool:
-    """A positive int power of two (bools and other types are not): every Triton tile size."""
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+    """A positive integer power of two (:func:`is_int`): every Triton tile size."""
+    return is_int(x) and x > 0 and (x & (x - 1)) == 0
+
+
+def check_pow2_at_least(cls_name: str, field: str, value, minimum: int) -> None:
+    """Raise ValueError unless ``value`` (field ``cls_name.field``) is a power of two >=
+    ``minimum``."""
+    if not is_pow2(value) or value < minimum:
+        raise ValueError(f"{cls_name}.{field} must be a power of two >= {minimum}, got {value!r}")
+
+
+def check_num_warps(cls_name: str, value) -> None:
+    """Raise ValueError unless ``value`` is a Triton warp count: a power of two in [1, 32]."""
+    if not is_pow2(value) or value > _MAX_NUM_WARPS:
+        raise ValueError(
+            f"{cls_name}.num_warps must be a power of two in [1, {_MAX_NUM_WARPS}], got {value!r}"
+        )
+
+
+def check_num_stages(cls_name: str, value) -> None:
+    """Raise ValueError unless ``value`` is a Triton pipelining depth: an int >= 1."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{cls_name}.num_stages must be an int >= 1, got {value!r}")
+
+
+def check_dot_head_dim(d) -> None:
+    """Raise ValueError unless head dim ``d`` can be a Triton dot operand: a power of two in
+    [MIN_DOT_DIM, MAX_HEAD_DIM]."""
+    if not is_pow2(d) or not MIN_DOT_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim must be a power of two in [{MIN_DOT_DIM}, {MAX_HEAD_DIM}] "
+            f"(a Triton dot operand), got {d}"
+        )
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """A kernel entry's ``interpret`` argument: None means "when the default backend is not a
+    GPU" (Pallas interpret mode on CPU)."""
+    if interpret is None:
+        return jax.default_backend() != "gpu"
+    return bool(interpret)
+
+
+def accepts(validate: Callable, *args, **kwargs) -> bool:
+    """Whether ``validate(*args, **kwargs)`` passes (raises no ValueError): the rule of every
+    ``*_supported`` function, which asks a kernel's own contract check."""
+    try:
+        validate(*args, **kwargs)
+    except ValueError:
+        return False
+    return True
+
+
+def dot_precision(dtype):
+    """The Triton dots' precision: IEEE float32 (HIGHEST) for float32 inputs, the default (one
+    16-bit MMA) otherwise."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def shared_head(h, group: int):
+    """The head (K/V or permutation) that query head ``h`` reads when ``group`` query heads
+    share one, in a BlockSpec index map."""
+    return lax.div(h, group)  # lax.div, as jax ops do for program-id math
+
+
+def triton_compiler_params(tiles):
+    """Triton launch parameters of a tile dataclass (its ``num_warps`` and ``num_stages``)."""
+    return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _shape(name, x):
@@ -63,9 +159,9 @@ def validate(
     q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_size: int, sm_scale
 ) -> Dims:
     """Check the kernel contract; raise ValueError naming the argument and the rule."""
-    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
+    if not is_int(block_size):
         raise ValueError(f"block_size must be an int, got {block_size!r}")
-    if not is_pow2(int(block_size)) or block_size < 16:
+    if not is_pow2(block_size) or block_size < 16:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     if sm_scale is not None and not (
         isinstance(sm_scale, (int, float, np.floating)) and np.isfinite(sm_scale) and sm_scale > 0
@@ -95,8 +191,8 @@ def validate(
             "shapes are powers of two; pad D yourself otherwise)"
         )
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(x.dtype).name not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}.dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+        if jnp.dtype(x.dtype).name not in FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 

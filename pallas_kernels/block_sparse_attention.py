@@ -48,7 +48,6 @@ from pallas_kernels.tiles import TileConfig, get_tiles
 
 __all__ = ["block_sparse_attention"]
 
-_LOG2E = math.log2(math.e)
 # Masked logits (already in log2 units) get _MASK_VALUE; the running max starts at _M_INIT,
 # which is far above it. A row that is masked everywhere so far keeps m = _M_INIT and gets
 # p = exp2(_MASK_VALUE - _M_INIT) = 0 exactly: no garbage weight, l stays 0, output 0.
@@ -122,8 +121,6 @@ def block_sparse_attention(
     tiles.check_divides(block_size)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(dims.head_dim)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     return _block_sparse_attention(
         q,
         k,
@@ -136,7 +133,7 @@ def block_sparse_attention(
         gather_kv=bool(gather_kv),
         sm_scale=float(sm_scale),
         tiles=tiles,
-        interpret=bool(interpret),
+        interpret=_checks.resolve_interpret(interpret),
     )
 
 
@@ -189,9 +186,9 @@ def _block_sparse_attention(
         q_offset=n - m,
         num_blocks=t_kv,
         n_q_programs=n_q_programs,
-        qk_scale=sm_scale * _LOG2E,
+        qk_scale=sm_scale * _checks.LOG2E,
         gather_kv=gather_kv,
-        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        precision=_checks.dot_precision(q.dtype),
     )
 
     # Heavy (late) query blocks are launched first: program 0 takes the last q tile. Causal
@@ -207,12 +204,12 @@ def _block_sparse_attention(
         pl.BlockSpec((None, None, None, kmax), lambda i, bi, h: (bi, h, q_block(i), 0)),
         pl.BlockSpec((None, None, None), lambda i, bi, h: (bi, h, q_block(i))),
         pl.BlockSpec((None, None, None), lambda i, bi, h: (bi, h, q_block(i))),
-        pl.BlockSpec((None, None, n_pad), lambda i, bi, h: (bi, lax.div(h, g_p), 0)),
+        pl.BlockSpec((None, None, n_pad), lambda i, bi, h: (bi, _checks.shared_head(h, g_p), 0)),
         pl.BlockSpec((None, bm, None, d), lambda i, bi, h: (bi, q_tile(i), h, 0)),
         # Whole sequence of one kv head: Triton does not stage blocks, so this is only a base
         # pointer; rows are addressed (gathered) inside the loop.
-        pl.BlockSpec((None, n, None, d), lambda i, bi, h: (bi, 0, lax.div(h, g_kv), 0)),
-        pl.BlockSpec((None, n, None, d), lambda i, bi, h: (bi, 0, lax.div(h, g_kv), 0)),
+        pl.BlockSpec((None, n, None, d), lambda i, bi, h: (bi, 0, _checks.shared_head(h, g_kv), 0)),
+        pl.BlockSpec((None, n, None, d), lambda i, bi, h: (bi, 0, _checks.shared_head(h, g_kv), 0)),
     ]
     out_spec = pl.BlockSpec((None, bm, None, d), lambda i, bi, h: (bi, q_tile(i), h, 0))
     return pl.pallas_call(
@@ -221,7 +218,7 @@ def _block_sparse_attention(
         grid=(n_q_programs, b, hq),
         in_specs=in_specs,
         out_specs=out_spec,
-        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
         name=f"pbs_block_sparse_attn_bs{block_size}_m{bm}_n{bn}",
     )(block_ids, full_counts, total_counts, key_pos, q, k, v)

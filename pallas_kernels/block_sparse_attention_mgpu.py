@@ -47,7 +47,6 @@ from pallas_kernels import _checks
 
 __all__ = ["block_sparse_attention_mgpu", "mgpu_supported"]
 
-_LOG2E = math.log2(math.e)
 _ROWS_PER_WG = 64  # wgmma's M
 _COMPUTE_WGS = 2
 assert _COMPUTE_WGS * _ROWS_PER_WG == _checks.MGPU_BLOCK_SIZE
@@ -55,7 +54,7 @@ assert _COMPUTE_WGS * _ROWS_PER_WG == _checks.MGPU_BLOCK_SIZE
 
 def mgpu_supported(q: jax.Array, block_size: int) -> bool:
     """Whether this kernel can run ``q`` here: a Hopper GPU, 16-bit, D 64 or 128, block 128."""
-    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+    if jax.default_backend() != "gpu" or jnp.dtype(q.dtype).name not in _checks.MGPU_DTYPES:
         return False
     if q.shape[-1] not in _checks.MGPU_HEAD_DIMS or block_size != _checks.MGPU_BLOCK_SIZE:
         return False
@@ -107,7 +106,7 @@ def block_sparse_attention_mgpu(
     t = m // block_size  # the chunk's query blocks: the grid
     q_block_offset = (k.shape[1] - m) // block_size  # static: absolute block of local block 0
     _checks.validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, block_size=block_size)
-    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _LOG2E
+    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _checks.LOG2E
     dtype = q.dtype
     rows = _ROWS_PER_WG
     row_layout = _row_layout()

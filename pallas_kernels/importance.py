@@ -41,10 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._checks import _FLOAT_DTYPES, is_pow2
-from pallas_kernels._checks import MAX_HEAD_DIM as _MAX_HEAD_DIM
+from pallas_kernels import _checks
 
 __all__ = [
     "ImportanceTiles",
@@ -53,7 +51,6 @@ __all__ = [
     "proxy_importance_supported",
 ]
 
-_LOG2E = math.log2(math.e)
 # Initial running max of pass 1 (log2 units): finite so that exp2(_M_INIT - m) is an exact 0,
 # never inf - inf = NaN. Every split walks at least one key tile, so it is always replaced
 # (ragged: a split may walk none, then its exp-sum 0 weighs it out of the combine).
@@ -93,25 +90,16 @@ class ImportanceTiles:
 
     def __post_init__(self):
         for name in ("block_rows", "block_keys", "split_keys"):
-            val = getattr(self, name)
-            if not is_pow2(val) or val < 16:
-                raise ValueError(
-                    f"ImportanceTiles.{name} must be a power of two >= 16, got {val!r}"
-                )
+            _checks.check_pow2_at_least(
+                "ImportanceTiles", name, getattr(self, name), _checks.MIN_DOT_DIM
+            )
         if self.split_keys < self.block_keys:
             raise ValueError(
                 f"ImportanceTiles.split_keys={self.split_keys} must be a multiple of "
                 f"block_keys={self.block_keys} (a split walks whole key tiles)"
             )
-        if not is_pow2(self.num_warps) or self.num_warps > 32:
-            raise ValueError(
-                f"ImportanceTiles.num_warps must be a power of two in [1, 32], "
-                f"got {self.num_warps!r}"
-            )
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(
-                f"ImportanceTiles.num_stages must be an int >= 1, got {self.num_stages!r}"
-            )
+        _checks.check_num_warps("ImportanceTiles", self.num_warps)
+        _checks.check_num_stages("ImportanceTiles", self.num_stages)
 
 
 # 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep in
@@ -155,8 +143,8 @@ def validate_operands(q_proxy, k, tiles) -> ImportanceTiles:
     for name, x in (("q_proxy", q_proxy), ("k", k)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be a 4-d array [B, rows, heads, D], got {x!r:.80}")
-        if jnp.dtype(x.dtype).name not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+        if jnp.dtype(x.dtype).name not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype must be one of {_checks.FLOAT_DTYPES}, got {x.dtype}")
     b, p, hq, d = q_proxy.shape
     kb, l, hkv, kd = k.shape
     if q_proxy.dtype != k.dtype:
@@ -167,11 +155,7 @@ def validate_operands(q_proxy, k, tiles) -> ImportanceTiles:
         raise ValueError(f"q_proxy and k must share the head dim, got {d} and {kd}")
     if hkv <= 0 or hq % hkv:
         raise ValueError(f"Hq={hq} (q_proxy) must be a positive multiple of Hkv={hkv} (k)")
-    if not is_pow2(d) or not 16 <= d <= _MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim must be a power of two in [16, {_MAX_HEAD_DIM}] (a Triton dot operand), "
-            f"got {d}"
-        )
+    _checks.check_dot_head_dim(d)
     if tiles is None:
         return importance_tiles(p, l, q_proxy.dtype)
     if not isinstance(tiles, ImportanceTiles):
@@ -185,11 +169,7 @@ def validate_operands(q_proxy, k, tiles) -> ImportanceTiles:
 
 def proxy_importance_supported(q_proxy, k) -> bool:
     """Whether :func:`proxy_importance` accepts these operands with its default tiles."""
-    try:
-        validate_operands(q_proxy, k, None)
-    except ValueError:
-        return False
-    return True
+    return _checks.accepts(validate_operands, q_proxy, k, None)
 
 
 def proxy_importance(
@@ -227,9 +207,9 @@ def proxy_importance(
     """
     tiles = validate_operands(q_proxy, k, tiles)
     counts = real_counts(q_proxy, k, real_rows, real_keys)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    return _proxy_importance(q_proxy, k, counts, tiles=tiles, interpret=bool(interpret))
+    return _proxy_importance(
+        q_proxy, k, counts, tiles=tiles, interpret=_checks.resolve_interpret(interpret)
+    )
 
 
 def real_counts(q_proxy, k, real_rows, real_keys) -> tuple[jax.Array, jax.Array] | None:
@@ -256,17 +236,9 @@ def real_counts(q_proxy, k, real_rows, real_keys) -> tuple[jax.Array, jax.Array]
 def kernel_params(q_proxy) -> dict:
     """Kernel keywords of both passes: the base-2 logit scale and the dot precision."""
     return dict(
-        qk_scale=_LOG2E / math.sqrt(q_proxy.shape[-1]),
-        precision=lax.Precision.HIGHEST if q_proxy.dtype == jnp.float32 else None,
+        qk_scale=_checks.LOG2E / math.sqrt(q_proxy.shape[-1]),
+        precision=_checks.dot_precision(q_proxy.dtype),
     )
-
-
-def compiler_params(tiles: ImportanceTiles):
-    return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
-
-def kv_head(h, group):
-    return lax.div(h, group)  # lax.div, as jax ops do for program-id math
 
 
 def count_specs(counts, index_map):
@@ -310,11 +282,13 @@ def row_log2_sum_exp(
             pl.BlockSpec((None, bm, None, d), lambda s, r, bi, h: (bi, r, h, 0)),
             # The whole key sequence of one kv head: only a base pointer for Triton; the loop
             # addresses its tiles.
-            pl.BlockSpec((None, n, None, d), lambda s, r, bi, h: (bi, 0, kv_head(h, group), 0)),
+            pl.BlockSpec(
+                (None, n, None, d), lambda s, r, bi, h: (bi, 0, _checks.shared_head(h, group), 0)
+            ),
             *count_specs(counts, lambda s, r, bi, h: (bi,)),
         ],
         out_specs=(stats_spec, stats_spec),
-        compiler_params=compiler_params(tiles),
+        compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
         name=f"pbs_importance_stats_m{bm}_n{bn}" + ("_ragged" if ragged else ""),
     )(q_proxy, k, *(counts or ()))
@@ -347,12 +321,14 @@ def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: 
         grid=(l // bn, b, hq),
         in_specs=[
             pl.BlockSpec((None, p, None, d), lambda j, bi, h: (bi, 0, h, 0)),
-            pl.BlockSpec((None, bn, None, d), lambda j, bi, h: (bi, j, kv_head(h, group), 0)),
+            pl.BlockSpec(
+                (None, bn, None, d), lambda j, bi, h: (bi, j, _checks.shared_head(h, group), 0)
+            ),
             pl.BlockSpec((None, None, p), lambda j, bi, h: (bi, h, 0)),
             *count_specs(counts, lambda j, bi, h: (bi,)),
         ],
         out_specs=pl.BlockSpec((None, None, bn), lambda j, bi, h: (bi, h, j)),
-        compiler_params=compiler_params(tiles),
+        compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
         name=f"pbs_importance_columns_m{bm}_n{bn}" + ("_ragged" if ragged else ""),
     )(q_proxy, k, lse, *(counts or ()))

@@ -33,10 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._checks import MAX_HEAD_DIM as _MAX_HEAD_DIM
-from pallas_kernels._checks import is_pow2
+from pallas_kernels import _checks
+from pallas_kernels._checks import MIN_DOT_DIM as _MIN_DOT_DIM
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [
@@ -51,8 +50,6 @@ __all__ = [
 # registers through the bisection; at 2048 blocks (256K tokens of 128) that is 32K floats,
 # 128 per thread at 8 warps. Beyond, callers run the jnp path.
 MAX_POOLED_BLOCKS = 2048
-# Smallest dimension of a Triton dot operand.
-_MIN_DOT_DIM = 16
 # Key elements of one dot step's operand: [T_pad, depth_chunk] float32 goes through shared
 # memory (Triton's FMA dot for IEEE float32); 16K floats = 64 KiB leaves room on any GPU.
 _DOT_CHUNK_ELEMENTS = 16 * 1024
@@ -79,20 +76,9 @@ class PooledTopPTiles:
 
     def __post_init__(self):
         for name in ("block_rows", "depth_chunk"):
-            val = getattr(self, name)
-            if not is_pow2(val) or val < _MIN_DOT_DIM:
-                raise ValueError(
-                    f"PooledTopPTiles.{name} must be a power of two >= {_MIN_DOT_DIM}, got {val!r}"
-                )
-        if not is_pow2(self.num_warps) or self.num_warps > 32:
-            raise ValueError(
-                f"PooledTopPTiles.num_warps must be a power of two in [1, 32], "
-                f"got {self.num_warps!r}"
-            )
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(
-                f"PooledTopPTiles.num_stages must be an int >= 1, got {self.num_stages!r}"
-            )
+            _checks.check_pow2_at_least("PooledTopPTiles", name, getattr(self, name), _MIN_DOT_DIM)
+        _checks.check_num_warps("PooledTopPTiles", self.num_warps)
+        _checks.check_num_stages("PooledTopPTiles", self.num_stages)
 
 
 def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
@@ -142,11 +128,7 @@ def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
         raise ValueError(
             f"T={t} pooled blocks must be in [1, {MAX_POOLED_BLOCKS}] (a [rows, T] register tile)"
         )
-    if not is_pow2(d) or not _MIN_DOT_DIM <= d <= _MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim must be a power of two in [{_MIN_DOT_DIM}, {_MAX_HEAD_DIM}] "
-            f"(a Triton dot operand), got {d}"
-        )
+    _checks.check_dot_head_dim(d)
     if domain is not None:
         if getattr(domain, "shape", None) != (t, t):
             raise ValueError(f"domain must be [T, T] = [{t}, {t}], got {domain!r:.80}")
@@ -173,11 +155,7 @@ def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
 
 def pooled_top_p_supported(pooled_q, pooled_k) -> bool:
     """Whether :func:`pooled_top_p_blocks` takes these pooled blocks with its default tiles."""
-    try:
-        _validate(pooled_q, pooled_k, None, None, None)
-    except ValueError:
-        return False
-    return True
+    return _checks.accepts(_validate, pooled_q, pooled_k, None, None, None)
 
 
 def pooled_top_p_blocks(
@@ -214,15 +192,13 @@ def pooled_top_p_blocks(
         tiles (the message names the argument and the rule).
     """
     tiles = _validate(pooled_q, pooled_k, domain, threshold, tiles)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     return _pooled_top_p_blocks(
         pooled_q,
         pooled_k,
         domain,
         threshold=float(threshold),
         tiles=tiles,
-        interpret=bool(interpret),
+        interpret=_checks.resolve_interpret(interpret),
     )
 
 
@@ -239,9 +215,6 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
     # Padded key blocks (and padded query rows, dropped below) are outside the domain.
     allowed = jnp.pad((domain != 0).astype(jnp.int8), ((0, t_pad - t), (0, t_pad - t)))
 
-    def perm_head(h):
-        return lax.div(h, group)  # lax.div, as jax ops do for program-id math
-
     mask = pl.pallas_call(
         functools.partial(
             _pooled_top_p_kernel,
@@ -257,11 +230,13 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
         in_specs=[
             pl.BlockSpec((None, bm, None, d), lambda r, bi, h: (bi, r, h, 0)),
             # All T_pad key blocks of one permutation head.
-            pl.BlockSpec((None, t_pad, None, d), lambda r, bi, h: (bi, 0, perm_head(h), 0)),
+            pl.BlockSpec(
+                (None, t_pad, None, d), lambda r, bi, h: (bi, 0, _checks.shared_head(h, group), 0)
+            ),
             pl.BlockSpec((bm, t_pad), lambda r, bi, h: (r, 0)),
         ],
         out_specs=pl.BlockSpec((None, None, bm, t_pad), lambda r, bi, h: (bi, h, r, 0)),
-        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
         name=f"pbs_pooled_top_p_t{t_pad}_m{bm}",
     )(pooled_q, pooled_k, allowed)

@@ -31,11 +31,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _checks
 from pallas_kernels.importance import (
     ImportanceTiles,
-    compiler_params,
     kernel_params,
-    kv_head,
     largest_pow2_divisor,
     probability_column_sums,
     row_log2_sum_exp,
@@ -107,11 +106,7 @@ def proxy_permutation_supported(
     q_proxy, k, *, segment_size: int, block_size: int, gqa: str = "replicate"
 ) -> bool:
     """Whether :func:`proxy_permutation` accepts these operands with its default tiles."""
-    try:
-        _validate_permutation(q_proxy, k, segment_size, block_size, gqa, None)
-    except ValueError:
-        return False
-    return True
+    return _checks.accepts(_validate_permutation, q_proxy, k, segment_size, block_size, gqa, None)
 
 
 def proxy_permutation(
@@ -153,8 +148,6 @@ def proxy_permutation(
       ValueError: bad ranks, dtypes, shapes, head counts, head dim, segment, block or tiles.
     """
     tiles = _validate_permutation(q_proxy, k, segment_size, block_size, gqa, tiles)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     return _proxy_permutation(
         q_proxy,
         k,
@@ -162,7 +155,7 @@ def proxy_permutation(
         block_size=block_size,
         shared=gqa == "shared",
         tiles=tiles,
-        interpret=bool(interpret),
+        interpret=_checks.resolve_interpret(interpret),
     )
 
 
@@ -210,7 +203,8 @@ def _proxy_permutation(
         in_specs=[
             pl.BlockSpec((None, num_rows, None, d), lambda j, bi, h: (bi, 0, h, 0)),
             pl.BlockSpec(
-                (None, segment_size, None, d), lambda j, bi, h: (bi, j, kv_head(h, kv_group), 0)
+                (None, segment_size, None, d),
+                lambda j, bi, h: (bi, j, _checks.shared_head(h, kv_group), 0),
             ),
             pl.BlockSpec((None, None, num_rows), lambda j, bi, h: (bi, h, 0)),
         ],
@@ -218,7 +212,7 @@ def _proxy_permutation(
             pl.BlockSpec((None, None, segment_size), lambda j, bi, h: (bi, h, j)),
             pl.BlockSpec((None, blocks_per_segment, None, d), lambda j, bi, h: (bi, j, h, 0)),
         ),
-        compiler_params=compiler_params(tiles),
+        compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
         name=f"pbs_importance_segments_m{bm}_n{bn}_s{segment_size}",
     )(rows, k, lse)

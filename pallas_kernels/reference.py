@@ -82,27 +82,35 @@ def block_sparse_attention_reference(
     )
 
 
+def _listed_slots(block_ids, first, stop, *, num_rows: int, num_slots: int, block_size: int):
+    """Which key slots each query row sees through the list entries ``[first, stop)`` of its
+    query block, ``[B, Hq, M, N]`` bool (M = ``num_rows``, N = ``num_slots``).
+
+    block_ids ``[B, Hq, Tq, Kmax]``; first, stop: ints or ``[B, Hq, Tq]``. Entries outside
+    ``[first, stop)`` are ignored, so garbage there never matters; ids outside ``[0, Tk)`` match
+    nothing.
+    """
+    t_kv = -(-num_slots // block_size)
+    e = jnp.arange(block_ids.shape[3])
+    in_part = (e >= jnp.asarray(first)[..., None]) & (e < jnp.asarray(stop)[..., None])
+    onehot = block_ids[..., None] == jnp.arange(t_kv)  # [B,Hq,Tq,K,Tk]
+    listed = jnp.any(onehot & in_part[..., None], axis=3)  # [B,Hq,Tq,Tk]
+    q_blk = jnp.arange(num_rows) // block_size
+    k_blk = jnp.arange(num_slots) // block_size
+    return listed[:, :, q_blk][:, :, :, k_blk]
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "gather_kv", "sm_scale"))
 def _reference(
     q, k, v, key_pos, block_ids, full_counts, total_counts, *, block_size, gather_kv, sm_scale
 ):
     b, m, hq, d = q.shape
     n, hk, hp = k.shape[1], k.shape[2], key_pos.shape[1]
-    t_kv = -(-n // block_size)
 
-    # Which list part each (q block, kv block) pair is in: [B, Hq, Tq, Tk]. Entries at or beyond
-    # total are ignored, so garbage there never matters; ids outside [0, Tk) match nothing.
-    e = jnp.arange(block_ids.shape[3])
-    in_full = e < full_counts[..., None]  # [B,Hq,Tq,K]
-    in_masked = (e >= full_counts[..., None]) & (e < total_counts[..., None])
-    onehot = block_ids[..., None] == jnp.arange(t_kv)  # [B,Hq,Tq,K,Tk]
-    full_blk = jnp.any(onehot & in_full[..., None], axis=3)
-    masked_blk = jnp.any(onehot & in_masked[..., None], axis=3)
-
-    # Expand blocks to (query row i, key slot j): [B, Hq, M, N].
-    q_blk, k_blk = jnp.arange(m) // block_size, jnp.arange(n) // block_size
-    full_tok = full_blk[:, :, q_blk][:, :, :, k_blk]
-    masked_tok = masked_blk[:, :, q_blk][:, :, :, k_blk]
+    # The slots of each list part, per (query row i, key slot j): [B, Hq, M, N].
+    listed = functools.partial(_listed_slots, num_rows=m, num_slots=n, block_size=block_size)
+    full_tok = listed(block_ids, 0, full_counts)
+    masked_tok = listed(block_ids, full_counts, total_counts)
     kp = key_pos[:, jnp.arange(hq) // (hq // hp)]  # [B, Hq, N]
     q_pos = jnp.arange(n - m, n)  # the queries are the last M positions
     causal = kp[:, :, None, :] <= q_pos[None, None, :, None]  # key_pos <= q_pos
@@ -159,12 +167,8 @@ def block_sparse_attention_mgpu_reference(
     b, m, hq, d = q.shape
     n, hp, hkv = k.shape[1], k_perm.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    t_kv = -(-n // block_size)
-    # Listed earlier blocks over slots: [B, Hq, Tq, Tk] → rows and slots [B, Hq, M, N].
-    e = jnp.arange(block_ids.shape[3])
-    listed = (block_ids[..., None] == jnp.arange(t_kv)) & (e < off_counts[..., None])[..., None]
-    listed = jnp.any(listed, axis=3)[:, :, jnp.arange(m) // block_size]
-    listed = listed[:, :, :, jnp.arange(n) // block_size]
+    # Listed earlier blocks over rows and slots: [B, Hq, M, N].
+    listed = _listed_slots(block_ids, 0, off_counts, num_rows=m, num_slots=n, block_size=block_size)
     pos = jnp.arange(n - m, n)[:, None]  # [M, 1] original positions of the queries
     own_start = pos // (segment_blocks * block_size) * (segment_blocks * block_size)
     own = (jnp.arange(n)[None, :] >= own_start) & (jnp.arange(n)[None, :] <= pos)  # [M, N]

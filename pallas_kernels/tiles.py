@@ -11,13 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
+
+from pallas_kernels import _checks
 
 __all__ = ["TileConfig", "DEFAULT_TILES", "get_tiles"]
-
-
-def _is_pow2(x: int) -> bool:
-    return isinstance(x, (int, np.integer)) and x > 0 and (x & (x - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +39,11 @@ class TileConfig:
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
-            val = getattr(self, name)
-            if not _is_pow2(val) or val < 16:
-                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {val!r}")
-        if not _is_pow2(self.num_warps) or self.num_warps > 32:
-            raise ValueError(
-                f"TileConfig.num_warps must be a power of two in [1, 32], got {self.num_warps!r}"
+            _checks.check_pow2_at_least(
+                "TileConfig", name, getattr(self, name), _checks.MIN_DOT_DIM
             )
-        if not isinstance(self.num_stages, (int, np.integer)) or self.num_stages < 1:
-            raise ValueError(f"TileConfig.num_stages must be an int >= 1, got {self.num_stages!r}")
+        _checks.check_num_warps("TileConfig", self.num_warps)
+        _checks.check_num_stages("TileConfig", self.num_stages)
 
     def check_divides(self, block_size: int) -> None:
         """Raise ValueError unless block_m and block_n divide `block_size`."""

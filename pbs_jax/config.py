@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-GQA_MODES = ("replicate", "shared")
+from pallas_kernels import GQA_MODES
+
 SELECTORS = ("meanpool", "antidiagonal")
 # The fields that make the paper's rule (arXiv 2510.21270 §4.1 and its official code).
 PAPER_RULE = dict(
