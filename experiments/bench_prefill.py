@@ -166,10 +166,9 @@ def gemm_ceiling_tflops(size: int = 8192) -> float:
 
 def rest_of_model_flops(n: int, config: LlamaConfig, devices: int) -> float:
     """Matmul FLOPs per device of everything but attention in an N-token prefill: the q/k/v/o
-    projections and the SwiGLU MLP of every layer (the last token's logits are negligible)."""
-    d, hd = config.d_model, config.head_dim
-    proj = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * config.ffn_dim
-    return 2.0 * n * proj * config.num_layers / devices
+    projections and the SwiGLU MLP of every layer (``LlamaConfig.layer_linears``; the last
+    token's logits are negligible)."""
+    return 2.0 * n * config.layer_matmul_params * config.num_layers / devices
 
 
 def full_lower_bound_ms(split: dict) -> float:

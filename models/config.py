@@ -7,9 +7,18 @@ Frozen dataclasses: hashable, so a config is a static ``jax.jit`` argument.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["PRESETS", "Llama3RopeScaling", "LlamaConfig"]
+__all__ = ["PRESETS", "LinearShape", "Llama3RopeScaling", "LlamaConfig"]
+
+
+class LinearShape(NamedTuple):
+    """One weight matrix of a decoder layer: kernel ``[n_in, n_out]`` (the ``nnx.Linear``
+    layout), plus a bias ``[n_out]`` when ``bias``."""
+
+    n_in: int
+    n_out: int
+    bias: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +103,35 @@ class LlamaConfig:
         return dataclasses.replace(self, **overrides)
 
     @property
+    def layer_linears(self) -> dict[str, LinearShape]:
+        """Every weight matrix of one decoder layer by module name: the attention's q/k/v/o
+        projections (q/k/v biased when ``qkv_bias``) and the SwiGLU MLP's gate/up/down.
+
+        The one enumeration of the layer's matmuls: the modules build their ``nnx.Linear`` from
+        it, ``num_params`` counts it, FLOP estimates (``layer_matmul_params``) sum it.
+        """
+        d, ffn = self.d_model, self.ffn_dim
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": LinearShape(d, q_dim, self.qkv_bias),
+            "k_proj": LinearShape(d, kv_dim, self.qkv_bias),
+            "v_proj": LinearShape(d, kv_dim, self.qkv_bias),
+            "o_proj": LinearShape(q_dim, d, False),
+            "gate_proj": LinearShape(d, ffn, False),
+            "up_proj": LinearShape(d, ffn, False),
+            "down_proj": LinearShape(ffn, d, False),
+        }
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights in one layer's matmuls (biases and norms aside): a token's matmul FLOPs
+        through one layer are twice this."""
+        return sum(linear.n_in * linear.n_out for linear in self.layer_linears.values())
+
+    @property
     def num_params(self) -> int:
-        attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        bias = self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
-        layer = attn + bias + 3 * self.d_model * self.ffn_dim + 2 * self.d_model
+        biases = sum(linear.n_out for linear in self.layer_linears.values() if linear.bias)
+        layer = self.layer_matmul_params + biases + 2 * self.d_model  # + the two RMSNorm scales
         embeddings = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embeddings + self.d_model
 

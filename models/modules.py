@@ -39,7 +39,16 @@ from models.config import LlamaConfig
 from models.rope import apply_rope, rope_inverse_frequencies
 from pbs_jax import validate_lengths
 
-__all__ = ["MLP", "Attention", "DecoderLayer", "KVCache", "Llama", "PrefillAux", "RMSNorm"]
+__all__ = [
+    "MLP",
+    "Attention",
+    "DecoderLayer",
+    "KVCache",
+    "Llama",
+    "PrefillAux",
+    "RMSNorm",
+    "check_prefill_arguments",
+]
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,6 +74,32 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys.shape[2]
 
+    def write(self, layer_index, keys: jax.Array, values: jax.Array, position) -> KVCache:
+        """The cache with one layer's new keys and values written (cast to the cache's dtype);
+        the one place the cache is written.
+
+        Cache [L, B, S, Hkv, D]; ``layer_index`` a scalar int (traced under the layer scan);
+        keys, values [B, T, Hkv, D] (keys after RoPE). ``position``:
+
+        - a scalar int (static or traced): every row's T new entries go to slots
+          ``position … position+T-1`` (one ``dynamic_update_slice``: O(T) writes);
+        - [B] int32, one position per row (a ragged batch; T must be 1): row b's entry goes to
+          slot ``position[b]`` (a scatter).
+        """
+        if jnp.ndim(position) == 1:
+            rows = jnp.arange(keys.shape[0])
+            return KVCache(
+                self.keys.at[layer_index, rows, position].set(keys[:, 0].astype(self.keys.dtype)),
+                self.values.at[layer_index, rows, position].set(
+                    values[:, 0].astype(self.values.dtype)
+                ),
+            )
+        at = (layer_index, 0, position, 0, 0)
+        return KVCache(
+            jax.lax.dynamic_update_slice(self.keys, keys[None].astype(self.keys.dtype), at),
+            jax.lax.dynamic_update_slice(self.values, values[None].astype(self.values.dtype), at),
+        )
+
 
 class PrefillAux(NamedTuple):
     """Extra prefill outputs: last-layer hidden [B,T,d] (before the final norm), and the
@@ -77,6 +112,14 @@ class PrefillAux(NamedTuple):
 # ----------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------
+
+
+def _linear(config: LlamaConfig, name: str, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """The layer's ``name`` matmul as ``config.layer_linears`` enumerates it."""
+    shape = config.layer_linears[name]
+    return nnx.Linear(
+        shape.n_in, shape.n_out, use_bias=shape.bias, dtype=dtype, param_dtype=dtype, rngs=rngs
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -97,16 +140,10 @@ class Attention(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.config = config
-
-        def linear(n_in, n_out, bias):
-            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
-
-        q_dim = config.num_heads * config.head_dim
-        kv_dim = config.num_kv_heads * config.head_dim
-        self.q_proj = linear(config.d_model, q_dim, config.qkv_bias)
-        self.k_proj = linear(config.d_model, kv_dim, config.qkv_bias)
-        self.v_proj = linear(config.d_model, kv_dim, config.qkv_bias)
-        self.o_proj = linear(q_dim, config.d_model, False)
+        self.q_proj = _linear(config, "q_proj", dtype, rngs)
+        self.k_proj = _linear(config, "k_proj", dtype, rngs)
+        self.v_proj = _linear(config, "v_proj", dtype, rngs)
+        self.o_proj = _linear(config, "o_proj", dtype, rngs)
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         """x [B,T,d], positions [T] -> q [B,T,Hq,D], k/v [B,T,Hkv,D]; q and k rotated."""
@@ -138,15 +175,13 @@ class Attention(nnx.Module):
         """
         end = start + x.shape[1]
         q, k, v = self._qkv(x, jnp.arange(start, end, dtype=jnp.int32))
+        cache = cache.write(layer_index, k, v, start)
         b, _, hkv, d = k.shape
-        at = (layer_index, 0, start, 0, 0)
-        keys = jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), at)
-        values = jax.lax.dynamic_update_slice(cache.values, v[None].astype(cache.values.dtype), at)
         visible = (1, b, end, hkv, d)  # this layer's keys 0 … end-1
-        layer_keys = jax.lax.dynamic_slice(keys, (layer_index, 0, 0, 0, 0), visible)[0]
-        layer_values = jax.lax.dynamic_slice(values, (layer_index, 0, 0, 0, 0), visible)[0]
+        layer_keys = jax.lax.dynamic_slice(cache.keys, (layer_index, 0, 0, 0, 0), visible)[0]
+        layer_values = jax.lax.dynamic_slice(cache.values, (layer_index, 0, 0, 0, 0), visible)[0]
         out, density = attend(q, layer_keys, layer_values, attention)
-        return self._output(out), KVCache(keys, values), density
+        return self._output(out), cache, density
 
     def decode(self, x, position, cache: KVCache, layer_index):
         """One token: x [B,1,d] at scalar position -> (out [B,1,d], cache with it written).
@@ -158,52 +193,39 @@ class Attention(nnx.Module):
         if jnp.ndim(position) == 1:
             return self.decode_per_row(x, position, cache, layer_index)
         q, k, v = self._qkv(x, jnp.reshape(position, (1,)))
-        start = (layer_index, 0, position, 0, 0)
-        keys = jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(
-            cache.values, v[None].astype(cache.values.dtype), start
-        )
-        visible = (jnp.arange(cache.max_len) <= position)[None, None, None, :]  # [1,1,1,S]
-        out = jax.nn.dot_product_attention(
-            q, keys[layer_index], values[layer_index], mask=visible, implementation="xla"
-        )
-        return self._output(out), KVCache(keys, values)
+        cache = cache.write(layer_index, k, v, position)
+        return self._attend_cache(q, cache, layer_index, position), cache
 
     def decode_per_row(self, x, positions, cache: KVCache, layer_index):
         """One token per row at its own position: x [B,1,d], positions [B] int32 -> (out
         [B,1,d], cache with row b's k/v written at slot positions[b]); row b attends densely to
         its slots <= positions[b]."""
-        batch = x.shape[0]
         # The B tokens as one sequence of length B: RoPE rotates each by its own position.
         q, k, v = (y.swapaxes(0, 1) for y in self._qkv(x.swapaxes(0, 1), positions))
-        rows = jnp.arange(batch)
-        keys = cache.keys.at[layer_index, rows, positions].set(k[:, 0].astype(cache.keys.dtype))
-        values = cache.values.at[layer_index, rows, positions].set(
-            v[:, 0].astype(cache.values.dtype)
-        )
-        visible = jnp.arange(cache.max_len)[None, :] <= positions[:, None]  # [B, S]
+        cache = cache.write(layer_index, k, v, positions)
+        return self._attend_cache(q, cache, layer_index, positions), cache
+
+    def _attend_cache(self, q, cache: KVCache, layer_index, position) -> jax.Array:
+        """Decode attention, dense: q [B,1,Hq,D] to this layer's cache slots <= position (a
+        scalar, or [B] one per row) -> out [B,1,d]."""
+        visible = jnp.arange(cache.max_len) <= jnp.reshape(position, (-1, 1))  # [1 or B, S]
         out = jax.nn.dot_product_attention(
             q,
-            keys[layer_index],
-            values[layer_index],
+            cache.keys[layer_index],
+            cache.values[layer_index],
             mask=visible[:, None, None, :],
             implementation="xla",
         )
-        return self._output(out), KVCache(keys, values)
+        return self._output(out)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        def linear(n_in, n_out):
-            return nnx.Linear(
-                n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs
-            )
-
-        self.gate_proj = linear(config.d_model, config.ffn_dim)
-        self.up_proj = linear(config.d_model, config.ffn_dim)
-        self.down_proj = linear(config.ffn_dim, config.d_model)
+        self.gate_proj = _linear(config, "gate_proj", dtype, rngs)
+        self.up_proj = _linear(config, "up_proj", dtype, rngs)
+        self.down_proj = _linear(config, "down_proj", dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -303,24 +325,31 @@ class Llama(nnx.Module):
             "...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
         )
 
+    def _scan_layers(self, layer_step, carry):
+        """Every decoder layer under one ``lax.scan``: the stacked parameters are split once and
+        step i merges layer i, then ``layer_step(layer, index, carry) -> (carry, out)`` with
+        ``index`` the int32 layer index. -> (final carry, outs stacked over layers [L, ...])."""
+        layers_graphdef, layers_state = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            layer_state, index = xs
+            return layer_step(nnx.merge(layers_graphdef, layer_state), index, carry)
+
+        layer_indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        return jax.lax.scan(one_layer, carry, (layers_state, layer_indices))
+
     def _prefill_layers(self, tokens, attention, collect_kv: bool, lengths=None):
         """tokens [B,T] -> (hidden [B,T,d], (keys, values) [L,B,T,Hkv,D] or None, density [L]);
         lengths [B] int32 for a right-padded batch (None: every row holds T)."""
         attention = resolve_attention(attention)
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        layers_graphdef, layers_state = nnx.split(self.layers)
-        num_layers = self.config.num_layers
-        layer_attention = _per_layer_attention(attention, num_layers)
+        layer_attention = _per_layer_attention(attention, self.config.num_layers)
 
-        def one_layer(hidden, xs):
-            layer_state, index = xs
-            layer = nnx.merge(layers_graphdef, layer_state)
+        def layer_step(layer, index, hidden):
             hidden, kv, density = layer(hidden, positions, layer_attention(index), lengths)
             return hidden, (kv if collect_kv else None, density)
 
-        hidden, (kv, densities) = jax.lax.scan(
-            one_layer, self.embed(tokens), (layers_state, jnp.arange(num_layers))
-        )
+        hidden, (kv, densities) = self._scan_layers(layer_step, self.embed(tokens))
         return hidden, kv, densities
 
     def _prefill_chunked(self, tokens, attention, chunk_size: int, max_len: int, keep_hidden):
@@ -339,25 +368,20 @@ class Llama(nnx.Module):
         batch, length = tokens.shape
         shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
         cache = KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-        layers_graphdef, layers_state = nnx.split(self.layers)
         layer_attention = _per_layer_attention(attention, c.num_layers)
         hiddens, densities = [], []
         bounds = chunk_bounds(length, chunk_size)
         for start, end in bounds:
 
-            def one_layer(carry, xs, start=start):
+            def layer_step(layer, index, carry, start=start):
                 hidden, cache = carry
-                layer_state, index = xs
-                layer = nnx.merge(layers_graphdef, layer_state)
                 hidden, cache, density = layer.prefill_chunk(
                     hidden, start, layer_attention(index), cache, index
                 )
                 return (hidden, cache), density
 
-            (hidden, cache), density = jax.lax.scan(
-                one_layer,
-                (self.embed(tokens[:, start:end]), cache),
-                (layers_state, jnp.arange(c.num_layers)),
+            (hidden, cache), density = self._scan_layers(
+                layer_step, (self.embed(tokens[:, start:end]), cache)
             )
             hiddens = [*hiddens, hidden] if keep_hidden else [hidden]
             densities.append(density)
@@ -420,29 +444,22 @@ class Llama(nnx.Module):
         ragged batch raises ``NotImplementedError``).
         """
         length = tokens.shape[1]
+        lengths = check_prefill_arguments(
+            tokens.shape, attention, max_len=max_len, chunk_size=chunk_size, lengths=lengths
+        )
         max_len = length if max_len is None else max_len
-        if max_len < length:
-            raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
-        lengths = validate_lengths(lengths, *tokens.shape)
-        check_chunk_size(chunk_size, attention)
         if chunk_size is not None:
-            if lengths is not None:
-                raise NotImplementedError(
-                    "prefill with both lengths (a ragged batch) and chunk_size is not "
-                    "supported: prefill a ragged batch whole, or chunk its rows one by one"
-                )
             hidden, cache, densities = self._prefill_chunked(
                 tokens, attention, chunk_size, max_len, keep_hidden=return_aux
             )
-            last_logits = self.output_logits(hidden[:, -1])
-            if return_aux:
-                return last_logits, cache, PrefillAux(hidden, densities)
-            return last_logits, cache
-        hidden, (keys, values), densities = self._prefill_layers(tokens, attention, True, lengths)
-        if max_len > length:  # no copy of the whole cache when it is already full-size
-            padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
-            keys, values = jnp.pad(keys, padding), jnp.pad(values, padding)
-        cache = KVCache(keys, values)
+        else:
+            hidden, (keys, values), densities = self._prefill_layers(
+                tokens, attention, True, lengths
+            )
+            if max_len > length:  # no copy of the whole cache when it is already full-size
+                padding = ((0, 0), (0, 0), (0, max_len - length), (0, 0), (0, 0))
+                keys, values = jnp.pad(keys, padding), jnp.pad(values, padding)
+            cache = KVCache(keys, values)
         if lengths is None:
             last_logits = self.output_logits(hidden[:, -1])
         else:
@@ -459,19 +476,43 @@ class Llama(nnx.Module):
         with ``lengths``): row b writes slot position[b] and attends to slots <= position[b].
         """
         position = jnp.asarray(position, jnp.int32)
-        layers_graphdef, layers_state = nnx.split(self.layers)
 
-        def one_layer(carry, layer_inputs):
+        def layer_step(layer, index, carry):
             hidden, cache = carry
-            layer_state, layer_index = layer_inputs
-            layer = nnx.merge(layers_graphdef, layer_state)
-            return layer.decode(hidden, position, cache, layer_index), None
+            return layer.decode(hidden, position, cache, index), None
 
-        layer_indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (hidden, cache), _ = jax.lax.scan(
-            one_layer, (self.embed(token[:, None]), cache), (layers_state, layer_indices)
-        )
+        (hidden, cache), _ = self._scan_layers(layer_step, (self.embed(token[:, None]), cache))
         return self.output_logits(hidden[:, 0]), cache
+
+
+def check_prefill_arguments(
+    shape: tuple[int, int],
+    attention: AttentionSpec,
+    *,
+    max_len: int | None = None,
+    chunk_size: int | None = None,
+    lengths=None,
+):
+    """Every rule on a prefill's arguments, in one place: ``Llama.prefill`` applies it, and
+    ``models.runner`` calls it too before tracing (a one-line error, and the lengths
+    range-checked while they are still concrete).
+
+    shape: the tokens' (B, T). ``max_len`` (None: T) must be >= T; ``lengths`` [B] ints in
+    [1, T] (``pbs_jax.validate_lengths``); ``chunk_size`` as ``check_chunk_size`` allows; not
+    both ``lengths`` and ``chunk_size`` (``NotImplementedError``). -> ``lengths`` as int32 [B]
+    (None when None).
+    """
+    length = shape[1]
+    if max_len is not None and max_len < length:
+        raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({length})")
+    lengths = validate_lengths(lengths, *shape)
+    check_chunk_size(chunk_size, attention)
+    if chunk_size is not None and lengths is not None:
+        raise NotImplementedError(
+            "prefill with both lengths (a ragged batch) and chunk_size is not "
+            "supported: prefill a ragged batch whole, or chunk its rows one by one"
+        )
+    return lengths
 
 
 def _per_layer_attention(attention, num_layers: int):

@@ -15,14 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention_spec import (
-    FULL_ATTENTION,
-    AttentionSpec,
-    check_chunk_size,
-    resolve_attention,
-)
+from models.attention_spec import FULL_ATTENTION, AttentionSpec, resolve_attention
 from models.config import LlamaConfig
-from models.modules import KVCache, Llama
+from models.modules import KVCache, Llama, check_prefill_arguments
 from pbs_jax import validate_lengths
 
 __all__ = [
@@ -126,13 +121,16 @@ def generate(
         )[0]
     attention = resolve_attention(attention)
     length = prompt_tokens.shape[1]
-    lengths = validate_lengths(lengths, *prompt_tokens.shape)
+    max_len = length + max_new_tokens
+    lengths = check_prefill_arguments(  # before tracing: a one-line error
+        prompt_tokens.shape, attention, max_len=max_len, chunk_size=chunk_size, lengths=lengths
+    )
     last_logits, cache = prefill(
         graphdef,
         state,
         prompt_tokens,
         attention,
-        max_len=length + max_new_tokens,
+        max_len=max_len,
         lengths=lengths,
         chunk_size=chunk_size,
     )
@@ -215,8 +213,10 @@ class JittedLlama:
         )
 
     def _prefill_args(self, tokens, attention, max_len, return_aux, chunk_size, lengths) -> tuple:
-        check_chunk_size(chunk_size, attention)  # before tracing: a one-line error
         tokens = jnp.asarray(tokens, jnp.int32)
+        lengths = check_prefill_arguments(  # before tracing: a one-line error
+            tokens.shape, attention, max_len=max_len, chunk_size=chunk_size, lengths=lengths
+        )
         args = (
             self.graphdef,
             self.state,
@@ -227,7 +227,7 @@ class JittedLlama:
             chunk_size,
         )
         # lengths only when given: a lowered prefill without it keeps its 3-argument call.
-        return args if lengths is None else (*args, validate_lengths(lengths, *tokens.shape))
+        return args if lengths is None else (*args, lengths)
 
     def prefill(
         self,
@@ -289,7 +289,6 @@ class JittedLlama:
         chunk_size: int | None = None,
         lengths=None,
     ) -> jax.Array:
-        check_chunk_size(chunk_size, attention)
         return generate(
             self.graphdef,
             self.state,

@@ -7,7 +7,9 @@
   Llama-3 RoPE scaling as a ``rope_freqs.weight`` tensor of per-frequency divisors).
 
 Names are spelled out here on purpose instead of reusing ``weights.PARAM_RULES``, so a test
-that writes with this module and reads with ``models.weights`` checks that table.
+that writes with this module and reads with ``models.weights`` checks that table. The Q/K row
+permutation is the converter's one formula, ``weights.gguf_permute_rows`` (pinned on a
+worked example by tests/test_weights.py), not a copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.config import LlamaConfig
+from models.weights import gguf_permute_rows
 
 __all__ = [
     "HF_TO_GGUF_LAYER_NAMES",
@@ -150,15 +153,6 @@ def write_safetensors_folder(
     return folder
 
 
-def _converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # convert_hf_to_gguf.py, LlamaModel.permute (verbatim logic).
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
 def _llama3_rope_divisors(config: LlamaConfig) -> np.ndarray:
     # convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors (loop as written there).
     s = config.rope_scaling
@@ -260,9 +254,9 @@ def write_gguf(
             if w is None:
                 continue
             if hf_suffix.startswith("self_attn.q_proj"):
-                w = _converter_permute(w, c.num_heads)
+                w = gguf_permute_rows(w, c.num_heads)
             elif hf_suffix.startswith("self_attn.k_proj"):
-                w = _converter_permute(w, c.num_kv_heads)
+                w = gguf_permute_rows(w, c.num_kv_heads)
             add(f"blk.{i}.{gguf_suffix}", w)
     add("output_norm.weight", weights["model.norm.weight"])
     if not c.tie_embeddings:

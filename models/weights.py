@@ -158,10 +158,11 @@ _COMPILED_RULES = {
 
 
 def gguf_permute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """llama.cpp's ``LlamaModel.permute`` (HF rotate-half rows -> GGUF interleaved pairs).
+    """llama.cpp's ``LlamaModel.permute`` (convert_hf_to_gguf.py, same logic): HF rotate-half
+    rows -> GGUF interleaved pairs.
 
-    w: [num_heads * head_dim, ...] (a weight [out, in] or a bias [out]). Used by tests to
-    write GGUFs the way the converter does.
+    w: [num_heads * head_dim, ...] (a weight [out, in] or a bias [out]). ``models.testing``
+    writes GGUFs with it, the way the converter does.
     """
     return (
         w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
