@@ -16,6 +16,7 @@ Public API:
                                         with the importance (no importance, sort or pooling
                                         in HBM)
   proxy_permutation_supported(q_proxy, k, ...)  whether proxy_permutation takes these operands
+  FLOAT_DTYPES                          the input dtypes every kernel and the op take (names)
   GQA_MODES                             the permutation-head modes ("replicate", "shared"):
                                         one per query head, or one per KV head
   block_means(x, block_size)            block means, zero padding of a partial block counted
@@ -31,6 +32,7 @@ Public API:
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
 
+from pallas_kernels._checks import FLOAT_DTYPES
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu, mgpu_supported
 from pallas_kernels.importance import (
@@ -79,6 +81,7 @@ __all__ = [
     "importance_tiles",
     "proxy_permutation",
     "proxy_permutation_supported",
+    "FLOAT_DTYPES",
     "GQA_MODES",
     "proxy_permutation_reference",
     "block_means",

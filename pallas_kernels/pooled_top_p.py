@@ -10,13 +10,15 @@ few KiB of data). Here one launch does it all, grid ``(row tiles, B, Hq)``; one 
    permutation head, ``[block_rows, T_pad]`` float32 in registers, accumulated over the head
    dim in ``depth_chunk`` slices (each dot operand's chunk of keys fits shared memory);
 2. the softmax over the allowed blocks (:func:`pallas_kernels.top_p.masked_softmax`; the domain
-   comes in as an int8 ``[T, T]`` input, so its one definition stays with the caller);
+   comes in as an int8 ``[Tq, T]`` input, so its one definition stays with the caller; Tq < T
+   for a chunk's last query blocks);
 3. the top-p cut-off by the same bisection (:func:`pallas_kernels.top_p.top_p_blocks`: a
    ``lax.fori_loop`` of 31 masked row sums over the register tile);
 4. the mask tile, int8.
 
 T is padded to a power of two >= 16 (Triton tensor shapes are powers of two and ``tl.dot``
-dimensions >= 16): padded key blocks are outside the domain, padded query blocks are dropped.
+dimensions >= 16) and Tq to whole row tiles: padded key blocks are outside the domain, padded
+query blocks are dropped.
 The logits are float32 IEEE dots (HIGHEST precision), as the jnp path's einsum.
 
 The pure-jnp statement of the same contract is
@@ -115,12 +117,12 @@ def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
             raise ValueError(f"{name} must be a 4-d array [B, T, heads, D], got {x!r:.80}")
         if x.dtype != jnp.float32:
             raise ValueError(f"{name} must be float32 (block means), got {x.dtype}")
-    b, t, hq, d = pooled_q.shape
-    kb, kt, hp, kd = pooled_k.shape
-    if (kb, kt, kd) != (b, t, d):
+    b, tq, hq, d = pooled_q.shape
+    kb, t, hp, kd = pooled_k.shape
+    if (kb, kd) != (b, d) or t < tq:
         raise ValueError(
-            f"pooled_k must be [B, T, Hp, D] with B={b}, T={t}, D={d} from pooled_q, "
-            f"got {pooled_k.shape}"
+            f"pooled_k must be [B, T, Hp, D] with B={b}, D={d} from pooled_q and T >= Tq={tq} "
+            f"(pooled_q's query blocks are the last Tq of T), got {pooled_k.shape}"
         )
     if hp <= 0 or hq % hp:
         raise ValueError(f"Hq={hq} (pooled_q) must be a positive multiple of Hp={hp} (pooled_k)")
@@ -130,8 +132,8 @@ def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
         )
     _checks.check_dot_head_dim(d)
     if domain is not None:
-        if getattr(domain, "shape", None) != (t, t):
-            raise ValueError(f"domain must be [T, T] = [{t}, {t}], got {domain!r:.80}")
+        if getattr(domain, "shape", None) != (tq, t):
+            raise ValueError(f"domain must be [Tq, T] = [{tq}, {t}], got {domain!r:.80}")
         if not (domain.dtype == jnp.bool_ or jnp.issubdtype(domain.dtype, jnp.integer)):
             raise ValueError(f"domain must be bool or integer, got {domain.dtype}")
     if threshold is not None and not (
@@ -175,17 +177,18 @@ def pooled_top_p_blocks(
     forced block (sink, own segment) is added: that is the caller's rule.
 
     Args:
-      pooled_q: ``[B, T, Hq, D]`` float32 pooled query blocks.
+      pooled_q: ``[B, Tq, Hq, D]`` float32 pooled query blocks, Tq ≤ T (Tq < T: a chunk's
+        last Tq query blocks; the domain says which key blocks each may see).
       pooled_k: ``[B, T, Hp, D]`` float32 pooled (permuted) key blocks, Hq a multiple of Hp;
         D a power of two in [16, 256]; T in [1, ``MAX_POOLED_BLOCKS``].
-      domain: ``[T, T]`` bool or int (nonzero = allowed): the key blocks competing per query
+      domain: ``[Tq, T]`` bool or int (nonzero = allowed): the key blocks competing per query
         block.
       threshold: Python float in (0, 1] (static).
       tiles: :class:`PooledTopPTiles`; default :func:`pooled_top_p_tiles` (T, D).
       interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
 
     Returns:
-      ``[B, Hq, T, T]`` bool.
+      ``[B, Hq, Tq, T]`` bool.
 
     Raises:
       ValueError: bad ranks, dtypes, shapes, head counts, head dim, T, domain, threshold or
@@ -204,16 +207,16 @@ def pooled_top_p_blocks(
 
 @functools.partial(jax.jit, static_argnames=("threshold", "tiles", "interpret"))
 def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interpret):
-    b, t, hq, d = pooled_q.shape
-    hp = pooled_k.shape[2]
+    b, tq, hq, d = pooled_q.shape
+    t, hp = pooled_k.shape[1], pooled_k.shape[2]
     group = hq // hp
     t_pad = padded_blocks(t)
     bm = tiles.block_rows
-    pad_blocks = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
-    pooled_q = jnp.pad(pooled_q, pad_blocks)
-    pooled_k = jnp.pad(pooled_k, pad_blocks)
+    rows_pad = pl.cdiv(tq, bm) * bm  # query blocks, in whole row tiles
+    pooled_q = jnp.pad(pooled_q, ((0, 0), (0, rows_pad - tq), (0, 0), (0, 0)))
+    pooled_k = jnp.pad(pooled_k, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
     # Padded key blocks (and padded query rows, dropped below) are outside the domain.
-    allowed = jnp.pad((domain != 0).astype(jnp.int8), ((0, t_pad - t), (0, t_pad - t)))
+    allowed = jnp.pad((domain != 0).astype(jnp.int8), ((0, rows_pad - tq), (0, t_pad - t)))
 
     mask = pl.pallas_call(
         functools.partial(
@@ -225,8 +228,8 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
             logit_divisor=float(np.sqrt(np.float32(d))),
             threshold=threshold,
         ),
-        out_shape=jax.ShapeDtypeStruct((b, hq, t_pad, t_pad), jnp.int8),
-        grid=(t_pad // bm, b, hq),
+        out_shape=jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8),
+        grid=(rows_pad // bm, b, hq),
         in_specs=[
             pl.BlockSpec((None, bm, None, d), lambda r, bi, h: (bi, r, h, 0)),
             # All T_pad key blocks of one permutation head.
@@ -240,7 +243,7 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
         interpret=interpret,
         name=f"pbs_pooled_top_p_t{t_pad}_m{bm}",
     )(pooled_q, pooled_k, allowed)
-    return mask[:, :, :t, :t] != 0
+    return mask[:, :, :tq, :t] != 0
 
 
 def _pooled_top_p_kernel(

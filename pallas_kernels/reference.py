@@ -307,7 +307,7 @@ def pooled_top_p_blocks_reference(
 
     Args: as :func:`pooled_block_probabilities_reference`; threshold: a Python float in (0, 1].
     Returns:
-      ``[B, Hq, T, T]`` bool: the top-p blocks (``pallas_kernels.top_p.top_p_blocks``) of each
+      ``[B, Hq, Tq, T]`` bool: the top-p blocks (``pallas_kernels.top_p.top_p_blocks``) of each
       query block's distribution, without any forced block.
     """
     probs = pooled_block_probabilities_reference(pooled_q, pooled_k, domain)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import mgpu_supported, planned_attention
+from pallas_kernels import FLOAT_DTYPES, mgpu_supported, planned_attention
 from pbs_jax import blocks, cost_model, reference
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import (
@@ -24,7 +24,6 @@ from pbs_jax.permutation import identity_permutation, plan_permutation
 from pbs_jax.selection import select_blocks
 
 IMPLS = ("auto", "reference", "pallas")
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class PBSAux(NamedTuple):
@@ -51,7 +50,7 @@ def validate_inputs(q, k, v) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must have rank 4 [B, N, H, D], got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
+        if jnp.dtype(x.dtype).name not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
     if k.shape != v.shape:
         raise ValueError(

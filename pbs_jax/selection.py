@@ -365,18 +365,16 @@ def select_blocks(
 
     One rule, two evaluations for ``"meanpool"``: on GPU the Pallas kernel
     ``pooled_top_p_blocks`` (logits, softmax and top-p in one launch) for the pooled blocks it
-    takes (T up to ``pallas_kernels.MAX_POOLED_BLOCKS``, and Tq = T: the kernel's grid is
-    square, so a chunk's rows take the jnp path); elsewhere, and for every other selector,
-    :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
+    takes (T up to ``pallas_kernels.MAX_POOLED_BLOCKS``; a chunk's Tq < T rows too);
+    elsewhere, and for every other selector, :func:`block_probabilities` then
+    :func:`select_from_probabilities` in jnp.
     """
     if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
         pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k)
-        # The kernel's grid is square (domain [T, T]): it refuses a chunk's Tq < T rows, which
-        # take the jnp path.
         if jax.default_backend() == "gpu" and pooled_top_p_supported(pooled_q, pooled_k):
-            t = pooled_q.shape[1]
+            tq, t = pooled_q.shape[1], pooled_k.shape[1]
             top_p_mask = pooled_top_p_blocks(
-                pooled_q, pooled_k, softmax_domain(t, cfg), float(cfg.threshold)
+                pooled_q, pooled_k, softmax_domain(t, cfg, t - tq), float(cfg.threshold)
             )
             return with_forced_blocks(top_p_mask, perm, cfg, lengths)
         probs = pooled_block_probabilities(pooled_q, pooled_k, cfg)

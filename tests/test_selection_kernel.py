@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pbs_jax
 from pallas_kernels import (
     MAX_POOLED_BLOCKS,
     PooledTopPTiles,
     pooled_top_p_blocks,
+    pooled_top_p_blocks_reference,
     pooled_top_p_supported,
     pooled_top_p_tiles,
 )
@@ -127,11 +129,36 @@ def test_kernel_equals_jnp_selection(case):
     assert (top_p.sum() < allowed_count) == (case.threshold < 1.0)
 
 
-def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch):
+@pytest.mark.parametrize("tq", [1, 5, 17])
+def test_chunk_rows_equal_the_reference(tq):
+    """A chunk's last Tq < T query blocks (rows padded to whole tiles, the domain's last rows):
+    the kernel equals its contract reference, and each row equals that row of the whole grid's
+    kernel (rows are independent)."""
+    case = CASES[1]
+    *_, (pooled_q, pooled_k, domain, top_p, _, _) = _jnp_selection(case)
+    t = case.num_blocks
+    chunk_domain = grid.softmax_domain(t, case.cfg, t - tq)
+    np.testing.assert_array_equal(np.asarray(chunk_domain), np.asarray(domain)[t - tq :])
+    chunk_q = pooled_q[:, t - tq :]
+    mask = pooled_top_p_blocks(chunk_q, pooled_k, chunk_domain, case.threshold, interpret=True)
+    assert mask.shape == (2, case.q_heads, tq, t)
+    reference = pooled_top_p_blocks_reference(chunk_q, pooled_k, chunk_domain, case.threshold)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(reference))
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(top_p)[:, :, t - tq :])
+    assert np.asarray(mask).any()
+
+
+@pytest.mark.parametrize("chunk_blocks", [None, 6])
+def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch, chunk_blocks):
     """``select_blocks`` on GPU (the kernel, interpret mode here) equals its CPU path (the jnp
-    selection): one rule, two evaluations, the forced blocks OR-ed in by the same function."""
+    selection): one rule, two evaluations, the forced blocks OR-ed in by the same function;
+    also for a chunk (queries the last ``chunk_blocks`` blocks), whose rows the kernel takes."""
     case = GPU_PATH_CASE
     q, k, perm, (*_, selected) = _jnp_selection(case)
+    if chunk_blocks is not None:
+        q = q[:, q.shape[1] - (chunk_blocks - 1) * BLOCK - q.shape[1] % BLOCK :]
+        assert pbs_jax.num_blocks(q.shape[1], BLOCK) == chunk_blocks
+        selected = selected[:, :, -chunk_blocks:]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     calls = []
 
@@ -167,7 +194,7 @@ _DOMAIN8 = jnp.tril(jnp.ones((8, 8), jnp.bool_))
         (_operands(hq=3, hp=2), _DOMAIN8, 0.9, None, "multiple of Hp"),
         (_operands(d=24), _DOMAIN8, 0.9, None, "head dim"),
         (_operands(q_dtype=jnp.bfloat16), _DOMAIN8, 0.9, None, "float32"),
-        (_operands(k_t=9), _DOMAIN8, 0.9, None, "pooled_k must be"),
+        (_operands(k_t=7), _DOMAIN8[:, :7], 0.9, None, "T >= Tq"),  # more query than key blocks
         ((jnp.zeros((8, 2, 16)), jnp.zeros((1, 8, 1, 16))), _DOMAIN8, 0.9, None, "4-d"),
         (_operands(t=MAX_POOLED_BLOCKS + 1), None, 0.9, None, "pooled blocks"),
         (_operands(), _DOMAIN8[:7], 0.9, None, "domain must be"),
