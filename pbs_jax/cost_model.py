@@ -16,9 +16,14 @@ power law; outside them the nearest segment's power law is extended, except that
 below the first length are held at that length's (its fixed launch costs dominate there, so a
 power law would promise a plan cheaper than it is). Other shapes are scaled from the measured
 one, an assumption rather than a measurement: attention (cuDNN and kernel) ∝ B·Hq·D (its work
-is B·Hq·D·N²; the N² is in the table), the plan and the estimate ∝ B·Hq (their long-N work is the
-T×T block scores and top-p of every query head, which do not depend on D; the D-dependent proxy
-and pooling are small next to them).
+is B·Hq·D·N²; the N² is in the table) for head dims from the measured one up, and ∝ B·Hq below
+it: a smaller head is not cheaper for cuDNN (H200, 8K tokens: SmolLM2's 2 × 9 heads of D 64 took
+0.723 ms, 0.726 ms by heads alone, half of that by B·Hq·D; results/bench_kernel_tuned_plan.md),
+and scaling it down by D made ``impl="auto"`` refuse every plan at trace time for SmolLM2 where
+the sparse op was faster (0.605 vs 0.723 ms); the kernel at D 64 took 0.78 of the heads-alone
+time, so the rule is conservative for it. The plan and the estimate ∝ B·Hq (their long-N work is
+the T×T block scores and top-p of every query head, which do not depend on D; the D-dependent
+proxy and pooling are small next to them).
 
 The rule (:func:`choose`): the kernel is worth it when the kernel's time at the density plus
 what is still to pay of the planning is below cuDNN's time. ``impl="auto"`` asks it three times,
@@ -154,7 +159,8 @@ def op_costs(
     ns = [c.seq_len for c in rows]
     fits = [c.mosaic if mosaic and c.mosaic is not None else c.triton for c in rows]
     m = table.shape
-    attention = (shape.batch * shape.q_heads * shape.head_dim) / (m.batch * m.q_heads * m.head_dim)
+    head_dim = max(shape.head_dim, m.head_dim)  # smaller heads cost as the measured (docstring)
+    attention = (shape.batch * shape.q_heads * head_dim) / (m.batch * m.q_heads * m.head_dim)
     plan = (shape.batch * shape.q_heads) / (m.batch * m.q_heads)
 
     def at(values, hold_below=False):

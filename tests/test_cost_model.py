@@ -79,9 +79,13 @@ def test_op_costs_interpolate_in_log_n_and_scale_with_the_shape():
     low = cost_model.op_costs(table, 500)
     assert low.cudnn_ms == pytest.approx(2.5)
     assert (low.estimate_ms, low.plan_ms) == (1.0, 3.0)
-    # B·Hq·D = 2·16·64 is half the measured 1·32·128: attention halves; the plan ∝ B·Hq stays.
+    # B·Hq = 2·16 is the measured 1·32, and a head dim below the measured 128 costs as 128:
+    # attention and the plan (∝ B·Hq) stay; 8 heads of D 256 are a quarter of the heads, each
+    # twice the work: attention halves, the plan is a quarter.
     scaled = cost_model.op_costs(table, 1000, CallShape(batch=2, q_heads=16, head_dim=64))
-    assert scaled == cost_model.OpCosts(5.0, KernelFit(0.5, 5.0), 1.0, 3.0)
+    assert scaled == cost_model.OpCosts(10.0, KernelFit(1.0, 10.0), 1.0, 3.0)
+    wide = cost_model.op_costs(table, 1000, CallShape(batch=1, q_heads=8, head_dim=256))
+    assert wide == cost_model.OpCosts(5.0, KernelFit(0.5, 5.0), 0.25, 0.75)
     # The Triton fit where the Mosaic kernel does not run, or was not measured.
     triton = KernelFit(2.0, 20.0)
     assert cost_model.op_costs(table, 1000, mosaic=False).kernel == triton
