@@ -21,7 +21,7 @@ from pbs_jax.grid import (
     zero_padding,
 )
 from pbs_jax.permutation import identity_permutation, plan_permutation
-from pbs_jax.selection import select_blocks
+from pbs_jax.selection import mean_pool_blocks, select_blocks
 
 IMPLS = ("auto", "reference", "pallas")
 
@@ -195,7 +195,11 @@ def _dense(q, k, v, impl, lengths=None):
 
 
 def pbs_plan(
-    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    pooled_q: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, Tq, T]`` bool
     (q ``[B, M, Hq, D]``, the last M ≤ N positions; Tq = ceil(M / block_size)).
@@ -204,9 +208,11 @@ def pbs_plan(
     row's alone, its padding left in place and never selected.
 
     On GPU the permutation kernel also pools the permuted keys
-    (:func:`pbs_jax.permutation.plan_permutation`): the selection takes them from there."""
+    (:func:`pbs_jax.permutation.plan_permutation`): the selection takes them from there.
+    ``pooled_q``: the block means of q where the caller holds them (``impl="auto"``'s
+    estimate pooled the same queries), else None."""
     perm, pooled_k = plan_permutation(q, k, cfg, lengths)
-    return perm, select_blocks(q, k, perm, cfg, lengths, pooled_k)
+    return perm, select_blocks(q, k, perm, cfg, lengths, pooled_k, pooled_q)
 
 
 def kernel_attention(
@@ -414,8 +420,11 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
     def dense(q, k, v):
         return _dense(q, k, v, "auto", lengths)
 
-    def planned(q, k, v):
-        perm, block_mask = pbs_plan(q, k, cfg, lengths)
+    # The estimate and the plan pool the same queries: once, for both (the only stage they share).
+    pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
+
+    def planned(q, k, v, pooled_q):
+        perm, block_mask = pbs_plan(q, k, cfg, lengths, pooled_q)
         dens = _mean_density(block_mask, lengths, cfg)
 
         def sparse_path(q, k, v):
@@ -424,11 +433,11 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
         sparse = choose(dens, cost_model.AFTER_PLAN)
         return jax.lax.cond(sparse, sparse_path, dense, q, k, v), perm, block_mask, dens, sparse
 
-    def skipped(q, k, v):
+    def skipped(q, k, v, pooled_q):
         plan = _dense_plan(b, m, n, hq, k.shape[2], cfg, lengths)
         return dense(q, k, v), *plan, jnp.bool_(False)
 
-    predicted = cost_model.predicted_density(
-        table, cost_model.estimate_density(q, k, cfg), cost_model.floor_density(n, cfg)
-    )
-    return jax.lax.cond(choose(predicted, cost_model.AFTER_ESTIMATE), planned, skipped, q, k, v)
+    estimate = cost_model.estimate_density(q, k, cfg, lengths, pooled_q)
+    predicted = cost_model.predicted_density(table, estimate, cost_model.floor_density(n, cfg))
+    sparse = choose(predicted, cost_model.AFTER_ESTIMATE)
+    return jax.lax.cond(sparse, planned, skipped, q, k, v, pooled_q)

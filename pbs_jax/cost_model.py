@@ -49,6 +49,7 @@ import numpy as np
 
 from pbs_jax import blocks, selection
 from pbs_jax.config import PBSConfig
+from pbs_jax.grid import real_block_counts
 from pbs_jax.permutation import identity_permutation
 
 AT_TRACE, AFTER_ESTIMATE, AFTER_PLAN = "trace", "estimate", "plan"
@@ -227,20 +228,32 @@ def estimate_config(cfg: PBSConfig) -> PBSConfig:
     return dataclasses.replace(cfg, permute=False, selector="meanpool", gqa="shared")
 
 
-def estimate_density(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> jax.Array:
+def estimate_density(
+    q: jax.Array,
+    k: jax.Array,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    pooled_q: jax.Array | None = None,
+) -> jax.Array:
     """The cheap stage of ``impl="auto"``: the block density of :func:`estimate_config`'s plan.
 
     Args:
       q: ``[B, M, Hq, D]`` (the last M ≤ N positions); k: ``[B, N, Hkv, D]``.
+      lengths: ``[B]`` int32 (a right-padded batch, M = N) or None: each row's own blocks.
+      pooled_q: ``selection.mean_pool_blocks(q, cfg.block_size, lengths)`` where the caller
+        holds it (the plan that may follow pools the same queries), else None.
     Returns:
-      float32 scalar, averaged over batch and heads. No sort of keys and no proxy pass: pooled
-      block logits ``Tq × T`` per head, their causal softmax and the same top-p rule.
+      float32 scalar, averaged over batch and heads (each ragged row over its own blocks). No
+      sort of keys and no proxy pass: pooled block logits ``Tq × T`` per head, their causal
+      softmax and the same top-p rule.
     """
     est = estimate_config(cfg)
     b, _, hq, _ = q.shape
     n = k.shape[1]
     perm = identity_permutation(b, est.num_perm_heads(hq, k.shape[2]), n)
-    return jnp.mean(blocks.density(selection.select_blocks(q, k, perm, est)))
+    mask = selection.select_blocks(q, k, perm, est, lengths, pooled_q=pooled_q)
+    row_blocks = None if lengths is None else real_block_counts(lengths, cfg.block_size)
+    return jnp.mean(blocks.density(mask, row_blocks))
 
 
 def predicted_density(table: CardCosts, estimate, floor: float):

@@ -121,14 +121,17 @@ def pooled_blocks(
     cfg: PBSConfig,
     lengths: jax.Array | None = None,
     pooled_k: jax.Array | None = None,
+    pooled_q: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The MeanPooling selector's inputs: ``pooled_q [B, Tq, Hq, D]`` (:func:`mean_pool_blocks`;
     Tq = T for a whole prefill, the chunk's last Tq blocks for q ``[B, M, Hq, D]``, M < N) and
     ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`, unless the plan already holds
     them: ``pbs_jax.permutation.plan_permutation``'s; without ``cfg.permute`` perm is the
     identity and they are the keys' own block means), float32; with ``lengths`` the rows past
-    a row's length count as its zero padding."""
-    pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
+    a row's length count as its zero padding. A caller that pooled q already (``impl="auto"``:
+    its estimate and its plan pool the same queries) passes ``pooled_q``."""
+    if pooled_q is None:
+        pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
     if pooled_k is None and not cfg.permute:  # identity perm: plain block means per KV head
         hp = perm.shape[1]
         pooled_k = jnp.repeat(mean_pool_blocks(k, cfg.block_size, lengths), hp // k.shape[2], 2)
@@ -348,6 +351,7 @@ def select_blocks(
     cfg: PBSConfig,
     lengths: jax.Array | None = None,
     pooled_k: jax.Array | None = None,
+    pooled_q: jax.Array | None = None,
 ) -> jax.Array:
     """The PBS block mask of ``cfg.selector``.
 
@@ -359,6 +363,8 @@ def select_blocks(
       pooled_k: ``[B, T, Hp, D]`` float32, the block means of the permuted keys where the plan
         already holds them (``pbs_jax.permutation.plan_permutation``), or None: pooled here.
         Only the ``"meanpool"`` selector reads them.
+      pooled_q: ``[B, Tq, Hq, D]`` float32, :func:`mean_pool_blocks` of q (with ``lengths``)
+        where the caller holds them, or None: pooled here. Only ``"meanpool"`` reads them.
     Returns:
       ``block_mask [B, Hq, Tq, T]`` bool, T = ceil(N / block_size), Tq = ceil(M / block_size):
       only the chunk's query blocks are scored (never a T × T grid for a chunk).
@@ -370,7 +376,7 @@ def select_blocks(
     :func:`select_from_probabilities` in jnp.
     """
     if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
-        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k)
+        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k, pooled_q)
         if jax.default_backend() == "gpu" and pooled_top_p_supported(pooled_q, pooled_k):
             tq, t = pooled_q.shape[1], pooled_k.shape[1]
             top_p_mask = pooled_top_p_blocks(

@@ -142,6 +142,22 @@ def test_estimate_is_the_meanpool_baseline_density():
     assert 0.0 < got < 1.0
 
 
+def test_estimate_takes_pooled_queries_and_ragged_rows():
+    """Given the pooled queries (auto shares them with its plan) the estimate is the same
+    number; with ``lengths`` it is the mean of each row's estimate on that row alone."""
+    cfg = PBSConfig(threshold=0.8)
+    q, k, _ = make_qkv(3, 2, 768, 4, 2, 16)
+    estimate = jax.jit(cost_model.estimate_density, static_argnums=2)
+    whole = float(estimate(q, k, cfg))
+    pooled_q = selection.mean_pool_blocks(q, cfg.block_size)
+    assert float(estimate(q, k, cfg, None, pooled_q)) == pytest.approx(whole, abs=1e-7)
+    lengths = (768, 500)
+    rows = [float(estimate(q[i : i + 1, :n], k[i : i + 1, :n], cfg)) for i, n in enumerate(lengths)]
+    assert rows[0] != pytest.approx(rows[1])  # the rows differ, so the mean is not vacuous
+    ragged = float(estimate(q, k, cfg, jnp.asarray(lengths, jnp.int32)))
+    assert ragged == pytest.approx(np.mean(rows), abs=1e-6)
+
+
 def test_card_costs_and_table_checks():
     assert cost_model.card_costs("NVIDIA H100 80GB HBM3") is cost_model.H100
     assert cost_model.card_costs("a card never measured") is cost_model.FALLBACK
@@ -173,6 +189,11 @@ def test_auto_gpu_path_traces():
     assert out.shape == (1, 1024, 4, 64) and out.dtype == jnp.bfloat16
     assert perm.shape == (1, 4, 1024) and mask.shape == (1, 4, 8, 8)
     assert dens.shape == () and sparse.dtype == jnp.bool_
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)  # a ragged batch takes the same branches
+    out, *_ = jax.eval_shape(
+        lambda q, k, v, n: attention._auto_on_gpu(q, k, v, cfg, n), q, kv, kv, lengths
+    )
+    assert out.shape == (1, 1024, 4, 64)
 
 
 # ---- experiments: the bench's cost table, the capture file -------------------------------------
