@@ -9,17 +9,19 @@ read back twice (softmax, then the row mean). Here they never leave the chip:
   walks ``split_keys`` keys in ``block_keys`` tiles with an online softmax and writes each row's
   running max and sum of exponentials over its split, ``[B, Hq, splits, P]`` (a few MiB at
   128K). jnp combines the splits with a logsumexp: ``lse [B, Hq, P]``, one number per row;
-* pass 2 (:func:`_column_sums_kernel`), grid ``(key tiles, B, Hq)``: one program owns
-  ``block_keys`` keys, loops over the P rows in ``block_rows`` tiles (``lax.fori_loop``),
-  recomputes the logits tile and accumulates the column sums of ``exp(s - lse_row)``; dividing
-  by P gives the mean probability of each key.
+* pass 2 (:func:`_column_sums_kernel`), grid ``(key blocks, B, Hq)``: one program owns
+  ``column_tiles`` tiles of ``block_keys`` keys, loops over the P rows in ``block_rows`` tiles
+  (``lax.fori_loop``; a row tile of q is loaded once for all its key tiles), recomputes the
+  logits tiles and accumulates the column sums of ``exp(s - lse_row)``; dividing by P gives the
+  mean probability of each key.
 
 A ragged (right-padded) batch passes ``real_rows [B]`` and ``real_keys [B]``: a static flag
 adds the counts as two scalar operands of each pass (Pallas Triton has no scalar prefetch; a
 ``(None,)`` block gives each program its batch row's count) and masks built from iota compares,
 always with ``where`` (padded rows and keys may hold anything). Pass 1 walks only the key tiles
 that hold a real key and skips row tiles of padding; pass 2 walks only the real rows' tiles, and
-not at all for a key tile of padding. Without counts the kernels are exactly the unragged ones.
+not at all for a program whose first key is padding. Without counts the kernels are exactly the
+unragged ones.
 
 The logits are computed twice (2·P·L·D multiply-adds per head, against the XLA path's one pass
 plus ~3 HBM round trips of P·L floats), which is the usual trade of flash-style kernels. All
@@ -69,6 +71,11 @@ class ImportanceTiles:
     block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program;
                 :func:`proxy_permutation`'s pass 2: a program's segment is walked, ranked and
                 pooled in tiles of block_keys). Must divide L (and the segment).
+    column_tiles: key tiles of one pass-2 program (a power of two >= 1; ``block_keys ·
+                column_tiles`` must divide L): more than one amortises the program's launch
+                and its loads of the proxy rows over more keys where pass 2 is latency-bound
+                (short L: at 8K keys, 32 heads and 64-key tiles, 4096 programs of one small dot
+                each). :func:`proxy_permutation`'s pass 2 owns whole segments and ignores it.
     split_keys: keys walked by one pass-1 program; L / split_keys splits (the last one may be
                 short) give the grid enough programs at long L while the partial statistics
                 stay small (``B·Hq·(L/split_keys)·P`` pairs of floats). A multiple of
@@ -87,6 +94,7 @@ class ImportanceTiles:
     split_keys: int = 1024
     num_warps: int = 8
     num_stages: int = 2
+    column_tiles: int = 1
 
     def __post_init__(self):
         for name in ("block_rows", "block_keys", "split_keys"):
@@ -98,6 +106,7 @@ class ImportanceTiles:
                 f"ImportanceTiles.split_keys={self.split_keys} must be a multiple of "
                 f"block_keys={self.block_keys} (a split walks whole key tiles)"
             )
+        _checks.check_pow2_at_least("ImportanceTiles", "column_tiles", self.column_tiles, 1)
         _checks.check_num_warps("ImportanceTiles", self.num_warps)
         _checks.check_num_stages("ImportanceTiles", self.num_stages)
 
@@ -121,7 +130,7 @@ def largest_pow2_divisor(n: int, cap: int) -> int:
 
 def importance_tiles(num_rows: int, num_keys: int, dtype) -> ImportanceTiles:
     """Default tiles for P proxy rows and L keys of ``dtype``, shrunk (never grown) to divide
-    P and L.
+    P and L: block_rows divides P, block_keys · column_tiles divides L.
 
     Raises:
       ValueError: P or L not a multiple of 16 (no valid Triton tile divides it).
@@ -131,10 +140,12 @@ def importance_tiles(num_rows: int, num_keys: int, dtype) -> ImportanceTiles:
     for what, n in (("P (proxy rows)", num_rows), ("L (keys)", num_keys)):
         if n <= 0 or n % 16:
             raise ValueError(f"proxy_importance needs {what} a positive multiple of 16, got {n}")
+    block_keys = largest_pow2_divisor(num_keys, base.block_keys)
     return dataclasses.replace(
         base,
         block_rows=largest_pow2_divisor(num_rows, base.block_rows),
-        block_keys=largest_pow2_divisor(num_keys, base.block_keys),
+        block_keys=block_keys,
+        column_tiles=largest_pow2_divisor(num_keys // block_keys, base.column_tiles),
     )
 
 
@@ -164,6 +175,11 @@ def validate_operands(q_proxy, k, tiles) -> ImportanceTiles:
         raise ValueError(f"tiles.block_rows={tiles.block_rows} must divide P={p} (proxy rows)")
     if l % tiles.block_keys:
         raise ValueError(f"tiles.block_keys={tiles.block_keys} must divide L={l} (keys)")
+    if l % (tiles.block_keys * tiles.column_tiles):
+        raise ValueError(
+            f"tiles.block_keys * tiles.column_tiles = {tiles.block_keys} * {tiles.column_tiles} "
+            f"must divide L={l} (keys): a pass-2 program owns that many keys"
+        )
     return tiles
 
 
@@ -304,33 +320,38 @@ def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: 
     l, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = tiles.block_rows, tiles.block_keys
+    key_block = bn * tiles.column_tiles  # keys of one pass-2 program
     ragged = counts is not None  # static: None is an empty pytree, its own trace
     lse = row_log2_sum_exp(q_proxy, k, num_keys=l, tiles=tiles, interpret=interpret, counts=counts)
 
-    # Pass 2: per (key tile, batch, head) the column sums of the probabilities over all rows.
+    # Pass 2: per (key block, batch, head) the column sums of the probabilities over all rows.
     return pl.pallas_call(
         functools.partial(
             _column_sums_kernel,
             block_rows=bm,
+            block_keys=bn,
             num_row_tiles=p // bm,
             inv_rows=1.0 / p,
             ragged=ragged,
             **kernel_params(q_proxy),
         ),
         out_shape=jax.ShapeDtypeStruct((b, hq, l), jnp.float32),
-        grid=(l // bn, b, hq),
+        grid=(l // key_block, b, hq),
         in_specs=[
             pl.BlockSpec((None, p, None, d), lambda j, bi, h: (bi, 0, h, 0)),
             pl.BlockSpec(
-                (None, bn, None, d), lambda j, bi, h: (bi, j, _checks.shared_head(h, group), 0)
+                (None, key_block, None, d),
+                lambda j, bi, h: (bi, j, _checks.shared_head(h, group), 0),
             ),
             pl.BlockSpec((None, None, p), lambda j, bi, h: (bi, h, 0)),
             *count_specs(counts, lambda j, bi, h: (bi,)),
         ],
-        out_specs=pl.BlockSpec((None, None, bn), lambda j, bi, h: (bi, h, j)),
+        out_specs=pl.BlockSpec((None, None, key_block), lambda j, bi, h: (bi, h, j)),
         compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
-        name=f"pbs_importance_columns_m{bm}_n{bn}" + ("_ragged" if ragged else ""),
+        name=f"pbs_importance_columns_m{bm}_n{bn}"
+        + (f"_c{tiles.column_tiles}" if tiles.column_tiles > 1 else "")
+        + ("_ragged" if ragged else ""),
     )(q_proxy, k, lse, *(counts or ()))
 
 
@@ -427,34 +448,47 @@ def probability_column_sums(
     return lax.fori_loop(0, num_row_tiles, step, zeros)
 
 
-def _column_sums_kernel(*refs, block_rows, num_row_tiles, inv_rows, ragged, qk_scale, precision):
-    """One program: ``block_keys`` keys against all P proxy rows, ``block_rows`` at a time.
+def _column_sums_kernel(
+    *refs, block_rows, block_keys, num_row_tiles, inv_rows, ragged, qk_scale, precision
+):
+    """One program: ``column_tiles`` tiles of ``block_keys`` keys against all P proxy rows,
+    ``block_rows`` at a time (each row tile of q loaded once for all the key tiles).
 
-    q_ref [P, D], k_ref [bn, D], lse_ref [P] (log2 units), out_ref [bn]: the mean over rows of
-    exp2(s - lse_row), i.e. of the row softmax over all L keys.
+    q_ref [P, D], k_ref [bn·column_tiles, D], lse_ref [P] (log2 units), out_ref
+    [bn·column_tiles]: the mean over rows of exp2(s - lse_row), i.e. of the row softmax over all
+    L keys.
 
     Ragged: real_rows_ref, real_keys_ref [] follow lse_ref; the mean is over the first real_rows
-    rows (only their row tiles are walked), keys past real_keys get 0 (a tile of them walks no
-    row at all).
+    rows (only their row tiles are walked), keys past real_keys get 0 (a program whose first key
+    is past it walks no row at all).
     """
     if ragged:
         q_ref, k_ref, lse_ref, real_rows_ref, real_keys_ref, out_ref = refs
     else:
         q_ref, k_ref, lse_ref, out_ref = refs
-    keys = k_ref[...]
+    key_block = k_ref.shape[0]
+    num_key_tiles = key_block // block_keys
+    if num_key_tiles == 1:
+        key_tiles = (k_ref[...],)
+    else:  # static slices of the ref: one load per tile
+        key_tiles = tuple(k_ref[pl.ds(t * block_keys, block_keys), :] for t in range(num_key_tiles))
     real_rows = keys_in = None
     if ragged:
-        block_keys = keys.shape[0]
-        start = pl.program_id(0) * block_keys
+        start = pl.program_id(0) * key_block
         real_rows, real_keys = real_rows_ref[...], real_keys_ref[...]
-        keys_in = (start + lax.broadcasted_iota(jnp.int32, (block_keys,), 0) < real_keys,)
+        iota = lax.broadcasted_iota(jnp.int32, (block_keys,), 0)
+        # Tile t's first key; the first tile's is `start` itself (no `+ 0` op traced).
+        keys_in = tuple(
+            (start + t * block_keys if t else start) + iota < real_keys
+            for t in range(num_key_tiles)
+        )
         num_row_tiles = jnp.where(
             start < real_keys, lax.div(real_rows + block_rows - 1, block_rows), 0
         )
-    (sums,) = probability_column_sums(
+    sums = probability_column_sums(
         q_ref,
         lse_ref,
-        (keys,),
+        key_tiles,
         block_rows=block_rows,
         num_row_tiles=num_row_tiles,
         qk_scale=qk_scale,
@@ -463,6 +497,10 @@ def _column_sums_kernel(*refs, block_rows, num_row_tiles, inv_rows, ragged, qk_s
         keys_in=keys_in,
     )
     if ragged:  # no real row: sums are 0, and so is the mean
-        out_ref[...] = sums / jnp.maximum(real_rows, 1).astype(jnp.float32)
-    else:
-        out_ref[...] = sums * inv_rows
+        num_rows = jnp.maximum(real_rows, 1).astype(jnp.float32)
+    for t, tile_sums in enumerate(sums):
+        mean = tile_sums / num_rows if ragged else tile_sums * inv_rows
+        if num_key_tiles == 1:
+            out_ref[...] = mean
+        else:
+            out_ref[pl.ds(t * block_keys, block_keys)] = mean

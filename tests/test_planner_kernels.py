@@ -1,9 +1,11 @@
 """The planner's kernels and sort-free rules against their oracles.
 
 - ``proxy_importance`` (Pallas, interpret mode here) against ``proxy_importance_reference``, and
-  the segment permutation it induces against the reference importances;
-- the same on a ragged batch (per-row real proxy rows and real keys, padding of garbage), and each
-  ragged row against the kernel on that row alone;
+  the segment permutation it induces against the reference importances; with several key tiles
+  per pass-2 program (``column_tiles``) as well;
+- the same on a ragged batch (per-row real proxy rows and real keys, padding of garbage, counts
+  inside and on the edges of a pass-2 program's keys), and each ragged row against the kernel on
+  that row alone;
 - ``key_importance``'s GPU path (the kernel) against its CPU path (the reference), both GQA modes,
   unragged and ragged;
 - the sort-free ``top_p_blocks`` against the sort-based rule it replaced (kept here only as the
@@ -29,6 +31,7 @@ from pallas_kernels import (
     proxy_importance_reference,
     proxy_importance_supported,
 )
+from pallas_kernels import importance as importance_module
 from pbs_jax import PBSConfig, permutation, selection
 from tests.conftest import make_qkv
 
@@ -110,12 +113,40 @@ def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa, lengths):
     chex.assert_trees_all_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-9)
 
 
-def test_default_tiles_shrink_to_divide():
+# P = 64 rows in 2 row tiles, L = 256 keys in tiles of 32: 4 programs of 2 tiles or 2 of 4.
+@pytest.mark.parametrize("column_tiles", [2, 4])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_proxy_importance_column_tiles_match_reference(dtype, group, column_tiles):
+    """Several key tiles per pass-2 program: the same importance as the reference."""
+    tiles = ImportanceTiles(32, 32, split_keys=128, num_warps=4, column_tiles=column_tiles)
+    kernel, reference = _importance_pair(dtype, 64, 256, group, tiles)
+    chex.assert_shape(kernel, (BATCH, KV_HEADS * group, 256))
+    chex.assert_trees_all_close(kernel, reference, rtol=1e-5, atol=1e-9)
+    chex.assert_trees_all_close(kernel.sum(-1), np.ones(kernel.shape[:2]), rtol=1e-5)
+
+
+def test_default_tiles_shrink_to_divide(monkeypatch):
     assert importance_tiles(512, 131072, jnp.bfloat16) == ImportanceTiles(128, 64, 512, 4, 2)
     tiles = importance_tiles(48, 96, jnp.float32)
-    assert (tiles.block_rows, tiles.block_keys) == (16, 32)
+    assert (tiles.block_rows, tiles.block_keys, tiles.column_tiles) == (16, 32, 1)
     with pytest.raises(ValueError, match="multiple of 16"):
         importance_tiles(40, 256, jnp.float32)
+    # A default of 4 key tiles per program shrinks (never grows) so block_keys · column_tiles
+    # divides L.
+    base = ImportanceTiles(64, 64, split_keys=256, num_warps=4, column_tiles=4)
+    monkeypatch.setitem(importance_module._DEFAULT_TILES, "float32", base)
+    for num_keys, block_keys, column_tiles in [
+        (4096, 64, 4),  # 64 tiles: 4 fit
+        (384, 64, 2),  # 6 tiles
+        (192, 64, 1),  # 3 tiles
+        (128, 64, 2),  # 2 tiles
+        (48, 16, 1),  # the key tile shrinks first: 3 tiles of 16
+        (96, 32, 1),
+    ]:
+        tiles = importance_tiles(64, num_keys, jnp.float32)
+        assert (tiles.block_keys, tiles.column_tiles) == (block_keys, column_tiles), num_keys
+        assert num_keys % (tiles.block_keys * tiles.column_tiles) == 0
 
 
 def _operands(b=1, p=32, hq=2, d=16, l=64, hkv=1, dtype=jnp.float32, k_dtype=None):
@@ -136,6 +167,11 @@ def _operands(b=1, p=32, hq=2, d=16, l=64, hkv=1, dtype=jnp.float32, k_dtype=Non
         ((jnp.zeros((32, 2, 16)), jnp.zeros((1, 64, 1, 16))), None, "4-d"),
         (_operands(p=32), ImportanceTiles(64, 16), "block_rows=64 must divide P=32"),
         (_operands(l=64), ImportanceTiles(16, 128), "block_keys=128 must divide L=64"),
+        (
+            _operands(l=96),
+            ImportanceTiles(16, 32, column_tiles=2),
+            "block_keys \\* tiles.column_tiles = 32 \\* 2 must divide L=96",
+        ),
         (_operands(), "tiles", "ImportanceTiles or None"),
     ],
 )
@@ -153,6 +189,9 @@ def test_bad_tiles_are_refused():
         ImportanceTiles(block_keys=128, split_keys=64)
     with pytest.raises(ValueError, match="num_warps"):
         ImportanceTiles(num_warps=3)
+    for column_tiles in (0, 3, 6, 2.0, True):
+        with pytest.raises(ValueError, match="column_tiles must be a power of two >= 1"):
+            ImportanceTiles(column_tiles=column_tiles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +200,15 @@ def test_bad_tiles_are_refused():
 
 # B = 4 rows of P = 64 proxy rows over L = 320 keys; tiles of 32 rows × 64 keys, pass 1 in
 # splits of 128 keys (the last one short): every count below lands inside a row tile, a key
-# tile, a split, on their edges, or at P / L.
+# tile, a split, on their edges, or at P / L. The column-tile variants keep pass-2 programs of
+# 64 keys (2 tiles of 32, 4 of 16), so the counts land inside a program's keys (in its first,
+# a middle or its last tile) and on its edges as well.
 RAGGED_P, RAGGED_L = 64, 320
 RAGGED_TILES = ImportanceTiles(32, 64, split_keys=128, num_warps=4)
+RAGGED_COLUMN_TILES = [
+    ImportanceTiles(32, 32, split_keys=128, num_warps=4, column_tiles=2),
+    ImportanceTiles(32, 16, split_keys=128, num_warps=4, column_tiles=4),
+]
 RAGGED_COUNTS = [
     # (real_rows, real_keys): all of P and L; fewer rows mid-tile with keys mid-split; one row
     # over 9 keys (less than a key tile); no real key at all.
@@ -171,6 +216,9 @@ RAGGED_COUNTS = [
     # Rows < P with all L keys; a whole row tile over exactly one key tile; a split's edge; one
     # key past it.
     ((17, 32, 64, 48), (320, 64, 128, 129)),
+    # Keys ending in a program's last tile, a middle tile (100: the third 16-key tile of
+    # [64, 128)), on a tile edge inside a program (48), and in the last program's last tile.
+    ((64, 9, 50, 31), (250, 100, 48, 305)),
 ]
 GARBAGE = 3e4  # padding the softmax would be ruled by, were it not masked
 
@@ -188,9 +236,12 @@ def _pad_with_garbage(x, counts):
     return jnp.where(padded[:, :, None, None], jnp.asarray(GARBAGE, x.dtype), x)
 
 
+@pytest.mark.parametrize(
+    "tiles", [RAGGED_TILES, *RAGGED_COLUMN_TILES], ids=["one_tile", "2_tiles", "4_tiles"]
+)
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ragged_proxy_importance_matches_reference(dtype, group):
+def test_ragged_proxy_importance_matches_reference(dtype, group, tiles):
     """With per-row counts the kernel equals the reference with the same counts: softmax over
     the first real_keys keys, mean over the first real_rows rows, 0 past real_keys and 0 for a
     row without a real key, never a NaN; padded rows and keys of large garbage leak nothing.
@@ -200,7 +251,7 @@ def test_ragged_proxy_importance_matches_reference(dtype, group):
         q_pad, k_pad = _pad_with_garbage(q_proxy, real_rows), _pad_with_garbage(keys, real_keys)
         rows, counts = jnp.asarray(real_rows, jnp.int32), jnp.asarray(real_keys, jnp.int32)
         kernel = np.asarray(
-            proxy_importance(q_pad, k_pad, rows, counts, tiles=RAGGED_TILES, interpret=None)
+            proxy_importance(q_pad, k_pad, rows, counts, tiles=tiles, interpret=None)
         )
         reference = np.asarray(proxy_importance_reference(q_pad, k_pad, rows, counts))
         chex.assert_shape(kernel, (4, KV_HEADS * group, RAGGED_L))
