@@ -224,3 +224,28 @@ def test_coverage_report_rerenders_the_committed_markdown(tmp_path):
     assert json.loads((tmp_path / "coverage.json").read_text()) == json.loads(
         (RESULTS / "coverage.json").read_text()
     )
+
+
+def test_prefill_memory_probe_reads_xla_usage_report():
+    """The probe's parser on a hand-written XLA memory-usage report: the first table's slots,
+    largest first, sizes in bytes; the second allocation's table is not read."""
+    from experiments.probe_prefill_memory import largest_buffers, parse_size
+
+    assert parse_size("1.50GiB") == 3 * 2**29 and parse_size("152B") == 152
+    report = """Memory Space: default (color=0)
+Total bytes: 3221225472 (3.00GiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    1.00GiB( 50%);    1.00GiB;            0;                1; bf16[1,131072,32,128]
+    3.00GiB(100%);    2.00GiB;   1073741824;                2; f32[8,1024,1024], s32[2]
+    3.00GiB(100%);      64.0KiB;          0;                1; pred[256,256]
+
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+   54.00MiB(100%);   54.00MiB;            0;                1; bf16[49152,576]
+"""
+    assert largest_buffers(report) == [
+        {"bytes": 2 * 2**30, "shapes": "f32[8,1024,1024], s32[2]"},
+        {"bytes": 2**30, "shapes": "bf16[1,131072,32,128]"},
+        {"bytes": 64 * 2**10, "shapes": "pred[256,256]"},
+    ]
