@@ -113,6 +113,11 @@ def check_dot_head_dim(d) -> None:
         )
 
 
+def softmax_scale(head_dim: int, sm_scale: float | None = None) -> float:
+    """The attention kernels' and references' softmax scale: ``sm_scale``, default 1/√D."""
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
     """A kernel entry's ``interpret`` argument: None means "when the default backend is not a
     GPU" (Pallas interpret mode on CPU)."""

@@ -35,7 +35,6 @@ mask.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -119,8 +118,7 @@ def block_sparse_attention(
     elif not isinstance(tiles, TileConfig):
         raise ValueError(f"tiles must be a TileConfig or None, got {type(tiles).__name__}")
     tiles.check_divides(block_size)
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(dims.head_dim)
+    sm_scale = _checks.softmax_scale(dims.head_dim, sm_scale)
     return _block_sparse_attention(
         q,
         k,

@@ -35,7 +35,6 @@ tested against the Triton kernel's on any machine; the kernel itself needs Hoppe
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +105,7 @@ def block_sparse_attention_mgpu(
     t = m // block_size  # the chunk's query blocks: the grid
     q_block_offset = (k.shape[1] - m) // block_size  # static: absolute block of local block 0
     _checks.validate_mgpu(q, k_perm, v_perm, k, v, block_ids, off_counts, block_size=block_size)
-    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _checks.LOG2E
+    scale = _checks.softmax_scale(d, sm_scale) * _checks.LOG2E
     dtype = q.dtype
     rows = _ROWS_PER_WG
     row_layout = _row_layout()

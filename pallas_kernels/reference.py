@@ -10,7 +10,6 @@ inputs only.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +65,7 @@ def block_sparse_attention_reference(
         block_size=block_size,
         sm_scale=sm_scale,
     )
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(dims.head_dim)
+    sm_scale = _checks.softmax_scale(dims.head_dim, sm_scale)
     return _reference(
         q,
         k,
@@ -166,7 +164,7 @@ def block_sparse_attention_mgpu_reference(
     """
     b, m, hq, d = q.shape
     n, hp, hkv = k.shape[1], k_perm.shape[2], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    scale = _checks.softmax_scale(d, sm_scale)
     # Listed earlier blocks over rows and slots: [B, Hq, M, N].
     listed = _listed_slots(block_ids, 0, off_counts, num_rows=m, num_slots=n, block_size=block_size)
     pos = jnp.arange(n - m, n)[:, None]  # [M, 1] original positions of the queries
