@@ -2,8 +2,9 @@
 (GGUF, HF safetensors), tokenizer, KV cache and greedy decoding.
 
 One module per seam: ``config`` (LlamaConfig, presets), ``rope``, ``attention_spec`` (the
-boundary with the op), ``modules`` (the Flax modules), ``runner`` (jitted entry points and
-JittedLlama), then ``weights``, ``pretrained``, ``tokenizer``, ``sharding``.
+boundary with the op), ``cache`` (KVCache, PrefillAux), ``layers`` (the decoder layer's
+modules), ``llama`` (the model), ``runner`` (jitted entry points and JittedLlama), then
+``weights``, ``pretrained``, ``tokenizer``, ``sharding``.
 """
 
 from models import runner
@@ -14,10 +15,11 @@ from models.attention_spec import (
     PBSAttention,
     chunk_bounds,
 )
+from models.cache import KVCache, PrefillAux
 from models.config import PRESETS, Llama3RopeScaling, LlamaConfig
 from models.gguf_loader import config_from_gguf, load_gguf
 from models.hf_loader import config_from_hf, load_safetensors
-from models.modules import KVCache, Llama, PrefillAux
+from models.llama import Llama
 from models.pretrained import (
     CHECKPOINT_PRESETS,
     default_checkpoint_path,

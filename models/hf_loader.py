@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import Llama3RopeScaling, LlamaConfig
-from models.modules import Llama
+from models.llama import Llama
 from models.weights import model_from_tensors
 
 # ----------------------------------------------------------------------------------------

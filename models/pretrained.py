@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from models.config import PRESETS, LlamaConfig
 from models.gguf_loader import load_gguf
 from models.hf_loader import load_safetensors
-from models.modules import Llama
+from models.llama import Llama
 from models.tokenizer import Tokenizer
 
 __all__ = [

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention_spec import FULL_ATTENTION, AttentionSpec, resolve_attention
+from models.cache import KVCache
 from models.config import LlamaConfig
-from models.modules import KVCache, Llama, check_prefill_arguments
+from models.llama import Llama, check_prefill_arguments
 from pbs_jax import validate_lengths
 
 __all__ = [

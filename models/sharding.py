@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from models.attention_spec import attend, resolve_attention
 from models.config import LlamaConfig
-from models.modules import Llama
+from models.llama import Llama
 
 AXIS = "heads"
 

@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from models.config import LlamaConfig
-from models.modules import Llama
+from models.llama import Llama
 
 __all__ = [
     "PARAM_RULES",
