@@ -4,6 +4,8 @@ estimate, and the tile sweeps behind the planner kernels' default tiles.
 Run on a GPU (one call):
   python -m experiments.profile_plan            # writes $OUT/profile_plan.json and .md
   python -m experiments.profile_plan --smoke    # the script's logic on CPU (tiny, no GPU rows)
+  python -m experiments.profile_plan --report experiments/results/profile_plan.json
+                                                # re-renders the markdown from the JSON
 
 Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
   * the plan as the op runs it (``pbs_plan`` + ``index_lists`` in one jit), for the paper's rule
@@ -17,7 +19,6 @@ Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import gzip
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 import pbs_jax
+from experiments.bench_kernel import timer
 from experiments.lib import timing
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import (
@@ -133,11 +135,9 @@ def sweeps(q, k, time) -> dict:
 
 
 def run(lengths, heads=32, kv_heads=8, dim=128, smoke=False) -> dict:
-    time = functools.partial(timing.time_call, min_reps=10, max_reps=200, budget_s=1.0)
-    if smoke:
-        time = functools.partial(timing.time_call, min_reps=1, max_reps=1, budget_s=0.0)
     payload = {"stamp": timing.stamp(), "shape": [1, heads, kv_heads, dim], "rows": []}
     for n in lengths:
+        time = timer(n, smoke)
         q, k, _ = structured_qkv(jax.random.key(n + 1), 1, n, heads, kv_heads, dim, jnp.bfloat16)
         row = {"n": n}
         for rule, cfg in RULES.items():
@@ -172,20 +172,27 @@ def render(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser):
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
-    args = parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (untimed)")
+
+
+def bench(args, out):
     if args.smoke:
-        payload = run([512], heads=2, kv_heads=1, dim=64, smoke=True)
-    else:
-        payload = run(args.lengths)
-    out = timing.out_dir()
-    timing.write_json(out / "profile_plan.json", payload)
+        return run([512], heads=2, kv_heads=1, dim=64, smoke=True)
+    return run(args.lengths)
+
+
+def report(payload, out: pathlib.Path, name: str = "profile_plan"):
     st = payload["stamp"]
     head = f"# Plan profile — {st['device']}, JAX {st['jax']}, {st['date']}\n"
-    (out / "profile_plan.md").write_text(head + render(payload["rows"]) + "\n")
+    (out / f"{name}.md").write_text(head + render(payload["rows"]) + "\n")
+
+
+def main(argv=None):
+    timing.benchmark_cli(
+        argv, __doc__, "profile_plan", add_arguments, bench, report, runs_off_gpu=lambda a: a.smoke
+    )
 
 
 if __name__ == "__main__":

@@ -8,114 +8,87 @@ comparisons (two fused reductions, or one and a scatter); the pooled permuted ke
 rank with 16-bit one-hot operands; the index lists by a sort or by comparisons; importance
 tiles. Each checked equal to the op's own stage before it is profiled.
 
-  python -m experiments.profile_plan_candidates   # on a GPU; writes $OUT/explore_plan.json
+  python -m experiments.profile_plan_candidates   # on a GPU; $OUT/profile_plan_candidates.json
 """
 
-import collections
+from __future__ import annotations
+
 import functools
-import gzip
-import json
-import os
-import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pbs_jax
+from experiments.bench_kernel import timer
 from experiments.lib import timing
 from experiments.lib.synthetic import structured_qkv
+from experiments.profile_plan import kernel_profile, plan_fn
 from pallas_kernels import ImportanceTiles, proxy_importance
 from pbs_jax import PBSConfig, blocks, cost_model, permutation, selection
 
-OUT = pathlib.Path(os.environ.get("OUT", "/tmp/out"))
-OUT.mkdir(exist_ok=True, parents=True)
-res = {}
+IMPORTANCE_TILES = (
+    ImportanceTiles(128, 128, 1024, 8, 2),
+    ImportanceTiles(128, 128, 512, 8, 2),
+    ImportanceTiles(128, 128, 256, 8, 2),
+    ImportanceTiles(64, 128, 512, 4, 2),
+    ImportanceTiles(128, 64, 512, 4, 2),
+    ImportanceTiles(128, 128, 2048, 8, 3),
+    ImportanceTiles(64, 64, 256, 4, 2),
+)
 
 
-def profile(fn, *args, reps=5):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    d = tempfile.mkdtemp()
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        for _ in range(reps):
-            jax.block_until_ready(fn(*args))
-    p = next(pathlib.Path(d).rglob("perfetto_trace.json.gz"))
-    t = json.load(gzip.open(p))
-    names = {
-        e["pid"]: e["args"]["name"]
-        for e in t["traceEvents"]
-        if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    agg = collections.defaultdict(lambda: [0, 0.0])
-    for e in t["traceEvents"]:
-        if e.get("ph") == "X" and "GPU" in str(names.get(e["pid"], "")) and "dur" in e:
-            a = agg[e["name"]]
-            a[0] += 1
-            a[1] += e["dur"]
-    rows = sorted(((k, c / reps, us / reps) for k, (c, us) in agg.items()), key=lambda r: -r[2])
-    return rows
-
-
-def show(title, rows):
-    tot = sum(r[2] for r in rows)
-    print(f"\n== {title}: GPU kernel time {tot:.1f} us/call, {sum(r[1] for r in rows):.0f} kernels")
-    for k, c, us in rows[:14]:
-        print(f"  {us:8.1f} us  x{c:4.1f}  {k[:90]}")
-    return tot
-
-
-T = functools.partial(timing.time_call, min_reps=10, max_reps=200, budget_s=1.0)
-
-
-def plan_fn(cfg):
-    return jax.jit(
-        lambda q, k: (lambda perm, mask: (perm, blocks.index_lists(mask, cfg)))(
-            *pbs_jax.pbs_plan(q, k, cfg)
-        )
+def show(title, rows) -> float:
+    """Print a profile (``kernel_profile``'s rows); its GPU µs per call."""
+    total = sum(r[2] for r in rows)
+    print(
+        f"\n== {title}: GPU kernel time {total:.1f} us/call, {sum(r[1] for r in rows):.0f} kernels"
     )
+    for name, count, us in rows[:14]:
+        print(f"  {us:8.1f} us  x{count:4.1f}  {name[:90]}")
+    return total
 
 
 # ---- candidates ----
-def rank_perm(scores, n, cfg):
-    b, hp, L = scores.shape
+def segment_ranks(scores, cfg):
+    """``scores [B, Hp, G*S]`` → ``[B, Hp, G, S]`` int32, the slot of each key in its segment
+    (stable descending), by [S, S] comparisons instead of a sort."""
+    b, hp, complete = scores.shape
     s = cfg.segment_size
-    g = L // s
-    x = scores.reshape(b, hp, g, s)
+    x = scores.reshape(b, hp, complete // s, s)
     i = jnp.arange(s)
-    before = (x[..., None, :] > x[..., :, None]) | (
+    ahead = (x[..., None, :] > x[..., :, None]) | (
         (x[..., None, :] == x[..., :, None]) & (i[None, :] < i[:, None])
     )
-    rank = jnp.sum(before, axis=-1, dtype=jnp.int32)  # slot of key i in its segment
-    perm_seg = jnp.sum(
+    return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
+
+
+def perm_from_segments(perm_seg, n):
+    """``[B, Hp, G, S]`` slot → position inside each segment → ``perm [B, Hp, N]`` (the
+    remainder in place)."""
+    b, hp, g, s = perm_seg.shape
+    perm = (perm_seg + (jnp.arange(g) * s)[:, None]).reshape(b, hp, g * s)
+    rest = jnp.broadcast_to(jnp.arange(g * s, n, dtype=jnp.int32), (b, hp, n - g * s))
+    return jnp.concatenate([perm, rest], -1)
+
+
+def rank_perm(scores, n, cfg):
+    """The inverse of the ranks by a second [S, S] compare-reduce."""
+    rank = segment_ranks(scores, cfg)
+    i = jnp.arange(cfg.segment_size)
+    inverse = jnp.sum(
         jnp.where(rank[..., None, :] == i[:, None], i[None, :], 0), axis=-1, dtype=jnp.int32
     )
-    perm = (perm_seg + (jnp.arange(g) * s)[:, None]).reshape(b, hp, L)
-    rem = jnp.broadcast_to(jnp.arange(L, n, dtype=jnp.int32), (b, hp, n - L))
-    return jnp.concatenate([perm, rem], -1), rank
+    return perm_from_segments(inverse, n), rank
 
 
 def rank_perm_scatter(scores, n, cfg):
-    b, hp, L = scores.shape
+    """The inverse of the ranks by a scatter."""
+    rank = segment_ranks(scores, cfg)
     s = cfg.segment_size
-    g = L // s
-    x = scores.reshape(b, hp, g, s)
-    i = jnp.arange(s)
-    before = (x[..., None, :] > x[..., :, None]) | (
-        (x[..., None, :] == x[..., :, None]) & (i[None, :] < i[:, None])
-    )
-    rank = jnp.sum(before, axis=-1, dtype=jnp.int32)
     flat = rank.reshape(-1, s)
-    perm_seg = (
-        jnp.zeros_like(flat)
-        .at[jnp.arange(flat.shape[0])[:, None], flat]
-        .set(i.astype(jnp.int32))
-        .reshape(rank.shape)
-    )
-    perm = (perm_seg + (jnp.arange(g) * s)[:, None]).reshape(b, hp, L)
-    rem = jnp.broadcast_to(jnp.arange(L, n, dtype=jnp.int32), (b, hp, n - L))
-    return jnp.concatenate([perm, rem], -1), rank
+    rows = jnp.arange(flat.shape[0])[:, None]
+    inverse = jnp.zeros_like(flat).at[rows, flat].set(jnp.arange(s, dtype=jnp.int32))
+    return perm_from_segments(inverse.reshape(rank.shape), n), rank
 
 
 def pooled_from_rank(k, rank, cfg, hp):
@@ -136,16 +109,16 @@ def pooled_from_rank(k, rank, cfg, hp):
     return pooled
 
 
-def lists_sort(mask, cfg):
+def lists_sort(mask):
+    """Index-list ids by a sort of (unselected last, then id)."""
     t = mask.shape[-1]
     key = jnp.where(mask, jnp.arange(t), t + jnp.arange(t)).astype(jnp.int32)
     ids = jnp.sort(key, axis=-1)
-    ids = jnp.where(ids < t, ids, 0)
-    earlier = pbs_jax.earlier_segment_blocks(t, cfg, t - mask.shape[-2])
-    return ids, jnp.sum(mask & earlier, -1, dtype=jnp.int32), jnp.sum(mask, -1, dtype=jnp.int32)
+    return jnp.where(ids < t, ids, 0)
 
 
-def lists_cmp(mask, cfg):
+def lists_cmp(mask):
+    """Index-list ids by [T, T] comparisons with the running count."""
     t = mask.shape[-1]
     pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
     j = jnp.arange(t)
@@ -154,23 +127,25 @@ def lists_cmp(mask, cfg):
         -1,
         dtype=jnp.int32,
     )
-    earlier = pbs_jax.earlier_segment_blocks(t, cfg, t - mask.shape[-2])
-    return ids, jnp.sum(mask & earlier, -1, dtype=jnp.int32), jnp.sum(mask, -1, dtype=jnp.int32)
+    return ids
 
 
 def main():
-    print(jax.devices()[0].device_kind, jax.__version__)
+    payload = {"stamp": timing.stamp()}
+    res = payload
+    print(payload["stamp"], flush=True)
     for n in (8192, 131072):
         q, k, v = structured_qkv(jax.random.key(n + 1), 1, n, 32, 8, 128, jnp.bfloat16)
+        time = timer(n)
         for cname, cfg in (("paper", PBSConfig.paper()), ("default", PBSConfig())):
             f = plan_fn(cfg)
-            ms = T(f, q, k)
-            rows = profile(f, q, k)
+            ms = time(f, q, k)
+            rows = kernel_profile(f, q, k)
             tot = show(f"plan {cname} N={n} wall {ms:.3f} ms", rows)
             res[f"plan_{cname}_{n}"] = dict(wall_ms=ms, gpu_us=tot, kernels=rows[:30])
         est = jax.jit(functools.partial(cost_model.estimate_density, cfg=PBSConfig()))
-        ms = T(est, q, k)
-        rows = profile(est, q, k)
+        ms = time(est, q, k)
+        rows = kernel_profile(est, q, k)
         res[f"estimate_{n}"] = dict(
             wall_ms=ms, gpu_us=show(f"estimate N={n} wall {ms:.3f}", rows), kernels=rows[:30]
         )
@@ -185,8 +160,8 @@ def main():
         }
         for name, fn in cands.items():
             same = bool((fn(scores) == ref_perm).all())
-            ms = T(fn, scores)
-            rows = profile(fn, scores)
+            ms = time(fn, scores)
+            rows = kernel_profile(fn, scores)
             res[f"perm_{name}_{n}"] = dict(
                 wall_ms=ms,
                 gpu_us=show(f"perm {name} N={n} same={same} wall {ms:.3f}", rows),
@@ -198,8 +173,8 @@ def main():
         a, bb = pk_ref(k, ref_perm), pk_new(k, rank)
         err = float(jnp.max(jnp.abs(a - bb)))
         for name, fn, arg in (("pool_ref", pk_ref, ref_perm), ("pool_rank", pk_new, rank)):
-            ms = T(fn, k, arg)
-            rows = profile(fn, k, arg)
+            ms = time(fn, k, arg)
+            rows = kernel_profile(fn, k, arg)
             res[f"{name}_{n}"] = dict(
                 wall_ms=ms, gpu_us=show(f"{name} N={n} maxdiff={err:.2e} wall {ms:.3f}", rows)
             )
@@ -207,16 +182,17 @@ def main():
         ref_l = blocks.index_lists(mask, cfg)
         for name, fn in (
             ("lists_ref", jax.jit(lambda m: blocks.index_lists(m, cfg))),
-            ("lists_sort", jax.jit(lambda m: lists_sort(m, cfg))),
-            ("lists_cmp", jax.jit(lambda m: lists_cmp(m, cfg))),
+            ("lists_sort", jax.jit(lists_sort)),
+            ("lists_cmp", jax.jit(lists_cmp)),
         ):
             if name == "lists_cmp" and n > 32768:
                 continue
             out = fn(mask)
+            ids = out.ids if name == "lists_ref" else out
             tot_ok = np.arange(mask.shape[-1]) < np.asarray(ref_l.total_counts)[..., None]
-            same = bool(np.all(np.where(tot_ok, np.asarray(out[0]) == np.asarray(ref_l.ids), True)))
-            ms = T(fn, mask)
-            rows = profile(fn, mask)
+            same = bool(np.all(np.where(tot_ok, np.asarray(ids) == np.asarray(ref_l.ids), True)))
+            ms = time(fn, mask)
+            rows = kernel_profile(fn, mask)
             res[f"{name}_{n}"] = dict(
                 wall_ms=ms, gpu_us=show(f"{name} N={n} same={same} wall {ms:.3f}", rows), same=same
             )
@@ -225,21 +201,13 @@ def main():
         keys = k[:, : (n // 256) * 256]
         proxy4 = permutation.proxy_queries(q, PBSConfig())
         for nm, px in (("p128", proxy), ("p512", proxy4)):
-            for tl in [
-                ImportanceTiles(128, 128, 1024, 8, 2),
-                ImportanceTiles(128, 128, 512, 8, 2),
-                ImportanceTiles(128, 128, 256, 8, 2),
-                ImportanceTiles(64, 128, 512, 4, 2),
-                ImportanceTiles(128, 64, 512, 4, 2),
-                ImportanceTiles(128, 128, 2048, 8, 3),
-                ImportanceTiles(64, 64, 256, 4, 2),
-            ]:
+            for tl in IMPORTANCE_TILES:
                 if px.shape[1] % tl.block_rows:
                     continue
                 fn = jax.jit(functools.partial(proxy_importance, tiles=tl))
                 try:
-                    ms = T(fn, px, keys)
-                    rows = profile(fn, px, keys)
+                    ms = time(fn, px, keys)
+                    rows = kernel_profile(fn, px, keys)
                     tot = sum(r[2] for r in rows)
                 except Exception as e:
                     print("tile fail", tl, e)
@@ -248,7 +216,7 @@ def main():
                 res.setdefault("importance", []).append(
                     dict(n=n, proxy=nm, tiles=str(tl), wall_ms=ms, gpu_us=tot)
                 )
-        (OUT / "explore_plan.json").write_text(json.dumps(res, indent=1, default=str))
+        timing.write_json(timing.out_dir() / "profile_plan_candidates.json", payload)
 
 
 if __name__ == "__main__":
