@@ -1,8 +1,9 @@
-"""Which buffers make a whole prefill's peak: XLA's buffer assignment of the compiled prefill,
+"""Which buffers make a whole prefill's memory: XLA's memory-usage report of the compiled prefill,
 per attention mode, without running it (no weights are materialised: the model is abstract).
 
   python -m experiments.probe_prefill_memory                 # on a GPU: 8B-shaped, 32K and 128K
   python -m experiments.probe_prefill_memory --smoke         # the script's logic on CPU (tiny)
+  python -m experiments.probe_prefill_memory --report probe_prefill_memory.json  # re-render
 
 Per length and mode (``full``: cuDNN; ``pbs_fixed``: bench_prefill's FixedDensityPBS at the
 paper's density; ``pbs_selector``: the real plan, ``impl="auto"``) it prints XLA's compiled
@@ -15,7 +16,6 @@ full + 2%": which of PBS's temporaries make the difference.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import re
@@ -139,27 +139,39 @@ def render(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser):
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--top", type=int, default=25, help="peak buffers kept per mode")
+    parser.add_argument("--top", type=int, default=25, help="slots kept per mode")
     parser.add_argument("--smoke", action="store_true", help="tiny model and length on CPU")
-    args = parser.parse_args(argv)
+
+
+def bench(args, out):
     if args.smoke:
-        config = LlamaConfig.preset("smollm2-135m", num_layers=2)
-        lengths = [256]
+        config, lengths = LlamaConfig.preset("smollm2-135m", num_layers=2), [256]
     else:
         config, lengths = LlamaConfig.preset("llama-3.1-8b"), args.lengths
     rows = [probe(n, config, args.smoke, args.top) for n in lengths]
     preset = "smollm2-135m, 2 layers" if args.smoke else "llama-3.1-8b"
-    payload = {"stamp": timing.stamp(), "preset": preset, "rows": rows}
-    out = timing.out_dir()
-    timing.write_json(out / "probe_prefill_memory.json", payload)
+    return {"stamp": timing.stamp(), "preset": preset, "rows": rows}
+
+
+def report(payload, out: pathlib.Path, name: str = "probe_prefill_memory"):
     st = payload["stamp"]
-    text = f"# Prefill peak buffers — {st['device']}, JAX {st['jax']}, {st['date']}\n"
-    text += render(rows) + "\n"
-    (out / "probe_prefill_memory.md").write_text(text)
-    print(text)
+    text = f"# Prefill temporaries ({payload['preset']}) — {st['device']}, JAX {st['jax']}, "
+    text += f"{st['date']}\n" + render(payload["rows"]) + "\n"
+    (out / f"{name}.md").write_text(text)
+
+
+def main(argv=None):
+    timing.benchmark_cli(
+        argv,
+        __doc__,
+        "probe_prefill_memory",
+        add_arguments,
+        bench,
+        report,
+        runs_off_gpu=lambda args: args.smoke,
+    )
 
 
 if __name__ == "__main__":
