@@ -400,6 +400,19 @@ def _row_stats_kernel(*refs, block_keys, split_tiles, num_key_tiles, ragged, qk_
     sum_ref[...] = l
 
 
+def key_tile(t: int, block_keys: int, num_tiles: int):
+    """The index of key tile ``t`` of a program's ``num_tiles`` tiles of ``block_keys`` keys
+    (static): the whole block when it is one tile."""
+    return pl.ds(t * block_keys, block_keys) if num_tiles > 1 else slice(None)
+
+
+def split_key_tiles(k_ref, block_keys: int) -> tuple:
+    """A program's ``[num_tiles · block_keys, D]`` keys as ``[block_keys, D]`` tiles, one load
+    each (the tuple :func:`probability_column_sums` takes)."""
+    num_tiles = k_ref.shape[0] // block_keys
+    return tuple(k_ref[key_tile(t, block_keys, num_tiles), :] for t in range(num_tiles))
+
+
 def probability_column_sums(
     q_ref,
     lse_ref,
@@ -468,20 +481,13 @@ def _column_sums_kernel(
         q_ref, k_ref, lse_ref, out_ref = refs
     key_block = k_ref.shape[0]
     num_key_tiles = key_block // block_keys
-    if num_key_tiles == 1:
-        key_tiles = (k_ref[...],)
-    else:  # static slices of the ref: one load per tile
-        key_tiles = tuple(k_ref[pl.ds(t * block_keys, block_keys), :] for t in range(num_key_tiles))
+    key_tiles = split_key_tiles(k_ref, block_keys)
     real_rows = keys_in = None
     if ragged:
         start = pl.program_id(0) * key_block
         real_rows, real_keys = real_rows_ref[...], real_keys_ref[...]
         iota = lax.broadcasted_iota(jnp.int32, (block_keys,), 0)
-        # Tile t's first key; the first tile's is `start` itself (no `+ 0` op traced).
-        keys_in = tuple(
-            (start + t * block_keys if t else start) + iota < real_keys
-            for t in range(num_key_tiles)
-        )
+        keys_in = tuple(start + t * block_keys + iota < real_keys for t in range(num_key_tiles))
         num_row_tiles = jnp.where(
             start < real_keys, lax.div(real_rows + block_rows - 1, block_rows), 0
         )
@@ -500,7 +506,4 @@ def _column_sums_kernel(
         num_rows = jnp.maximum(real_rows, 1).astype(jnp.float32)
     for t, tile_sums in enumerate(sums):
         mean = tile_sums / num_rows if ragged else tile_sums * inv_rows
-        if num_key_tiles == 1:
-            out_ref[...] = mean
-        else:
-            out_ref[pl.ds(t * block_keys, block_keys)] = mean
+        out_ref[key_tile(t, block_keys, num_key_tiles)] = mean

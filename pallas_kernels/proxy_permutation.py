@@ -38,6 +38,7 @@ from pallas_kernels.importance import (
     largest_pow2_divisor,
     probability_column_sums,
     row_log2_sum_exp,
+    split_key_tiles,
     validate_operands,
 )
 from pallas_kernels.pooling import block_means
@@ -255,8 +256,7 @@ def _segment_order_kernel(
     the order), so the importance is never divided. Key i of tile a goes to slot
     ``rank_i = #{j: imp_j > imp_i} + #{j < i: imp_j == imp_i}`` (stable descending).
     """
-    num_tiles = k_ref.shape[0] // block_keys
-    key_tiles = tuple(k_ref[pl.ds(a * block_keys, block_keys), :] for a in range(num_tiles))
+    key_tiles = split_key_tiles(k_ref, block_keys)
     importance = probability_column_sums(
         q_ref,
         lse_ref,
@@ -288,7 +288,7 @@ def _segment_order_kernel(
     # key_pos, one tile of slots at a time: slot r holds the key whose rank is r (one-hot over
     # the keys, a sum with one nonzero term).
     segment_start = pl.program_id(0) * k_ref.shape[0]
-    for slot_tile in range(num_tiles):
+    for slot_tile in range(len(key_tiles)):
         slot = slot_tile * block_keys + row  # [bn slots, bn keys]
         pos = jnp.zeros((block_keys,), jnp.int32)
         for a, rank in enumerate(ranks):
