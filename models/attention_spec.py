@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pbs_jax import IMPLS, PBSConfig, dense_attention, pbs_attention
+from pbs_jax.grid import causal_block_count, num_blocks
 
 __all__ = [
     "FULL_ATTENTION",
@@ -182,11 +183,10 @@ def chunk_density_weights(bounds: list[tuple[int, int]], attention) -> list[floa
     sizes = {cfg.block_size for cfg in _pbs_configs(attention)}
     block = sizes.pop() if len(sizes) == 1 else 1
 
-    def causal_blocks_before(position):
-        t = -(-position // block)
-        return t * (t + 1) // 2
-
-    counts = [causal_blocks_before(end) - causal_blocks_before(start) for start, end in bounds]
+    counts = [
+        causal_block_count(num_blocks(end, block), num_blocks(start, block))
+        for start, end in bounds
+    ]
     return [c / sum(counts) for c in counts]
 
 
