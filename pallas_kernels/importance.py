@@ -111,10 +111,11 @@ class ImportanceTiles:
         _checks.check_num_stages("ImportanceTiles", self.num_stages)
 
 
-# 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep in
-# experiments/profile_plan.py): 128 proxy rows × 64 keys at 4 warps, splits of 512 keys, against
-# 128 × 128 at 8 warps, splits of 1024: 1.27 vs 1.45 ms at 128K keys and one proxy block,
-# 3.99 vs 4.91 ms at four blocks; 0.24 vs 0.29 ms at 8K and four blocks, 75 µs both at one.
+# 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep of
+# experiments/profile_plan.py, results/profile_plan.md): 128 proxy rows × 64 keys at 4 warps,
+# splits of 512 keys, against 128 × 128 at 8 warps, splits of 1024: 1.28 vs 1.43 ms at 128K keys
+# and one proxy block, 3.99 vs 4.89 ms at four blocks; 0.41 vs 0.44 ms at 8K and four blocks,
+# 0.16 ms both at one (wall times of the call).
 # float32: 64 × 64 at 4 warps, not measured (IEEE dots, twice the register bytes per element).
 _DEFAULT_TILES = {
     "bfloat16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2),

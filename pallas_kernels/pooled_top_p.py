@@ -85,15 +85,17 @@ class PooledTopPTiles:
 
 def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     """Default tiles for T pooled blocks of head dim D (reasoning below; measured on an H200,
-    JAX 0.11.2, 2026-11-30, 32 heads of D 128: experiments/profile_plan.py's sweep).
+    JAX 0.11.2, 2026-11-30, 32 heads of D 128: experiments/profile_plan.py's sweep,
+    results/profile_plan.md).
 
     * block_rows 16, except 32 at T_pad = 1024: the [16, T_pad] tile is the smallest the dot
       takes, so the register tile stays small at large T (16 × 2048 = 32K floats) and small T
       still gets B·Hq·T_pad/16 programs (128 at T = 64, 32 heads: the selection at 8K is
-      latency-bound, so more, shorter programs finish sooner; 32 rows there: 0.11 vs 0.08 ms).
+      latency-bound, so more, shorter programs finish sooner; 32 rows there: 0.093 vs 0.077 ms).
       The cost is re-reading a head's pooled keys once per 16 query blocks, from L2
-      (T_pad²·D·4/16 bytes per head): at T_pad = 1024 (128K tokens) 32 rows halve it, 0.98 vs
-      1.19 ms; at 2048, 32 rows would hold 64K floats in registers (not measured).
+      (T_pad²·D·4/16 bytes per head): at T_pad = 1024 (128K tokens) 32 rows halve it, 0.99 vs
+      1.20 ms (8 warps, depth 16); at 2048, 32 rows would hold 64K floats in registers (not
+      measured).
     * num_warps 4 while the tile is <= 4K floats (T_pad <= 256: 32 per thread), 8 above (up to
       128 per thread at T_pad = 2048).
     * depth_chunk: the largest power of two <= D with a [T_pad, depth_chunk] float32 operand of

@@ -18,7 +18,7 @@ power law would promise a plan cheaper than it is). Other shapes are scaled from
 one, an assumption rather than a measurement: attention (cuDNN and kernel) ∝ B·Hq·D (its work
 is B·Hq·D·N²; the N² is in the table) for head dims from the measured one up, and ∝ B·Hq below
 it: a smaller head is not cheaper for cuDNN (H200, 8K tokens: SmolLM2's 2 × 9 heads of D 64 took
-0.723 ms, 0.726 ms by heads alone, half of that by B·Hq·D; results/bench_kernel_tuned_plan.md),
+0.723 ms, 0.728 by heads alone, half of that by B·Hq·D; results/bench_kernel_tuned_plan.md),
 and scaling it down by D made ``impl="auto"`` refuse every plan at trace time for SmolLM2 where
 the sparse op was faster (0.605 vs 0.723 ms); the kernel at D 64 took 0.78 of the heads-alone
 time, so the rule is conservative for it. The plan and the estimate ∝ B·Hq (their long-N work is
