@@ -6,7 +6,8 @@ per attention mode, without running it (no weights are materialised: the model i
   python -m experiments.probe_prefill_memory --report probe_prefill_memory.json  # re-render
 
 Per length and mode (``full``: cuDNN; ``pbs_fixed``: bench_prefill's FixedDensityPBS at the
-paper's density; ``pbs_selector``: the real plan, ``impl="auto"``) it prints XLA's compiled
+paper's density; ``pbs_selector``: the real plan, ``impl="auto"``; ``pbs_pallas``: the real plan,
+the kernel always) it prints XLA's compiled
 memory (arguments, outputs, temporaries) and the largest slots of the temporaries' allocation,
 from the ``*memory-usage-report.txt`` XLA writes under ``--xla_dump_to`` (each slot: its size and
 the shapes of the values packed into it), then the slots a PBS mode has and full has not.
@@ -28,6 +29,7 @@ if "jax" not in sys.modules:  # the dump flag must be set before the backend sta
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR}"
 
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments.bench_prefill import fixed_density  # noqa: E402
@@ -37,7 +39,7 @@ from experiments.lib.specs import FixedDensityPBS  # noqa: E402
 from models import FULL_ATTENTION, Llama, LlamaConfig, PBSAttention  # noqa: E402
 from pbs_jax import PBSConfig  # noqa: E402
 
-MODES = ("full", "pbs_fixed", "pbs_selector")
+MODES = ("full", "pbs_fixed", "pbs_selector", "pbs_pallas")
 _SIZE_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
@@ -50,31 +52,129 @@ def parse_size(text: str) -> int:
 
 
 def largest_buffers(report: str) -> list[dict]:
-    """The buffers of the first (largest: the temporaries') allocation of an XLA
-    ``*memory-usage-report.txt``: one dict per slot (bytes, the shapes of the values that share
-    it), largest first. Slots are packed by XLA's heap simulator, so values sharing a slot are
-    never alive at once; the allocation's size is the temporaries' peak."""
-    rows = []
-    for line in report.splitlines():
+    """The buffers of the temporaries' allocation of an XLA ``*memory-usage-report.txt``: one dict
+    per slot (bytes, the shapes of the values that share it), largest first. The report has one
+    table per allocation (on GPU the outputs' and parameters' come first, a few slots each); the
+    temporaries' is the one with the most slots. Slots are packed by XLA's heap simulator, so
+    values sharing a slot are never alive at once; the allocation's size is the temporaries' peak.
+    """
+    tables, rows = [], []
+    for line in report.splitlines() + [""]:
         cells = [c.strip() for c in line.split(";")]
-        if len(cells) != 5 or not cells[1][:1].isdigit():
-            if rows and not line.strip():
-                break  # the end of the first table
-            continue
-        rows.append({"bytes": parse_size(cells[1]), "shapes": cells[4][:300]})
-    return sorted(rows, key=lambda r: -r["bytes"])
+        if len(cells) == 5 and cells[1][:1].isdigit():
+            rows.append({"bytes": parse_size(cells[1]), "shapes": cells[4][:300]})
+        elif rows and not line.strip():
+            tables.append(rows)  # a blank line ends a table
+            rows = []
+    return sorted(max(tables, key=len, default=[]), key=lambda r: -r["bytes"])
 
 
-def newest_report(since: float) -> str:
-    """The largest ``*memory-usage-report.txt`` XLA wrote after ``since`` (the prefill's)."""
-    files = [
-        p
-        for p in pathlib.Path(DUMP_DIR).glob("*memory-usage-report.txt")
-        if p.stat().st_mtime >= since
-    ]
+def newest_dump(suffix: str, since: float) -> str:
+    """The largest ``*{suffix}`` file XLA wrote after ``since`` (the prefill's module)."""
+    files = [p for p in pathlib.Path(DUMP_DIR).glob(f"*{suffix}") if p.stat().st_mtime >= since]
     if not files:
         return ""
     return max(files, key=lambda p: p.stat().st_size).read_text()
+
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_ITEMSIZE |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_LIVE = re.compile(r"^\s*([\w.\-]+)\{([\d,]*)\}:(\d+)-(\d+)$")
+
+
+def _split_tuple(text: str) -> tuple[list[str], str]:
+    """``"(a, (b, c)) op(...)"`` → (``["a", "(b, c)"]``, the rest after the tuple)."""
+    depth, start, parts = 0, 1, []
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                parts.append(text[start:i].strip())
+                return [p for p in parts if p], text[i + 1 :]
+        elif ch == "," and depth == 1:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts, ""
+
+
+def _subshape_bytes(shape: str, index: list[int]) -> int:
+    """Bytes of the array at tuple ``index`` of an HLO shape string (0 for tokens, tuples)."""
+    for i in index:
+        if not shape.startswith("("):
+            return 0
+        shape = _split_tuple(shape)[0][i]
+    if shape.startswith("("):
+        return 0  # the tuple's own pointer table
+    m = _ARRAY.match(shape)
+    if not m or m.group(1) not in _ITEMSIZE:
+        return 0
+    dims = [int(d) for d in m.group(2).split(",") if d]
+    return _ITEMSIZE[m.group(1)] * int(np.prod(dims, dtype=np.int64))
+
+
+def peak_live_values(live_ranges: str, hlo: str, top: int) -> dict:
+    """The values alive at the module's peak, from XLA's ``*-live-range.txt`` (each value's
+    [first, last] position in the flattened schedule) and the optimized HLO text (shapes, the
+    JAX op that made each instruction): ``{"gib": the live bytes at peak (parameters excluded),
+    "values": the ``top`` largest, each {bytes, value, shape, op}}``. The heap simulator packs
+    exactly these, so they are what a mode's temporaries are made of at their peak."""
+    shapes, ops, params = {}, {}, set()
+    root_op, calls, computation = {}, {}, ""  # a fusion's JAX op: its computation root's
+    for line in hlo.splitlines():
+        if line[:1] not in " \t}" and line.rstrip().endswith("{"):
+            computation = line.split(" ", 1)[0].lstrip("%")
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, rest = m.groups()
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        if called:
+            calls[name] = called.group(1)
+        if line.lstrip().startswith("ROOT") and _OP_NAME.search(line):
+            root_op[computation] = _OP_NAME.search(line).group(1)
+        if rest.startswith("("):
+            _, after = _split_tuple(rest)
+            shape = rest[: len(rest) - len(after)]
+        else:
+            shape, after = rest.split(" ", 1) if " " in rest else (rest, "")
+        shapes[name] = shape
+        op = _OP_NAME.search(line)
+        ops[name] = op.group(1) if op else after.split("(", 1)[0].strip()
+        if after.lstrip().startswith("parameter("):
+            params.add(name)
+    for name, computation in calls.items():
+        if not _OP_NAME.search(ops[name]) and computation in root_op:
+            ops[name] = root_op[computation]
+    values = []
+    for line in live_ranges.splitlines():
+        m = _LIVE.match(line)
+        if not m or m.group(1) in params or m.group(1) not in shapes:
+            continue
+        name, index, start, end = m.groups()
+        size = _subshape_bytes(shapes[name], [int(i) for i in index.split(",") if i])
+        if size:
+            values.append((int(start), int(end), size, f"{name}{{{index}}}", name))
+    if not values:
+        return {"gib": 0.0, "values": []}
+    live = np.zeros(max(v[1] for v in values) + 2, np.int64)
+    for start, end, size, *_ in values:
+        live[start] += size
+        live[end + 1] -= size
+    peak_at = int(np.argmax(np.cumsum(live)))
+    at_peak = sorted((v for v in values if v[0] <= peak_at <= v[1]), key=lambda v: -v[2])
+    return {
+        "gib": sum(v[2] for v in at_peak) / 2**30,
+        "values": [
+            {"bytes": size, "value": value, "shape": shapes[name][:120], "op": ops[name][-160:]}
+            for _, _, size, value, name in at_peak[:top]
+        ],
+    }
 
 
 def modes_for(n: int, smoke: bool) -> dict:
@@ -84,6 +184,9 @@ def modes_for(n: int, smoke: bool) -> dict:
         "full": FULL_ATTENTION,
         "pbs_fixed": FixedDensityPBS(round(fixed_density(n), 4) if not smoke else 0.5, cfg),
         "pbs_selector": PBSAttention(cfg, impl=impl),
+        # The real plan with the kernel always taken: what a user who asks for sparsity runs
+        # (auto's lax.cond holds the larger of its branches too, but may skip the plan).
+        "pbs_pallas": PBSAttention(cfg, impl="reference" if smoke else "pallas"),
     }
 
 
@@ -96,7 +199,12 @@ def probe(n: int, config: LlamaConfig, smoke: bool, top: int) -> dict:
         start = time.time()
         compiled = compile_prefill(graphdef, state, tokens, attention)
         m = compiled.memory_analysis()
-        buffers = largest_buffers(newest_report(start))
+        buffers = largest_buffers(newest_dump("memory-usage-report.txt", start))
+        peak = peak_live_values(
+            newest_dump("-live-range.txt", start),
+            newest_dump("after_optimizations.txt", start),
+            top,
+        )
         row[name] = {
             "argument_gib": m.argument_size_in_bytes / 2**30,
             "output_gib": m.output_size_in_bytes / 2**30,
@@ -104,11 +212,13 @@ def probe(n: int, config: LlamaConfig, smoke: bool, top: int) -> dict:
             "alias_gib": m.alias_size_in_bytes / 2**30,
             "buffers": buffers[:top],
             "buffers_gib": sum(b["bytes"] for b in buffers) / 2**30,
+            "peak_live": peak,
         }
         print(
             f"N={n} {name}: temp {row[name]['temp_gib']:.3f} GiB, args "
             f"{row[name]['argument_gib']:.3f}, out {row[name]['output_gib']:.3f}; "
-            f"{len(buffers)} slots in the temporaries, {row[name]['buffers_gib']:.3f} GiB",
+            f"{len(buffers)} slots in the temporaries, {row[name]['buffers_gib']:.3f} GiB; "
+            f"{peak['gib']:.3f} GiB of values alive at the peak",
             flush=True,
         )
     full_shapes = {b["shapes"] for b in row["full"]["buffers"]}
@@ -119,23 +229,45 @@ def probe(n: int, config: LlamaConfig, smoke: bool, top: int) -> dict:
     return row
 
 
+def peak_gib(mode: dict) -> float:
+    """The compiled peak as bench_prefill counts it: arguments + outputs + temporaries − aliased."""
+    return mode["argument_gib"] + mode["output_gib"] + mode["temp_gib"] - mode["alias_gib"]
+
+
 def render(rows) -> str:
     lines = []
     for r in rows:
         lines.append(f"\n## N = {r['n']}\n")
-        lines.append("| mode | temp GiB | args GiB | out GiB | temporaries' slots GiB |")
-        lines.append("|---|---|---|---|---|")
+        lines.append(
+            "| mode | peak GiB (vs full) | temp GiB | args GiB | out GiB | temporaries' slots GiB |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        full_peak = peak_gib(r["full"])
         for name in MODES:
             x = r[name]
             lines.append(
-                f"| {name} | {x['temp_gib']:.3f} | {x['argument_gib']:.3f} | "
-                f"{x['output_gib']:.3f} | {x['buffers_gib']:.3f} |"
+                f"| {name} | {peak_gib(x):.3f} ({peak_gib(x) / full_peak - 1:+.2%}) | "
+                f"{x['temp_gib']:.3f} | {x['argument_gib']:.3f} | {x['output_gib']:.3f} | "
+                f"{x['buffers_gib']:.3f} |"
             )
         for name in MODES[1:]:
             extra = r[name].get("not_in_full", [])
             lines.append(f"\n{name}: its largest temporaries whose shapes full's have not\n")
             lines.append("| MiB | shapes sharing the slot |\n|---|---|")
             lines += [f"| {b['bytes'] / 2**20:.1f} | `{b['shapes']}` |" for b in extra]
+        for name in MODES:
+            peak = r[name].get("peak_live")
+            if not peak:
+                continue
+            lines.append(
+                f"\n{name}: the largest values alive at the peak of the schedule "
+                f"({peak['gib']:.3f} GiB in all, parameters excluded)\n"
+            )
+            lines.append("| MiB | value | shape | JAX op |\n|---|---|---|---|")
+            lines += [
+                f"| {v['bytes'] / 2**20:.1f} | `{v['value']}` | `{v['shape']}` | `{v['op']}` |"
+                for v in peak["values"]
+            ]
     return "\n".join(lines)
 
 

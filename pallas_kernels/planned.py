@@ -18,9 +18,9 @@ selector logic lives here:
   mask: see ``block_sparse_attention_mgpu``). N is padded to whole blocks (padded keys are
   never visible: they lie after every real query). The slot-order copy has one K/V per
   permutation head: with one permutation per query head that is Hq/Hkv times K/V's own size
-  (2 GiB at 128K for 32/8 heads of 128), so above :data:`SLOT_COPY_LIMIT_BYTES` the kernel is
-  launched per group of KV heads, one after the other (a ``fori_loop``), and only one group's
-  copy is ever alive (:func:`kv_heads_per_launch`).
+  (2 GiB at 128K for 32/8 heads of 128), so above :data:`SINGLE_LAUNCH_COPY_BYTES` the kernel
+  is launched per group of permutation heads, one after the other (a ``fori_loop``), and only
+  one group's copy is ever alive (:func:`perm_heads_per_launch`).
 - Elsewhere the Triton kernel (interpret mode on CPU). One permutation per KV head (Hp == Hkv)
   permutes K/V physically (contiguous rows, ~10% faster); one per query head gathers rows by
   index inside the kernel, so K/V are never repeated per query head in device memory.
@@ -34,13 +34,24 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu, mgpu_supported
 
-__all__ = ["SLOT_COPY_LIMIT_BYTES", "kv_heads_per_launch", "planned_attention", "slot_order"]
+__all__ = [
+    "SINGLE_LAUNCH_COPY_BYTES",
+    "SLOT_COPY_LIMIT_BYTES",
+    "perm_heads_per_launch",
+    "planned_attention",
+    "slot_order",
+]
 
-# The most device memory one Mosaic launch's slot-order K/V copy may take. 256 MiB keeps a whole
-# prefill's copy in one launch up to 16K tokens at 32 heads of 128 (one launch has enough blocks
-# to fill the GPU there, and at shorter lengths splitting would leave SMs idle) and bounds the
-# copy to ~1% of an 8B model's prefill memory beyond.
-SLOT_COPY_LIMIT_BYTES = 256 * 2**20
+# One Mosaic launch takes the whole slot-order K/V copy while it is at most
+# SINGLE_LAUNCH_COPY_BYTES: up to 16K tokens at 32 permutation heads of 128 (one launch has enough
+# blocks to fill the GPU there, and at shorter lengths splitting would leave SMs idle). Beyond, the
+# kernel is launched per group of permutation heads whose copy fits SLOT_COPY_LIMIT_BYTES: at 128K
+# two heads at a time (128 MiB of copy; their query heads' slice and output 64 MiB each). Measured
+# on the 8B prefill's compiled memory (experiments/probe_prefill_memory.py, H200, 2026-11-30):
+# groups of one KV head (256 MiB of copy, 128 MiB slices) left PBS 0.75 GiB (+2.08%) above full at
+# 128K. Smaller groups mean more launches, each with its tail of idle SMs.
+SINGLE_LAUNCH_COPY_BYTES = 256 * 2**20
+SLOT_COPY_LIMIT_BYTES = 128 * 2**20
 
 
 def slot_order(x: jax.Array, key_pos: jax.Array) -> jax.Array:
@@ -54,21 +65,46 @@ def slot_order(x: jax.Array, key_pos: jax.Array) -> jax.Array:
     return x[jnp.arange(b)[:, None, None], key_pos.transpose(0, 2, 1), kv_head[None, None, :]]
 
 
-def kv_heads_per_launch(
-    batch: int, n: int, hp: int, hkv: int, d: int, itemsize: int, limit: int
+def perm_heads_per_launch(
+    batch: int,
+    n: int,
+    hp: int,
+    hkv: int,
+    d: int,
+    itemsize: int,
+    limit: int,
+    single_launch: int = SINGLE_LAUNCH_COPY_BYTES,
 ) -> int:
-    """KV heads per Mosaic launch: all Hkv when the slot-order K and V copies of every
-    permutation head fit in ``limit`` bytes, else the largest divisor of Hkv whose share does
-    (at least 1: one KV head's group is the smallest unit a permutation head maps to)."""
-    per_kv_head = 2 * batch * n * (hp // hkv) * d * itemsize  # K and V, one KV head's group
-    fitting = [g for g in range(1, hkv + 1) if hkv % g == 0 and g * per_kv_head <= limit]
-    return max(fitting, default=1)
+    """Permutation heads per Mosaic launch: all Hp when the slot-order K and V copies of every
+    permutation head fit in ``single_launch`` bytes, else the largest group whose copy fits
+    ``limit`` (at least 1). A group is a divisor of Hp that lies within one KV head's
+    permutation heads or covers whole KV heads, so each launch reads a contiguous run of KV
+    heads."""
+    per_head = 2 * batch * n * d * itemsize  # K and V of one permutation head
+    if hp * per_head <= single_launch:
+        return hp
+    per_kv = hp // hkv  # permutation heads of one KV head
+    groups = [g for g in range(1, hp + 1) if hp % g == 0 and (per_kv % g == 0 or g % per_kv == 0)]
+    return max((g for g in groups if g * per_head <= limit), default=1)
 
 
-def _mosaic(q, k, v, key_pos, block_ids, full_counts, *, block_size, segment_blocks, kernel, limit):
+def _mosaic(
+    q,
+    k,
+    v,
+    key_pos,
+    block_ids,
+    full_counts,
+    *,
+    block_size,
+    segment_blocks,
+    kernel,
+    limit,
+    single_launch,
+):
     """The Mosaic path of :func:`planned_attention` (``kernel``: the Mosaic kernel, or its
     contract reference in tests): pad N to whole blocks, put K/V in slot order, launch — per
-    group of KV heads when the copy exceeds ``limit`` bytes."""
+    group of permutation heads (:func:`perm_heads_per_launch`) when the copy is large."""
     b, m, hq, d = q.shape
     n, hkv, hp = k.shape[1], k.shape[2], key_pos.shape[1]
     pad = (-m) % block_size  # = (-N) % block_size: N - M is a multiple of it
@@ -89,29 +125,31 @@ def _mosaic(q, k, v, key_pos, block_ids, full_counts, *, block_size, segment_blo
             segment_blocks=segment_blocks,
         )
 
-    per = kv_heads_per_launch(b, n, hp, hkv, d, k.dtype.itemsize, limit)
-    if per == hkv:
+    per = perm_heads_per_launch(b, n, hp, hkv, d, k.dtype.itemsize, limit, single_launch)
+    if per == hp:
         out = launch(q, k, v, key_pos, block_ids, full_counts)
     else:
-        # Group i: KV heads [i·per, (i+1)·per), their query and permutation heads (contiguous:
-        # query head h reads KV head h // (Hq / Hkv), permutation head h // (Hq / Hp)).
-        q_per, p_per = hq // hkv * per, hp // hkv * per
+        # Group i: permutation heads [i·per, (i+1)·per), their query heads (contiguous: query
+        # head h has permutation head h // (Hq / Hp)) and the KV heads those read (permutation
+        # head p reads KV head p // (Hp / Hkv)): a part of one, or whole ones.
+        per_kv = hp // hkv
+        q_per, kv_per = hq // hp * per, max(1, per // per_kv)
 
         def group(i, out):
-            def heads(x, size, axis):
-                return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis)
+            def heads(x, start, size, axis):
+                return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
             out_i = launch(
-                heads(q, q_per, 2),
-                heads(k, per, 2),
-                heads(v, per, 2),
-                heads(key_pos, p_per, 1),
-                heads(block_ids, q_per, 1),
-                heads(full_counts, q_per, 1),
+                heads(q, i * q_per, q_per, 2),
+                heads(k, i * per // per_kv, kv_per, 2),
+                heads(v, i * per // per_kv, kv_per, 2),
+                heads(key_pos, i * per, per, 1),
+                heads(block_ids, i * q_per, q_per, 1),
+                heads(full_counts, i * q_per, q_per, 1),
             )
             return jax.lax.dynamic_update_slice_in_dim(out, out_i, i * q_per, 2)
 
-        out = jax.lax.fori_loop(0, hkv // per, group, jnp.zeros((b, m + pad, hq, d), q.dtype))
+        out = jax.lax.fori_loop(0, hp // per, group, jnp.zeros((b, m + pad, hq, d), q.dtype))
     return out[:, :m] if pad else out
 
 
@@ -152,6 +190,7 @@ def planned_attention(
             segment_blocks=segment_blocks,
             kernel=block_sparse_attention_mgpu,
             limit=SLOT_COPY_LIMIT_BYTES,
+            single_launch=SINGLE_LAUNCH_COPY_BYTES,
         )
     gather_kv = key_pos.shape[1] != k.shape[2]
     if not gather_kv:

@@ -24,7 +24,7 @@ from pallas_kernels import (
     planned,
     planned_attention,
 )
-from pallas_kernels.planned import kv_heads_per_launch
+from pallas_kernels.planned import perm_heads_per_launch
 from pbs_jax import PBSConfig
 from tests.conftest import jit_plan, make_case, make_qkv, numpy_oracle, permute_kv, rel_err
 
@@ -103,49 +103,59 @@ def test_planned_attention_off_hopper_is_the_triton_contract(hp):
 @pytest.mark.parametrize(
     "n,hp,hkv,expected",
     [
-        # 32 query heads of 128, bf16, 256 MiB: one permutation per query head (4 per KV head)
-        (8192, 32, 8, 8),  # 8 × 16 MiB: one launch
-        (32768, 32, 8, 4),  # 64 MiB per KV head: two launches of 4
-        (131072, 32, 8, 1),  # 256 MiB per KV head: eight launches
-        (131072, 8, 8, 4),  # one permutation per KV head: 64 MiB each
-        (1048576, 32, 8, 1),  # above the limit even alone: one KV head, the smallest unit
-        (32768, 24, 3, 1),  # 3 is prime: 3 × 128 MiB > 256 MiB, so one at a time
+        # Heads of 128, bf16: 2 · N · 256 bytes of copy per permutation head (4 MiB at 8K).
+        (8192, 32, 8, 32),  # 128 MiB in all: one launch
+        (16384, 32, 8, 32),  # 256 MiB: still one launch
+        (32768, 32, 8, 8),  # 16 MiB a head: groups of 8 (two KV heads) fill 128 MiB
+        (131072, 32, 8, 2),  # 64 MiB a head: two of one KV head's four
+        (131072, 8, 8, 2),  # one permutation per KV head: two KV heads a launch
+        (1048576, 32, 8, 1),  # above the limit even alone: one head, the smallest unit
+        (32768, 24, 8, 6),  # 3 per KV head: 6 = two whole KV heads; 4 would split one
+        (65536, 24, 8, 3),  # 32 MiB a head: 3 (one KV head), not 4
+        (131072, 24, 8, 1),  # 64 MiB a head: 2 does not divide a KV head's 3, so one
     ],
 )
-def test_kv_heads_per_launch_worked_by_hand(n, hp, hkv, expected):
-    assert kv_heads_per_launch(1, n, hp, hkv, 128, 2, 256 * 2**20) == expected
+def test_perm_heads_per_launch_worked_by_hand(n, hp, hkv, expected):
+    assert perm_heads_per_launch(1, n, hp, hkv, 128, 2, 128 * 2**20) == expected
 
 
-@pytest.mark.parametrize("hq,hk,hp", [(4, 2, 4), (6, 3, 3), (4, 4, 4)])
-def test_mosaic_path_per_kv_head_group_equals_one_launch(hq, hk, hp):
-    """The Mosaic path launched per group of KV heads (a tiny copy limit) is the one launch,
-    on the kernel's contract reference (any machine), ragged N padded, and the token-mask
-    oracle."""
+@pytest.mark.parametrize(
+    "hq,hk,hp,per",
+    [(4, 2, 4, 1), (8, 2, 8, 2), (8, 2, 8, 4), (6, 3, 3, 1), (4, 4, 4, 2), (8, 2, 2, 1)],
+)
+def test_mosaic_path_per_head_group_equals_one_launch(hq, hk, hp, per):
+    """The Mosaic path launched per group of ``per`` permutation heads (part of a KV head's,
+    one KV head's, or several KV heads') is the one launch, on the kernel's contract reference
+    (any machine), ragged N padded, and the token-mask oracle."""
     c = make_case(11, n=200, d=16, hq=hq, hk=hk, hp=hp, block_size=32, density=0.5)
+    per_head = 2 * 200 * 16 * 4  # bytes of one permutation head's K and V copy (float32)
 
-    def mosaic_path(limit):
+    def mosaic_path(limit, single_launch):
         return planned._mosaic(
             *c.args()[:6],  # q, k, v, key_pos, ids, full (the Mosaic path has no totals)
             block_size=32,
             segment_blocks=2,
             kernel=block_sparse_attention_mgpu_reference,
             limit=limit,
+            single_launch=single_launch,
         )
 
-    assert kv_heads_per_launch(1, 200, hp, hk, 16, 4, 0) == 1  # the grouped branch runs
-    grouped, whole = mosaic_path(0), mosaic_path(2**40)
+    assert perm_heads_per_launch(1, 200, hp, hk, 16, 4, per * per_head, 0) == per
+    grouped, whole = mosaic_path(per * per_head, 0), mosaic_path(0, 2**40)
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), rtol=1e-6, atol=1e-6)
     assert rel_err(grouped, numpy_oracle(c)) < 1e-5
 
 
 @hopper
-def test_planned_attention_per_kv_head_group_on_hopper(monkeypatch):
-    """The Mosaic kernel launched once per KV head equals one launch (bf16, GQA 4, ragged N)."""
+def test_planned_attention_per_head_group_on_hopper(monkeypatch):
+    """The Mosaic kernel launched once per permutation head equals one launch (bf16, GQA 4,
+    ragged N)."""
     c = make_case(
         5, n=1000, d=128, hq=8, hk=2, hp=8, block_size=128, dtype=jnp.bfloat16, density=0.4
     )
     whole = planned_attention(*c.args(), block_size=128, segment_blocks=2)
     monkeypatch.setattr(planned, "SLOT_COPY_LIMIT_BYTES", 0)
+    monkeypatch.setattr(planned, "SINGLE_LAUNCH_COPY_BYTES", 0)
     grouped = planned_attention(*c.args(), block_size=128, segment_blocks=2)
     np.testing.assert_array_equal(np.asarray(grouped, np.float32), np.asarray(whole, np.float32))
     assert rel_err(grouped, numpy_oracle(c)) < TOL[jnp.bfloat16]

@@ -227,8 +227,9 @@ def test_coverage_report_rerenders_the_committed_markdown(tmp_path):
 
 
 def test_prefill_memory_probe_reads_xla_usage_report():
-    """The probe's parser on a hand-written XLA memory-usage report: the first table's slots,
-    largest first, sizes in bytes; the second allocation's table is not read."""
+    """The probe's parser on a hand-written XLA memory-usage report laid out as on a GPU (the
+    outputs' one-slot table first): the temporaries' table (most slots), largest first, sizes in
+    bytes; the other allocation's table is not read."""
     from experiments.probe_prefill_memory import largest_buffers, parse_size
 
     assert parse_size("1.50GiB") == 3 * 2**29 and parse_size("152B") == 152
@@ -236,13 +237,13 @@ def test_prefill_memory_probe_reads_xla_usage_report():
 Total bytes: 3221225472 (3.00GiB)
   cumulative_size;       size;       offset; used_by_n_values; shapes_list
   ------------------------------------------------------------
-    1.00GiB( 50%);    1.00GiB;            0;                1; bf16[1,131072,32,128]
-    3.00GiB(100%);    2.00GiB;   1073741824;                2; f32[8,1024,1024], s32[2]
-    3.00GiB(100%);      64.0KiB;          0;                1; pred[256,256]
+    8.00GiB(100%);    8.00GiB;            0;                1; 5×bf16[32,1,131072,8,128]
 
   cumulative_size;       size;       offset; used_by_n_values; shapes_list
   ------------------------------------------------------------
-   54.00MiB(100%);   54.00MiB;            0;                1; bf16[49152,576]
+    1.00GiB( 50%);    1.00GiB;            0;                1; bf16[1,131072,32,128]
+    3.00GiB(100%);    2.00GiB;   1073741824;                2; f32[8,1024,1024], s32[2]
+    3.00GiB(100%);      64.0KiB;          0;                1; pred[256,256]
 """
     assert largest_buffers(report) == [
         {"bytes": 2 * 2**30, "shapes": "f32[8,1024,1024], s32[2]"},
