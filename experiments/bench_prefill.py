@@ -172,10 +172,12 @@ def rest_of_model_flops(n: int, config: LlamaConfig, devices: int) -> float:
 
 
 def full_lower_bound_ms(split: dict) -> float:
-    """A lower bound on a full prefill too long to run: its attention timed alone (one layer ×
-    layers) plus the rest of the model at the card's GEMM ceiling (its matmuls cannot run
-    faster). Measured prefills took more: 12.5 s ≥ 10.8 s at 128K on one H200, 80.2 s ≥ 76.9
-    s at 512K on two (2026-11-30). So a speed-up against it is a lower bound too.
+    """An estimate from below of a full prefill too long to run: its attention timed alone (one
+    layer × layers; in a 128K prefill cuDNN took the same time a layer as alone, so this part is a
+    bound) plus the rest of the model at the square GEMM's rate. That rate is no ceiling: the
+    model's own GEMMs ran at 121% of it (results/profile_layer.md), and at 128K on one H200 the
+    estimate came out 10.9 s for a measured 10.4 s (80.2 s ≥ 76.9 s at 512K on two; 2026-11-30).
+    A speed-up against it is therefore an estimate; against the attention part alone, a bound.
 
     (Swapping PBS (b)'s attention timed alone for full attention's in PBS (b)'s prefill is no
     estimate at 1M tokens: there the chunks of PBS attention timed alone summed to more than
@@ -260,8 +262,9 @@ def report(payload, out: pathlib.Path, name: str = "bench_prefill"):
         "alone × 32 (on each GPU's own heads); PBS (b)'s attention includes its plan. Rest of "
         "the model: a prefill minus its attention; in brackets, its matmul FLOPs at the "
         "card's measured bf16 GEMM rate (a square 8192³ GEMM). ≥: the full prefill not run (too "
-        "long for one call), a lower bound instead: its attention timed alone plus the rest "
-        "of the model at the GEMM ceiling, so PBS (b)'s × is a lower bound too. Peak: XLA's "
+        "long for one call), estimated instead: its attention timed alone (a bound) plus the "
+        "rest of the model at the square GEMM's rate (an estimate: the model's GEMMs ran "
+        "faster, results/profile_layer.md), so PBS (b)'s × is an estimate. Peak: XLA's "
         "compiled memory of the whole prefill, per GPU.",
         "",
         "| N | full ms | PBS (a) ms (density, ×) | PBS (b) ms (density, ×) | attention full / "
@@ -367,8 +370,8 @@ def add_arguments(parser):
         "--extrapolate-full-above",
         type=int,
         default=0,
-        help="above this N, the full prefill is not run but bounded below: its attention "
-        "timed alone on one layer × layers plus the rest of the model at the GEMM ceiling "
+        help="above this N, the full prefill is not run but estimated: its attention "
+        "timed alone on one layer × layers plus the rest of the model at the square GEMM's rate "
         "(0: always run it)",
     )
     parser.add_argument(

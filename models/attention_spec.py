@@ -140,6 +140,9 @@ def attend(
     """
     if attention == FULL_ATTENTION:
         return dense_attention(q, k, v), jnp.ones((), jnp.float32)
+    # A sparse attention's plan needs only q and k: without the barrier XLA's scheduler may start
+    # it before the v projection, keeping the layer input alive through the plan.
+    q, k, v = jax.lax.optimization_barrier((q, k, v))
     if not isinstance(attention, PBSAttention):
         out, density = (
             attention(q, k, v) if lengths is None else attention(q, k, v, lengths=lengths)
