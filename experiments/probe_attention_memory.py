@@ -4,8 +4,8 @@
 
 At 128K tokens, 32/8 heads of 128, bf16: full attention (cuDNN), PBS at a fixed density
 (``FixedDensityPBS``: plan + lists + kernel), the plan alone, the fixed mask and its lists,
-and the kernel entry with the slot-order copy in one launch and capped per group of permutation heads
-(``pallas_kernels.planned.SLOT_COPY_LIMIT_BYTES``). Used for the 128K peak-memory analysis in
+and the kernel entry with the slot-order copy in one launch and capped per group of permutation
+heads (``pallas_kernels.planned.SLOT_COPY_LIMIT_BYTES``). Used for the 128K peak-memory analysis in
 experiments/NOTES.md (H200, JAX 0.11.2, 2026-11-30).
 """
 
