@@ -1,10 +1,10 @@
 """The mean-pooling selector's top-p blocks in one kernel (Pallas/Triton).
 
 Written with XLA, the selection is the pooled logits ``[B, Hq, T, T]`` through HBM, a softmax,
-then 31 masked row sums (the bisection of :func:`pallas_kernels.top_p.top_p_blocks`), each its
-own kernel launch: at T = 64 blocks (8K tokens) that is launch-bound (0.78 ms on an H200 for a
-few KiB of data). Here one launch does it all, grid ``(row tiles, B, Hq)``; one program owns
-``block_rows`` query blocks of one head:
+then ~27 masked row sums (the cut-off search of :func:`pallas_kernels.top_p.top_p_blocks`),
+each its own kernel launch: at T = 64 blocks (8K tokens) that is launch-bound (0.78 ms on an
+H200 for a few KiB of data, with 31 of them). Here one launch does it all, grid ``(row tiles,
+B, Hq)``; one program owns ``block_rows`` query blocks of one head:
 
 1. the logits of its pooled query blocks against all ``T_pad`` pooled key blocks of its
    permutation head, ``[block_rows, T_pad]`` float32 in registers, accumulated over the head
@@ -12,8 +12,9 @@ few KiB of data). Here one launch does it all, grid ``(row tiles, B, Hq)``; one 
 2. the softmax over the allowed blocks (:func:`pallas_kernels.top_p.masked_softmax`; the domain
    comes in as an int8 ``[Tq, T]`` input, so its one definition stays with the caller; Tq < T
    for a chunk's last query blocks);
-3. the top-p cut-off by the same bisection (:func:`pallas_kernels.top_p.top_p_blocks`: a
-   ``lax.fori_loop`` of 31 masked row sums over the register tile);
+3. the top-p cut-off by the same search (:func:`pallas_kernels.top_p.top_p_blocks`: a
+   ``lax.fori_loop`` of masked row sums over the register tile, ``cuts_per_step`` independent
+   ones per step: 27 steps of 1 at T_pad = 1024, τ = 0.88; 14 of 3; 9 of 7);
 4. the mask tile, int8.
 
 T is padded to a power of two >= 16 (Triton tensor shapes are powers of two and ``tl.dot``
@@ -38,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
 from pallas_kernels._checks import MIN_DOT_DIM as _MIN_DOT_DIM
-from pallas_kernels.top_p import masked_softmax, top_p_blocks
+from pallas_kernels.top_p import cutoff_search_bits, masked_softmax, top_p_blocks
 
 __all__ = [
     "MAX_POOLED_BLOCKS",
@@ -69,18 +70,24 @@ class PooledTopPTiles:
     block_rows:  query blocks per program, a power of two >= 16 (the dot's M); at most T_pad.
     depth_chunk: head-dim columns per dot step, a power of two >= 16 dividing D.
     num_warps, num_stages: Triton launch parameters.
+    cuts_per_step: independent masked row sums per step of the top-p cut-off search, one of
+      ``pallas_kernels.top_p.CUTS_PER_STEP`` (1: bisection; 3 or 7: 2 or 3 bits per step, so
+      half or a third of the dependent steps, each 3 or 7 reductions wide). The mask does not
+      depend on it.
     """
 
     block_rows: int = 16
     depth_chunk: int = 128
     num_warps: int = 4
     num_stages: int = 1
+    cuts_per_step: int = 1
 
     def __post_init__(self):
         for name in ("block_rows", "depth_chunk"):
             _checks.check_pow2_at_least("PooledTopPTiles", name, getattr(self, name), _MIN_DOT_DIM)
         _checks.check_num_warps("PooledTopPTiles", self.num_warps)
         _checks.check_num_stages("PooledTopPTiles", self.num_stages)
+        cutoff_search_bits(self.cuts_per_step, "PooledTopPTiles.cuts_per_step")
 
 
 def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
@@ -101,6 +108,8 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     * depth_chunk: the largest power of two <= D with a [T_pad, depth_chunk] float32 operand of
       at most 16K elements (64 KiB of shared memory), never below 16: the whole D up to
       T_pad = 128 at D 128; 16 columns at T_pad 1024 and 2048 (128 KiB at 2048).
+    * cuts_per_step 1 (bisection) until a GPU sweep measures 3 and 7 (profile_plan's
+      TOP_P_TILES).
     """
     t_pad = padded_blocks(num_blocks)
     depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))
@@ -220,6 +229,7 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
     # Padded key blocks (and padded query rows, dropped below) are outside the domain.
     allowed = jnp.pad((domain != 0).astype(jnp.int8), ((0, rows_pad - tq), (0, t_pad - t)))
 
+    cuts_suffix = f"_c{tiles.cuts_per_step}" if tiles.cuts_per_step > 1 else ""
     mask = pl.pallas_call(
         functools.partial(
             _pooled_top_p_kernel,
@@ -229,6 +239,7 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
             # logits agree with it bit for bit wherever the dots do.
             logit_divisor=float(np.sqrt(np.float32(d))),
             threshold=threshold,
+            cuts_per_step=tiles.cuts_per_step,
         ),
         out_shape=jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8),
         grid=(rows_pad // bm, b, hq),
@@ -243,13 +254,22 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
         out_specs=pl.BlockSpec((None, None, bm, t_pad), lambda r, bi, h: (bi, h, r, 0)),
         compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
-        name=f"pbs_pooled_top_p_t{t_pad}_m{bm}",
+        name=f"pbs_pooled_top_p_t{t_pad}_m{bm}{cuts_suffix}",
     )(pooled_q, pooled_k, allowed)
     return mask[:, :, :tq, :t] != 0
 
 
 def _pooled_top_p_kernel(
-    q_ref, k_ref, allowed_ref, mask_ref, *, depth_chunk, num_depth_chunks, logit_divisor, threshold
+    q_ref,
+    k_ref,
+    allowed_ref,
+    mask_ref,
+    *,
+    depth_chunk,
+    num_depth_chunks,
+    logit_divisor,
+    threshold,
+    cuts_per_step,
 ):
     """One program: ``block_rows`` query blocks of one head against all T_pad key blocks.
 
@@ -269,4 +289,5 @@ def _pooled_top_p_kernel(
     logits = lax.fori_loop(0, num_depth_chunks, accumulate, jnp.zeros(tile, jnp.float32))
     allowed = allowed_ref[...] != 0
     probs = masked_softmax(logits / logit_divisor, allowed)
-    mask_ref[...] = top_p_blocks(probs, allowed, threshold).astype(jnp.int8)
+    keep = top_p_blocks(probs, allowed, threshold, cuts_per_step=cuts_per_step)
+    mask_ref[...] = keep.astype(jnp.int8)

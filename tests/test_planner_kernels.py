@@ -9,7 +9,11 @@
 - ``key_importance``'s GPU path (the kernel) against its CPU path (the reference), both GQA modes,
   unragged and ragged;
 - the sort-free ``top_p_blocks`` against the sort-based rule it replaced (kept here only as the
-  oracle), mask for mask, on many random rows with ties, zeros and empty rows.
+  oracle), mask for mask, on many random rows with ties, zeros and empty rows, with every
+  ``cuts_per_step``; and on the edges of its static search window (rows short of the threshold,
+  one block holding all the mass, nothing allowed, thresholds near 0 and 1, T not a power of
+  two, denormal and zero probabilities) against the sorted rule and against the bisection over
+  all of [0, +inf] it replaced (the oracle only), there bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pallas_kernels import (
     proxy_importance_supported,
 )
 from pallas_kernels import importance as importance_module
+from pallas_kernels import top_p as top_p_module
 from pbs_jax import PBSConfig, permutation, selection
 from tests.conftest import make_qkv
 
@@ -319,8 +324,31 @@ def sorted_top_p_oracle(probs, allowed, threshold):
     return allowed & (probs >= cutoff)
 
 
+def full_range_bisection_oracle(probs, allowed, threshold):
+    """The search ``top_p_blocks`` ran before its static window (the oracle only): 31 halvings
+    of the bit patterns [0, +inf] for the smallest v with G(v) = Σ_{p > v} p < threshold, the
+    same float32 masked sums. The windowed search must give the very same mask, bit for bit,
+    also where the sorted rule and the masked sums round differently."""
+    if threshold >= 1.0:
+        return jnp.broadcast_to(allowed, probs.shape)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + jnp.right_shift(hi - lo, 1)
+        cut = jax.lax.bitcast_convert_type(mid, jnp.float32)
+        below = jnp.sum(jnp.where(probs > cut, probs, 0.0), axis=-1, keepdims=True) < threshold
+        return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+
+    rows = probs.shape[:-1] + (1,)
+    bounds = (jnp.zeros(rows, jnp.int32), jnp.full(rows, 0x7F800000, jnp.int32))
+    _, cutoff_bits = jax.lax.fori_loop(0, 31, halve, bounds)
+    return allowed & (probs >= jax.lax.bitcast_convert_type(cutoff_bits, jnp.float32))
+
+
 THRESHOLDS = [0.5, 0.88, 0.9, 0.95, 1.0]
-_sort_free = jax.jit(selection.top_p_blocks, static_argnums=2)
+CUTS = [1, 3, 7]  # top_p_module.CUTS_PER_STEP
+_sort_free = jax.jit(selection.top_p_blocks, static_argnums=2, static_argnames="cuts_per_step")
+_bisection = jax.jit(full_range_bisection_oracle, static_argnums=2)
 _sorted = jax.jit(sorted_top_p_oracle, static_argnums=2)
 
 
@@ -370,12 +398,13 @@ def _decided_by_rounding(probs, threshold):
     return np.any(np.abs(mass_before - threshold) < 1e-6, axis=-1)
 
 
+@pytest.mark.parametrize("cuts", CUTS)
 @pytest.mark.parametrize("threshold", THRESHOLDS)
-def test_sort_free_top_p_equals_sorted_rule(threshold):
+def test_sort_free_top_p_equals_sorted_rule(threshold, cuts):
     rng = np.random.default_rng(int(threshold * 100))
     for kind in ("softmax", "ties", "dyadic", "sparse"):
         probs, allowed = _random_rows(rng, 4000, 48, kind)
-        sort_free = np.asarray(_sort_free(probs, allowed, threshold))
+        sort_free = np.asarray(_sort_free(probs, allowed, threshold, cuts_per_step=cuts))
         oracle = np.asarray(_sorted(probs, allowed, threshold))
         # Dyadic rows add exactly: no row may differ. Elsewhere only rows whose exact partial
         # masses come within rounding of the threshold (next to none) are left out.
@@ -393,25 +422,125 @@ def test_sort_free_top_p_equals_sorted_rule(threshold):
     st.lists(st.integers(0, 8), min_size=12, max_size=12),
     st.lists(st.booleans(), min_size=12, max_size=12),
     st.sampled_from(THRESHOLDS),
+    st.sampled_from(CUTS),
 )
 @hypothesis.settings(max_examples=100, deadline=None)
-def test_sort_free_top_p_on_tied_rows(levels, allowed, threshold):
-    """Rows of eighths (exact sums; ties everywhere), allowed anywhere, zeros elsewhere."""
+def test_sort_free_top_p_on_tied_rows(levels, allowed, threshold, cuts):
+    """Rows of eighths (exact sums; ties everywhere; not normalised: masses from 0 to 12),
+    allowed anywhere, zeros elsewhere."""
     allowed = np.asarray(allowed)
     probs = jnp.asarray(np.where(allowed, np.asarray(levels) / 8.0, 0.0), jnp.float32)[None]
     allowed = jnp.asarray(allowed)[None]
     np.testing.assert_array_equal(
-        np.asarray(_sort_free(probs, allowed, threshold)),
+        np.asarray(_sort_free(probs, allowed, threshold, cuts_per_step=cuts)),
         np.asarray(_sorted(probs, allowed, threshold)),
     )
 
 
-def test_sort_free_top_p_broadcasts_allowed_over_heads():
+@pytest.mark.parametrize("cuts", CUTS)
+def test_sort_free_top_p_broadcasts_allowed_over_heads(cuts):
     """``allowed [T, T]`` against ``probs [B, H, T, T]``, as ``select_from_probabilities``."""
     rng = np.random.default_rng(3)
     probs = jnp.asarray(rng.dirichlet(np.ones(9) * 0.3, size=(2, 3, 9)), jnp.float32)
     allowed = jnp.asarray(np.tril(np.ones((9, 9), bool)))
     probs = jnp.where(allowed, probs, 0.0)
     np.testing.assert_array_equal(
-        np.asarray(_sort_free(probs, allowed, 0.9)), np.asarray(_sorted(probs, allowed, 0.9))
+        np.asarray(_sort_free(probs, allowed, 0.9, cuts_per_step=cuts)),
+        np.asarray(_sorted(probs, allowed, 0.9)),
     )
+
+
+def _edge_rows(t, rng):
+    """``probs [rows, T]`` float32 and ``allowed [rows, T]`` on the edges of the cut-off's
+    search window: nothing allowed; one block holding all the mass (all allowed, or it alone);
+    softmaxes whose logits spread over 100 (denormal and zero probabilities allowed),
+    near-uniform and exactly uniform rows (ties at the cut), a row of explicit denormals beside
+    one large value, one value 2 ulps above 1 (an approximate division's softmax), softmaxes
+    over a few allowed blocks; last, a row short of any threshold above 0.4 (mass 0.375,
+    allowed zeros: the whole row is kept)."""
+    rows, allowed = [], []
+
+    def add(p, a=None):
+        rows.append(np.asarray(p, np.float32))
+        allowed.append(np.ones(t, bool) if a is None else np.asarray(a, bool))
+
+    def softmax(logits, a):
+        logits = np.where(a, logits, -np.inf)
+        return np.asarray(top_p_module.masked_softmax(jnp.asarray(logits, jnp.float32), a))
+
+    one_hot = np.eye(t, dtype=np.float32)[rng.integers(t)]
+    add(np.zeros(t), np.zeros(t))
+    add(one_hot)
+    add(one_hot, one_hot > 0)
+    for spread in (100.0, 150.0, 300.0):
+        add(softmax(-np.linspace(0.0, spread, t) * rng.random(t), np.ones(t, bool)))
+    add(softmax(rng.normal(size=t) * 1e-7, np.ones(t, bool)))
+    add(np.full(t, 1.0 / t))
+    add(np.r_[1.0 - 2.0**-20, [1e-45, 1e-40, 1e-38, 2.0**-126, 0.0] * t][:t])
+    add(np.r_[np.nextafter(np.nextafter(np.float32(1), 2), 2), np.zeros(t - 1)])
+    for count in (1, 2, 5):
+        a = np.zeros(t, bool)
+        a[rng.choice(t, size=min(count, t), replace=False)] = True
+        add(softmax(rng.normal(size=t) * 3.0, a), a)
+    add(np.r_[0.25, 0.125, np.zeros(t)][:t])
+    return jnp.asarray(np.stack(rows)), jnp.asarray(np.stack(allowed))
+
+
+@pytest.mark.parametrize("cuts", CUTS)
+@pytest.mark.parametrize("t", [1, 5, 48, 1000, 1024])
+def test_sort_free_top_p_on_the_search_window_edges(t, cuts):
+    """The windowed search equals the bisection over all of [0, +inf] bit for bit, and the
+    sorted rule, on rows at the window's edges, for thresholds from 1e-30 to 0.999999 (whose
+    window is the whole range)."""
+    edge_probs, edge_allowed = _edge_rows(t, np.random.default_rng(t))
+    for threshold in (1e-30, 1e-6, 0.3, 0.88, 0.99, 0.999999):
+        # Below 0.375 the last row (mass 0.375 < 1) reaches the threshold: outside the contract.
+        rows = slice(None, -1 if threshold < 0.4 else None)
+        probs, allowed = edge_probs[rows], edge_allowed[rows]
+        sort_free = np.asarray(_sort_free(probs, allowed, threshold, cuts_per_step=cuts))
+        np.testing.assert_array_equal(
+            sort_free, np.asarray(_bisection(probs, allowed, threshold)), err_msg=f"{threshold}"
+        )
+        ambiguous = _decided_by_rounding(probs, threshold)[:, None]  # uniform rows of T 1000
+        np.testing.assert_array_equal(
+            np.where(ambiguous, False, sort_free),
+            np.where(ambiguous, False, np.asarray(_sorted(probs, allowed, threshold))),
+            err_msg=f"{threshold}",
+        )
+        assert not sort_free[0].any()  # nothing allowed
+        np.testing.assert_array_equal(sort_free[1:3], np.asarray(probs[1:3]) > 0)  # one block
+        if threshold > 0.4:  # short of the threshold: every allowed block, zeros too
+            assert sort_free[-1].all()
+
+
+@pytest.mark.parametrize("cuts", CUTS)
+@pytest.mark.parametrize("t", [5, 64, 1024])
+def test_sort_free_top_p_equals_full_range_bisection(t, cuts):
+    """Random softmax rows (and the test's other kinds): the very mask of the bisection over
+    all of [0, +inf], rows whose masses come within rounding of the threshold included."""
+    rng = np.random.default_rng(t + cuts)
+    for kind in ("softmax", "ties", "sparse"):
+        probs, allowed = _random_rows(rng, 4000 if t < 1024 else 400, t, kind)
+        for threshold in (0.5, 0.88, 0.95):
+            np.testing.assert_array_equal(
+                np.asarray(_sort_free(probs, allowed, threshold, cuts_per_step=cuts)),
+                np.asarray(_bisection(probs, allowed, threshold)),
+                err_msg=f"{kind} rows, threshold={threshold}",
+            )
+
+
+def test_cutoff_search_steps():
+    """Fewer dependent steps than the 31 bisections over [0, +inf]; the whole range where the
+    threshold is within rounding of 1."""
+    steps = top_p_module.cutoff_search_steps
+    assert [steps(1024, 0.88, cuts) for cuts in CUTS] == [27, 14, 9]
+    assert [steps(64, 0.9, cuts) for cuts in CUTS] == [27, 14, 9]
+    assert [steps(1024, 0.999999, cuts) for cuts in CUTS] == [30, 15, 10]
+    assert steps(64, 1.0, 7) == 0
+    for bad in (0, 2, 4, 15, 3.0, True):
+        with pytest.raises(ValueError, match="cuts_per_step must be one of"):
+            steps(64, 0.9, bad)
+        with pytest.raises(ValueError, match="cuts_per_step must be one of"):
+            selection.top_p_blocks(
+                jnp.zeros((2, 4)), jnp.ones((2, 4), bool), 0.9, cuts_per_step=bad
+            )

@@ -3,7 +3,8 @@
 - ``pooled_top_p_blocks`` (Pallas, interpret mode here) equals the jnp path's top-p mask
   ``top_p_blocks(block_probabilities(...))`` exactly, and with the forced blocks OR-ed in it
   equals ``select_from_probabilities``: T not a power of two, GQA 1 and 4, both softmax domains
-  (with and without permutation), thresholds 0.5 / 0.9 / 1.0, default and explicit tiles;
+  (with and without permutation), thresholds 0.5 / 0.9 / 1.0, default and explicit tiles (3
+  and 7 cuts per step of the cut-off search among them);
 - ``select_blocks``' GPU path (the kernel, run here in interpret mode) equals its CPU path;
 - the contract's validation.
 """
@@ -61,8 +62,16 @@ CASES = [
     Case(24, 380, 4, 1, "shared", True, 0.5),
     # Two head-dim chunks per dot and 32-row tiles (T_pad = 128).
     Case(70, 1110, 4, 4, "replicate", False, 0.9, head_dim=32, tiles=PooledTopPTiles(32, 16)),
+    # The cut-off search with 3 and 7 masked sums per step: the same mask.
+    Case(24, 380, 4, 1, "shared", True, 0.9, tiles=PooledTopPTiles(16, 16, cuts_per_step=3)),
+    Case(70, 1110, 4, 4, "replicate", False, 0.5, tiles=PooledTopPTiles(16, 16, cuts_per_step=7)),
 ]
 GPU_PATH_CASE = CASES[1]  # GQA 4, the permuted domain
+
+
+def _case_id(case: Case) -> str:
+    cuts = case.tiles.cuts_per_step if case.tiles else 1
+    return f"T{case.num_blocks}-{case.gqa}-{case.threshold}-c{cuts}"
 
 
 @functools.cache
@@ -112,7 +121,7 @@ def _jnp_selection(case: Case):
     return q, k, perm, run(q, k, perm)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c.num_blocks}-{c.gqa}-{c.threshold}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernel_equals_jnp_selection(case):
     *_, (pooled_q, pooled_k, domain, top_p, forced, selected) = _jnp_selection(case)
     assert pooled_q.shape == (2, case.num_blocks, case.q_heads, case.head_dim)
@@ -228,3 +237,6 @@ def test_bad_tiles_are_refused():
         PooledTopPTiles(depth_chunk=48)
     with pytest.raises(ValueError, match="num_warps"):
         PooledTopPTiles(num_warps=3)
+    for cuts in (0, 2, 15, 3.0):
+        with pytest.raises(ValueError, match="PooledTopPTiles.cuts_per_step must be one of"):
+            PooledTopPTiles(cuts_per_step=cuts)
