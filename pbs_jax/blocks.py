@@ -36,19 +36,54 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
     of the last Tq query blocks).
 
     Ascending order puts off-segment blocks first: own-segment blocks are the largest causal ids.
+
+    One cumsum along the rows and one scatter on the ``[rows, Tk]`` layout (a scatter with a
+    batch dimension, no vmap): linear, where a sort of the mask row would be T log T. Kept block
+    c goes to slot ``kept_upto[c] - 1``, a dropped one to its own out-of-bounds slot ``Tk + c``:
+    the indices are unique (declared to XLA) and depend on the cumsum alone, so XLA fuses the
+    cumsum's last stage into the scatter instead of materializing it; both counts are read off
+    the same cumsum, with no masked row sums over the mask.
+
+    Measured on an H200 (JAX 0.11.2) at 128K tokens, 32 heads (a 32M-block mask): 7 kernels,
+    ~0.23 ms (the scatter ~0.16, the zero fill ~0.04), where the vmapped scatter with two row
+    sums took 8 kernels, ~0.29 ms (its row sums fused with the cumsum into a ~0.10 ms kernel).
+    Slower there: a permutation instead of the dropped slots (dropped blocks after the kept ones,
+    no zero fill: the indices then need each row's total first, ~0.40 ms), a bit-packed gather
+    search (XLA fuses no chain of gathers, ~0.35 ms) and a stable sort of the row (~1.2 ms).
     """
     t = block_mask.shape[-1]
-
-    def compact_row(row):  # [Tk] bool → selected ids first (ascending), zeros after
-        slot = jnp.where(row, jnp.cumsum(row, dtype=jnp.int32) - 1, t)
-        return jnp.zeros(t, jnp.int32).at[slot].set(jnp.arange(t, dtype=jnp.int32), mode="drop")
-
-    # A cumsum and a scatter per row: linear, where a sort of the mask row would be T log T.
-    ids = jax.vmap(compact_row)(block_mask.reshape(-1, t)).reshape(block_mask.shape)
-    earlier = grid.earlier_segment_blocks(t, cfg, t - block_mask.shape[-2])
-    full = jnp.sum(block_mask & earlier, axis=-1, dtype=jnp.int32)
-    total = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
-    return BlockLists(ids, full, total)
+    rows = block_mask.reshape(-1, t)  # [B * H * Tq, Tk]
+    kept_upto = jnp.cumsum(rows, axis=-1, dtype=jnp.int32)  # kept blocks <= c
+    col = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 1)
+    row_scatter = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(),
+        inserted_window_dims=(1,),
+        scatter_dims_to_operand_dims=(1,),
+        operand_batching_dims=(0,),
+        scatter_indices_batching_dims=(0,),
+    )
+    ids = jax.lax.scatter(
+        jnp.zeros(rows.shape, jnp.int32),
+        jnp.where(rows, kept_upto - 1, t + col)[..., None],
+        col,
+        row_scatter,
+        indices_are_sorted=False,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+    # Earlier segments precede the query's own: their blocks are a prefix of every row, so
+    # full is the cumsum at the prefix's last block (0 for an empty prefix).
+    with jax.ensure_compile_time_eval():
+        earlier = grid.earlier_segment_blocks(t, cfg, t - block_mask.shape[-2])
+        prefix = jnp.sum(earlier, axis=-1, dtype=jnp.int32)  # [Tq]
+    counts_shape = block_mask.shape[:-1]
+    prefix_rows = jnp.broadcast_to(prefix, counts_shape).reshape(-1, 1)
+    at_prefix_end = jnp.take_along_axis(kept_upto, jnp.maximum(prefix_rows - 1, 0), axis=-1)
+    full = jnp.where(prefix_rows > 0, at_prefix_end, 0)
+    total = kept_upto[:, -1]
+    return BlockLists(
+        ids.reshape(block_mask.shape), full.reshape(counts_shape), total.reshape(counts_shape)
+    )
 
 
 def density(block_mask: jax.Array, row_blocks: jax.Array | None = None) -> jax.Array:

@@ -416,6 +416,31 @@ def test_index_lists_compact_the_mask():
     assert ids.dtype == np.int32 and full.dtype == np.int32
 
 
+@pytest.mark.parametrize(
+    ("tq", "tk", "density"),
+    [(70, 70, 0.3), (20, 70, 0.3), (5, 64, 0.9), (3, 33, 0.05), (64, 97, 0.5)],
+)
+def test_index_lists_match_a_numpy_compaction(tq, tk, density):
+    """Chunks (Tq < Tk), rows of many 32-block words and a partial last word, empty and full
+    rows: every slot, the zeros after each list included, and both counts."""
+    cfg = PBSConfig.paper(block_size=8, segment_size=24)
+    rng = np.random.default_rng(tk + tq)
+    m = rng.random((2, 3, tq, tk)) < density
+    m[0, 0, 0] = False
+    m[1, 2, -1] = True
+    lists = blocks.index_lists(jnp.asarray(m), cfg)
+    ids, full, total = (np.asarray(x) for x in lists)
+    earlier = np.asarray(pbs_jax.earlier_segment_blocks(tk, cfg, tk - tq))
+    want_ids = np.zeros(m.shape, np.int32)
+    for row in np.ndindex(m.shape[:-1]):
+        kept = np.flatnonzero(m[row])
+        want_ids[row][: kept.size] = kept
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(total, m.sum(-1))
+    np.testing.assert_array_equal(full, (m & earlier).sum(-1))
+    assert ids.dtype == full.dtype == total.dtype == np.int32
+
+
 def test_density_counts_blocks():
     mask = jnp.zeros((1, 1, 4, 4), bool).at[0, 0, [0, 1, 2, 3], [0, 1, 2, 3]].set(True)
     np.testing.assert_allclose(np.asarray(blocks.density(mask)), [[4 / 10]])
