@@ -112,12 +112,12 @@ class ImportanceTiles:
 
 
 # 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep of
-# experiments/profile_plan.py, results/profile_plan.md): 128 proxy rows × 64 keys at 4 warps,
-# splits of 512 keys, against 128 × 128 at 8 warps, splits of 1024: 1.28 vs 1.43 ms at 128K keys
-# and one proxy block, 3.99 vs 4.89 ms at four blocks; 0.41 vs 0.44 ms at 8K and four blocks,
-# 0.16 ms both at one (wall times of the call). Two key tiles per pass-2 program (column_tiles,
-# the same run's second sweep): 1.23 vs 1.36 ms at 128K and one block, 3.82 vs 3.99 at four;
-# four tiles per program lose at four blocks (5.03 ms).
+# experiments/profile_plan.py, results/profile_plan.md, wall times of the call): 128 proxy rows ×
+# 64 keys at 4 warps, splits of 512 keys, beat 128 × 128 at 8 warps, splits of 1024 (128K keys:
+# 1.30 vs 1.35 ms at one proxy block, 3.92 vs 4.83 ms at four); two key tiles per pass-2 program
+# (column_tiles) beat one: 1.24 vs 1.30 ms and 3.73 vs 3.92 ms at 128K, 0.38 vs 0.40 ms at 8K and
+# four blocks, and in the plan's GPU profile 38.8 µs for the columns pass at 8K (41.9 with one
+# tile, the earlier profile); four tiles lose at four blocks (4.76 ms).
 # float32: 64 × 64 at 4 warps, not measured (IEEE dots, twice the register bytes per element).
 _DEFAULT_TILES = {
     "bfloat16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2, column_tiles=2),
