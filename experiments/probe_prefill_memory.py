@@ -29,7 +29,6 @@ if "jax" not in sys.modules:  # the dump flag must be set before the backend sta
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR}"
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments.bench_prefill import fixed_density  # noqa: E402
@@ -77,106 +76,6 @@ def newest_dump(suffix: str, since: float) -> str:
     return max(files, key=lambda p: p.stat().st_size).read_text()
 
 
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_ITEMSIZE |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_LIVE = re.compile(r"^\s*([\w.\-]+)\{([\d,]*)\}:(\d+)-(\d+)$")
-
-
-def _split_tuple(text: str) -> tuple[list[str], str]:
-    """``"(a, (b, c)) op(...)"`` → (``["a", "(b, c)"]``, the rest after the tuple)."""
-    depth, start, parts = 0, 1, []
-    for i, ch in enumerate(text):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                parts.append(text[start:i].strip())
-                return [p for p in parts if p], text[i + 1 :]
-        elif ch == "," and depth == 1:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    return parts, ""
-
-
-def _subshape_bytes(shape: str, index: list[int]) -> int:
-    """Bytes of the array at tuple ``index`` of an HLO shape string (0 for tokens, tuples)."""
-    for i in index:
-        if not shape.startswith("("):
-            return 0
-        shape = _split_tuple(shape)[0][i]
-    if shape.startswith("("):
-        return 0  # the tuple's own pointer table
-    m = _ARRAY.match(shape)
-    if not m or m.group(1) not in _ITEMSIZE:
-        return 0
-    dims = [int(d) for d in m.group(2).split(",") if d]
-    return _ITEMSIZE[m.group(1)] * int(np.prod(dims, dtype=np.int64))
-
-
-def peak_live_values(live_ranges: str, hlo: str, top: int) -> dict:
-    """The values alive at the module's peak, from XLA's ``*-live-range.txt`` (each value's
-    [first, last] position in the flattened schedule) and the optimized HLO text (shapes, the
-    JAX op that made each instruction): ``{"gib": the live bytes at peak (parameters excluded),
-    "values": the ``top`` largest, each {bytes, value, shape, op}}``. The heap simulator packs
-    exactly these, so they are what a mode's temporaries are made of at their peak."""
-    shapes, ops, params = {}, {}, set()
-    root_op, calls, computation = {}, {}, ""  # a fusion's JAX op: its computation root's
-    for line in hlo.splitlines():
-        if line[:1] not in " \t}" and line.rstrip().endswith("{"):
-            computation = line.split(" ", 1)[0].lstrip("%")
-            continue
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, rest = m.groups()
-        called = re.search(r"calls=%?([\w.\-]+)", line)
-        if called:
-            calls[name] = called.group(1)
-        if line.lstrip().startswith("ROOT") and _OP_NAME.search(line):
-            root_op[computation] = _OP_NAME.search(line).group(1)
-        if rest.startswith("("):
-            _, after = _split_tuple(rest)
-            shape = rest[: len(rest) - len(after)]
-        else:
-            shape, after = rest.split(" ", 1) if " " in rest else (rest, "")
-        shapes[name] = shape
-        op = _OP_NAME.search(line)
-        ops[name] = op.group(1) if op else after.split("(", 1)[0].strip()
-        if after.lstrip().startswith("parameter("):
-            params.add(name)
-    for name, computation in calls.items():
-        if not _OP_NAME.search(ops[name]) and computation in root_op:
-            ops[name] = root_op[computation]
-    values = []
-    for line in live_ranges.splitlines():
-        m = _LIVE.match(line)
-        if not m or m.group(1) in params or m.group(1) not in shapes:
-            continue
-        name, index, start, end = m.groups()
-        size = _subshape_bytes(shapes[name], [int(i) for i in index.split(",") if i])
-        if size:
-            values.append((int(start), int(end), size, f"{name}{{{index}}}", name))
-    if not values:
-        return {"gib": 0.0, "values": []}
-    live = np.zeros(max(v[1] for v in values) + 2, np.int64)
-    for start, end, size, *_ in values:
-        live[start] += size
-        live[end + 1] -= size
-    peak_at = int(np.argmax(np.cumsum(live)))
-    at_peak = sorted((v for v in values if v[0] <= peak_at <= v[1]), key=lambda v: -v[2])
-    return {
-        "gib": sum(v[2] for v in at_peak) / 2**30,
-        "values": [
-            {"bytes": size, "value": value, "shape": shapes[name][:120], "op": ops[name][-160:]}
-            for _, _, size, value, name in at_peak[:top]
-        ],
-    }
-
-
 def modes_for(n: int, smoke: bool) -> dict:
     cfg = PBSConfig.paper(block_size=16, segment_size=32) if smoke else PBSConfig.paper()
     impl = "reference" if smoke else "auto"
@@ -200,11 +99,6 @@ def probe(n: int, config: LlamaConfig, smoke: bool, top: int) -> dict:
         compiled = compile_prefill(graphdef, state, tokens, attention)
         m = compiled.memory_analysis()
         buffers = largest_buffers(newest_dump("memory-usage-report.txt", start))
-        peak = peak_live_values(
-            newest_dump("-live-range.txt", start),
-            newest_dump("after_optimizations.txt", start),
-            top,
-        )
         row[name] = {
             "argument_gib": m.argument_size_in_bytes / 2**30,
             "output_gib": m.output_size_in_bytes / 2**30,
@@ -212,13 +106,11 @@ def probe(n: int, config: LlamaConfig, smoke: bool, top: int) -> dict:
             "alias_gib": m.alias_size_in_bytes / 2**30,
             "buffers": buffers[:top],
             "buffers_gib": sum(b["bytes"] for b in buffers) / 2**30,
-            "peak_live": peak,
         }
         print(
             f"N={n} {name}: temp {row[name]['temp_gib']:.3f} GiB, args "
             f"{row[name]['argument_gib']:.3f}, out {row[name]['output_gib']:.3f}; "
-            f"{len(buffers)} slots in the temporaries, {row[name]['buffers_gib']:.3f} GiB; "
-            f"{peak['gib']:.3f} GiB of values alive at the peak",
+            f"{len(buffers)} slots in the temporaries, {row[name]['buffers_gib']:.3f} GiB",
             flush=True,
         )
     full_shapes = {b["shapes"] for b in row["full"]["buffers"]}
@@ -255,19 +147,6 @@ def render(rows) -> str:
             lines.append(f"\n{name}: its largest temporaries whose shapes full's have not\n")
             lines.append("| MiB | shapes sharing the slot |\n|---|---|")
             lines += [f"| {b['bytes'] / 2**20:.1f} | `{b['shapes']}` |" for b in extra]
-        for name in MODES:
-            peak = r[name].get("peak_live")
-            if not peak:
-                continue
-            lines.append(
-                f"\n{name}: the largest values alive at the peak of the schedule "
-                f"({peak['gib']:.3f} GiB in all, parameters excluded)\n"
-            )
-            lines.append("| MiB | value | shape | JAX op |\n|---|---|---|---|")
-            lines += [
-                f"| {v['bytes'] / 2**20:.1f} | `{v['value']}` | `{v['shape']}` | `{v['op']}` |"
-                for v in peak["values"]
-            ]
     return "\n".join(lines)
 
 

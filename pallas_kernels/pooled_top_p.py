@@ -108,8 +108,9 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     * depth_chunk: the largest power of two <= D with a [T_pad, depth_chunk] float32 operand of
       at most 16K elements (64 KiB of shared memory), never below 16: the whole D up to
       T_pad = 128 at D 128; 16 columns at T_pad 1024 and 2048 (128 KiB at 2048).
-    * cuts_per_step 1 (bisection) until a GPU sweep measures 3 and 7 (profile_plan's
-      TOP_P_TILES).
+    * cuts_per_step 1 (bisection): wider steps lost at 128K on an H200 (results/profile_plan.md,
+      2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25 with 7; the search is
+      not latency-bound there), and at 8K the differences are within the calls' noise.
     """
     t_pad = padded_blocks(num_blocks)
     depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))

@@ -131,13 +131,8 @@ def fixed_density_mask(
         n_earlier = int(earlier.sum())
     causal = grid.causal_block_count(t, q_offset)
     keep_p = 1.0 if n_earlier == 0 else (target * causal - (causal - n_earlier)) / n_earlier
-    # Kept with probability round(256 · keep_p) / 256: one random byte per block, where a float32
-    # draw would hold 4 bytes per block plus its 32-bit random words (at 128K, 32 heads: ~0.3 GiB
-    # alive in a prefill, against 32 MiB).
-    cut = round(min(max(keep_p, 0.0), 1.0) * 256)
-    if cut >= 256:
-        return jnp.broadcast_to(own | earlier, (b, h, t - q_offset, t))
-    rand = jax.random.bits(key, (b, h, t - q_offset, t), jnp.uint8) < cut
+    keep_p = min(max(keep_p, 0.0), 1.0)
+    rand = jax.random.uniform(key, (b, h, t - q_offset, t)) < keep_p
     return own | (earlier & rand)
 
 
