@@ -11,11 +11,11 @@ Run on a GPU (one call, about 3 minutes on an H200 at the default lengths, mostl
 Per length (B=1, bf16, random weights, ``LlamaConfig.preset("llama-3.1-8b")``):
   * ONE ``DecoderLayer`` forward as the prefill runs it (``models.llama``'s layer step: the
     layer jitted on x [1, N, d] and positions [N], full attention (cuDNN), returning the
-    hidden state and the layer's k/v), profiled with profile_plan's Perfetto-trace kernel
+    hidden state and the layer's k/v), profiled with experiments.lib.kernel_trace's kernel
     profiler: GPU µs per kernel per call, each XLA kernel named with the HLO instruction it
     runs (shape and JAX op, from the compiled module), beside the wall time of the call;
-  * the kernels in three groups by name (:func:`kernel_group`, rules in ``ATTENTION_NAMES``
-    and ``GEMM_NAMES``): GEMMs, with their achieved TFLOP/s from the layer's matmul FLOPs
+  * the kernels in three groups by name (``experiments.lib.kernel_trace.kernel_group``):
+    GEMMs, with their achieved TFLOP/s from the layer's matmul FLOPs
     (``LlamaConfig.layer_linears``) against ``bench_prefill.gemm_ceiling_tflops`` measured in
     the same run (at the start and again at the end: a card that slows when hot shows it);
     attention (reported apart, beside cuDNN timed alone as bench_prefill's split times it);
@@ -29,12 +29,13 @@ Per length (B=1, bf16, random weights, ``LlamaConfig.preset("llama-3.1-8b")``):
     as one matmul, both (weights concatenated once, outside the call, or per call inside it,
     as a model keeping the checkpoint's layout would run it), the layer compiled with XLA's
     Triton GEMMs off, and larger MLP chunks. A measurement, not a model change: the variants
-    are built here from the layer's modules (``FusedQKVAttention``, ``FusedGateUpMLP``), each
-    checked against the model's output (relative error).
+    are built from the layer's modules (``experiments.lib.layer_variants``), each checked
+    against the model's output (relative error).
 
 The question (issue: 8B prefill ≥ 2.5× at 128K on one H200): bench_prefill's rest of the model
-(a prefill minus its attention) took 4524 ms at 128K against 2811 ms of its matmul FLOPs at
-the GEMM ceiling. Where does one layer's (1/32 of it) time go?
+(a prefill minus its attention) had taken 4524 ms at 128K against 2811 ms of its matmul FLOPs
+at the GEMM ceiling. Answered on an H200 (results/profile_layer.md, 2026-11-30): one layer's
+GEMMs run at 121% of the square GEMM's rate and no variant gains more than noise.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ import collections
 import functools
 import json
 import pathlib
-import re
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,235 +52,16 @@ from flax import nnx
 from experiments.bench_kernel import timer
 from experiments.bench_prefill import gemm_ceiling_tflops
 from experiments.lib import timing
+from experiments.lib.kernel_trace import GROUPS, grouped, hlo_instructions, kernel_profile
+from experiments.lib.kernels import causal_tflops
+from experiments.lib.layer_variants import CUBLAS_ONLY, layer_call, variant_call, variants
 from experiments.lib.metrics import rel_err
-from experiments.profile_plan import kernel_profile
-from models import FULL_ATTENTION, LlamaConfig
-from models.layers import MLP, Attention, DecoderLayer
+from models import LlamaConfig
+from models.layers import DecoderLayer
 from pbs_jax import dense_attention
 
 LENGTHS = (32768, 131072)
 COMMITTED_PREFILL = pathlib.Path(__file__).parent / "results" / "bench_prefill.json"
-
-# Kernel groups, by name (lower case), first match wins:
-#   attention: cuDNN's fused attention ("cudnn_generated_fort_native_sdpa_…"), any flash / fmha;
-#   GEMM: cuBLAS (sm90_xmma_gemm_…, nvjet_…), CUTLASS, XLA's Triton GEMM fusions (gemm_fusion_…,
-#         triton_gemm_…) and any kernel with "dot" between separators;
-#   attention again: any other cuDNN kernel (full attention is the layer's only cuDNN call);
-#   everything else: XLA's elementwise / reduction / copy kernels (loop_…, input_…, copy_…).
-ATTENTION_NAMES = ("sdpa", "flash", "fmha", "attention")
-GEMM_NAMES = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")
-GROUPS = ("gemm", "attention", "other")
-
-
-def kernel_group(name: str) -> str:
-    """A GPU kernel's group by its name, the rules above: "gemm", "attention" or "other"."""
-    low = name.lower()
-    if any(mark in low for mark in ATTENTION_NAMES):
-        return "attention"
-    if any(mark in low for mark in GEMM_NAMES) or re.search(r"(^|[_.])dot([_.]|$)", low):
-        return "gemm"
-    return "attention" if "cudnn" in low else "other"
-
-
-# -- the layer and its variants ----------------------------------------------------------------
-
-
-class Columns(nnx.Module):
-    """Columns [start, stop) of its input's last axis: one projection's share of the output of
-    a fused matmul, in the projection's place."""
-
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
-
-    def __call__(self, y: jax.Array) -> jax.Array:
-        return y[..., self.start : self.stop]
-
-
-def concatenated_linear(*linears: nnx.Linear) -> nnx.Linear:
-    """One ``nnx.Linear`` computing ``linears`` side by side: kernel [n_in, Σ n_out] (and bias)
-    their columns concatenated, so its output's columns are theirs in order."""
-    first = linears[0]
-    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
-    bias = jnp.concatenate([lin.bias[...] for lin in linears]) if first.use_bias else None
-    return nnx.Linear(
-        *kernel.shape,
-        use_bias=first.use_bias,
-        dtype=first.dtype,
-        param_dtype=first.param_dtype,
-        kernel_init=lambda *_: kernel,
-        bias_init=lambda *_: bias,
-        rngs=nnx.Rngs(0),
-    )
-
-
-def column_slices(widths) -> list[Columns]:
-    """Consecutive ``Columns`` of the given widths."""
-    starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
-    return [Columns(a, b) for a, b in zip(starts, starts[1:], strict=False)]
-
-
-class FusedQKVAttention(Attention):
-    """``Attention`` with q/k/v as one matmul, x @ [Wq | Wk | Wv] (the given layer's weights),
-    then ``Attention._qkv`` itself (reshape, RoPE) with column slices for projections."""
-
-    def __init__(self, attn: Attention):
-        self.config = attn.config
-        names = ("q_proj", "k_proj", "v_proj")
-        self.qkv_proj = concatenated_linear(*(getattr(attn, name) for name in names))
-        widths = [attn.config.layer_linears[name].n_out for name in names]
-        self.q_proj, self.k_proj, self.v_proj = column_slices(widths)
-        self.o_proj = attn.o_proj
-
-    def _qkv(self, x, positions):
-        return super()._qkv(self.qkv_proj(x), positions)
-
-
-class FusedGateUpMLP(MLP):
-    """``MLP`` with gate/up as one matmul, x @ [Wgate | Wup], then ``MLP.__call__`` itself with
-    column slices for the two projections."""
-
-    def __init__(self, mlp: MLP):
-        self.gate_up_proj = concatenated_linear(mlp.gate_proj, mlp.up_proj)
-        self.gate_proj, self.up_proj = column_slices([mlp.gate_proj.out_features] * 2)
-        self.down_proj = mlp.down_proj
-
-    def __call__(self, x):
-        return super().__call__(self.gate_up_proj(x))
-
-
-def fuse_qkv(layer: DecoderLayer) -> None:
-    layer.attn = FusedQKVAttention(layer.attn)
-
-
-def fuse_gate_up(layer: DecoderLayer) -> None:
-    layer.mlp = FusedGateUpMLP(layer.mlp)
-
-
-def mlp_chunk_of(tokens: int):
-    """The change that runs the layer's MLP over chunks of ``tokens`` (``DecoderLayer``'s)."""
-
-    def set_chunk(layer: DecoderLayer) -> None:
-        layer.mlp_chunk = tokens
-
-    return set_chunk
-
-
-class Variant(NamedTuple):
-    """A variant of the layer: ``changes`` (functions of the merged layer) applied once to its
-    weights, or inside each call when ``per_call``; compiled with XLA ``compiler_options``."""
-
-    changes: tuple = ()
-    per_call: bool = False
-    compiler_options: dict | None = None
-
-
-# XLA autotunes each dot between cuBLAS and its own Triton GEMMs; this leaves cuBLAS alone.
-CUBLAS_ONLY = {"xla_gpu_enable_triton_gemm": False}
-
-
-def variants(n: int, mlp_chunk: int) -> dict[str, Variant]:
-    """The variants timed beside the model's layer, by name. The MLP chunk ones: twice and four
-    times the model's chunk and none (the whole prompt), distinct ones only."""
-    both = (fuse_qkv, fuse_gate_up)
-    out = {
-        "model": Variant(),
-        "fused q/k/v": Variant((fuse_qkv,)),
-        "fused gate/up": Variant((fuse_gate_up,)),
-        "fused q/k/v + gate/up": Variant(both),
-        "fused q/k/v + gate/up, concatenated per call": Variant(both, per_call=True),
-        "model, XLA Triton GEMMs off (cuBLAS only)": Variant(compiler_options=CUBLAS_ONLY),
-    }
-    for chunk in sorted({min(n, f * mlp_chunk) for f in (2, 4)} | {n}):
-        if chunk > mlp_chunk:
-            name = "MLP unchunked" if chunk == n else f"MLP chunk {chunk}"
-            out[name] = Variant((mlp_chunk_of(chunk),))
-    return out
-
-
-def layer_call(graphdef, changes=(), per_call: bool = False):
-    """The layer step of the prefill, jitted: (state, x [1,N,d], positions [N]) -> (hidden
-    [1,N,d], (k, v) [1,N,Hkv,D], density); ``changes`` applied to the merged layer inside the
-    call when ``per_call`` (else the caller applied them to the state already)."""
-
-    def forward(state, x, positions):
-        layer = nnx.merge(graphdef, state)
-        for change in changes if per_call else ():
-            change(layer)
-        return layer(x, positions, FULL_ATTENTION)
-
-    return jax.jit(forward)
-
-
-def variant_call(call, graphdef, state, variant: Variant, *args):
-    """(compiled call, its state) of a variant of the layer ``graphdef, state`` whose own call
-    is ``call`` (its arguments after the state: ``args``)."""
-    if variant.per_call:
-        fn, fn_state = layer_call(graphdef, variant.changes, per_call=True), state
-    elif variant.changes:
-        layer = nnx.merge(graphdef, state)
-        for change in variant.changes:
-            change(layer)
-        variant_graphdef, fn_state = nnx.split(layer)
-        fn = layer_call(variant_graphdef)
-    else:
-        fn, fn_state = call, state
-    if variant.compiler_options:
-        fn = fn.lower(fn_state, *args).compile(compiler_options=variant.compiler_options)
-    return fn, fn_state
-
-
-# -- kernels named by the HLO they run ---------------------------------------------------------
-
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-
-
-def kernel_key(name: str) -> str:
-    """An XLA kernel's name as its HLO instruction's: XLA names a fusion's kernel after the
-    instruction with '.' and '-' made '_'."""
-    return re.sub(r"[.\-]", "_", name)
-
-
-def hlo_instructions(hlo_text: str) -> dict[str, dict]:
-    """kernel_key(instruction) -> {"shape", "op"} for every instruction of a compiled module's
-    text; ``op``: the JAX op it came from (:func:`op_label`), else the instruction's stem."""
-    found = {}
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        op = _OP_NAME.search(line)
-        op = op_label(op.group(1)) if op else stem(m.group(1))
-        found[kernel_key(m.group(1))] = {"shape": m.group(2)[:80], "op": op}
-    return found
-
-
-def op_label(op_name: str) -> str:
-    """A JAX ``op_name`` without its jit(…) and closed_call levels: "while/body/mul" (under the
-    MLP's lax.map) or "mul"."""
-    return "/".join(p for p in op_name.split("/") if "jit(" not in p and p != "closed_call")
-
-
-def stem(name: str) -> str:
-    """An instruction or kernel name without its numeric suffix: what XLA named it after."""
-    return re.sub(r"[._]\d+$", "", name)
-
-
-def grouped(kernels, hlo: dict) -> dict:
-    """The profile's kernels with group and HLO, the GPU µs per group, and the "other" group's
-    µs per JAX op (:func:`op_label`; a kernel with no op_name: its fusion's name)."""
-    rows, groups = [], dict.fromkeys(GROUPS, 0.0)
-    other_by_op = collections.defaultdict(float)
-    for name, launches, us in kernels:
-        group = kernel_group(name)
-        where = hlo.get(kernel_key(name), {})
-        rows.append({"kernel": name, "launches": launches, "us": us, "group": group, **where})
-        groups[group] += us
-        if group == "other":
-            other_by_op[where.get("op", stem(name))] += us
-    other = sorted(other_by_op.items(), key=lambda kv: -kv[1])
-    return {"kernels": rows, "group_us": groups, "other_by_op": other}
-
 
 # -- matmuls alone -----------------------------------------------------------------------------
 
@@ -365,7 +145,6 @@ def profile_length(
     del q, k, v
 
     gemm_flops = 2.0 * n * config.layer_matmul_params
-    attention_flops = 2.0 * 2 * h * d * n * (n + 1) / 2  # causal: QKᵀ and PV over i ≤ j
     gpu = profile["group_us"]
     row = {
         "n": n,
@@ -374,7 +153,9 @@ def profile_length(
         "group_ms": {g: us / 1e3 for g, us in gpu.items()},
         "gemm_tflops": gemm_flops / gpu["gemm"] / 1e6 if gpu["gemm"] else None,
         "gemm_at_ceiling_ms": gemm_flops / ceiling / 1e9,
-        "attention_tflops": attention_flops / gpu["attention"] / 1e6 if gpu["attention"] else None,
+        "attention_tflops": (
+            causal_tflops(1, h, n, d, gpu["attention"] / 1e3) if gpu["attention"] else None
+        ),
         "attention_alone_ms": attention_alone_ms,
         "committed_rest_of_model_ms": committed_rest_ms(n),
         "launches": sum(r["launches"] for r in profile["kernels"]),

@@ -19,12 +19,8 @@ Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
 
 from __future__ import annotations
 
-import collections
 import functools
-import gzip
-import json
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +28,7 @@ import jax.numpy as jnp
 import pbs_jax
 from experiments.bench_kernel import timer
 from experiments.lib import timing
+from experiments.lib.kernel_trace import kernel_profile
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import (
     ImportanceTiles,
@@ -67,30 +64,6 @@ TOP_P_TILES = (
     PooledTopPTiles(16, 16, 4, 1, cuts_per_step=3),
     PooledTopPTiles(16, 16, 4, 1, cuts_per_step=7),
 )
-
-
-def kernel_profile(fn, *args, reps: int = 5) -> list[tuple[str, float, float]]:
-    """(kernel name, launches per call, GPU µs per call), largest first, from a Perfetto trace of
-    ``reps`` warm calls; empty off the GPU."""
-    jax.block_until_ready(fn(*args))
-    log_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        for _ in range(reps):
-            jax.block_until_ready(fn(*args))
-    trace_file = next(pathlib.Path(log_dir).rglob("perfetto_trace.json.gz"))
-    events = json.load(gzip.open(trace_file))["traceEvents"]
-    gpu_pids = {
-        e["pid"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in e["args"]["name"]
-    }
-    totals = collections.defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-            totals[e["name"]][0] += 1
-            totals[e["name"]][1] += e.get("dur", 0.0)
-    rows = [(name, n / reps, us / reps) for name, (n, us) in totals.items()]
-    return sorted(rows, key=lambda r: -r[2])
 
 
 def plan_fn(cfg: PBSConfig):

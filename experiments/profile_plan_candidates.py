@@ -21,8 +21,9 @@ import numpy as np
 
 from experiments.bench_kernel import timer
 from experiments.lib import timing
+from experiments.lib.kernel_trace import kernel_profile
 from experiments.lib.synthetic import structured_qkv
-from experiments.profile_plan import kernel_profile, plan_fn
+from experiments.profile_plan import plan_fn
 from pallas_kernels import ImportanceTiles, proxy_importance
 from pbs_jax import PBSConfig, blocks, cost_model, permutation, selection
 
