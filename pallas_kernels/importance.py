@@ -317,6 +317,20 @@ def row_log2_sum_exp(
     return top + jnp.log2(jnp.sum(row_sum * jnp.exp2(row_max - top[:, :, None]), axis=2))
 
 
+def key_block_in_specs(num_rows: int, key_block: int, d: int, group: int) -> list:
+    """The operands of a pass over key blocks, grid ``(key block j, batch, query head)``: all P
+    proxy rows of the head ``[P, D]``, the block's ``key_block`` keys of its KV head ``[key_block,
+    D]``, the rows' log-sum-exp ``[P]`` (pass 1's). Shared by pass 2 and the fused permutation
+    pass (``pallas_kernels.proxy_permutation``)."""
+    return [
+        pl.BlockSpec((None, num_rows, None, d), lambda j, bi, h: (bi, 0, h, 0)),
+        pl.BlockSpec(
+            (None, key_block, None, d), lambda j, bi, h: (bi, j, _checks.shared_head(h, group), 0)
+        ),
+        pl.BlockSpec((None, None, num_rows), lambda j, bi, h: (bi, h, 0)),
+    ]
+
+
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: bool):
     b, p, hq, d = q_proxy.shape
@@ -341,12 +355,7 @@ def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: 
         out_shape=jax.ShapeDtypeStruct((b, hq, l), jnp.float32),
         grid=(l // key_block, b, hq),
         in_specs=[
-            pl.BlockSpec((None, p, None, d), lambda j, bi, h: (bi, 0, h, 0)),
-            pl.BlockSpec(
-                (None, key_block, None, d),
-                lambda j, bi, h: (bi, j, _checks.shared_head(h, group), 0),
-            ),
-            pl.BlockSpec((None, None, p), lambda j, bi, h: (bi, h, 0)),
+            *key_block_in_specs(p, key_block, d, group),
             *count_specs(counts, lambda j, bi, h: (bi,)),
         ],
         out_specs=pl.BlockSpec((None, None, key_block), lambda j, bi, h: (bi, h, j)),

@@ -35,6 +35,7 @@ from pallas_kernels import _checks
 from pallas_kernels.importance import (
     ImportanceTiles,
     kernel_params,
+    key_block_in_specs,
     largest_pow2_divisor,
     probability_column_sums,
     row_log2_sum_exp,
@@ -201,14 +202,7 @@ def _proxy_permutation(
             jax.ShapeDtypeStruct((b, num_segments * blocks_per_segment, num_heads, d), jnp.float32),
         ),
         grid=(num_segments, b, num_heads),
-        in_specs=[
-            pl.BlockSpec((None, num_rows, None, d), lambda j, bi, h: (bi, 0, h, 0)),
-            pl.BlockSpec(
-                (None, segment_size, None, d),
-                lambda j, bi, h: (bi, j, _checks.shared_head(h, kv_group), 0),
-            ),
-            pl.BlockSpec((None, None, num_rows), lambda j, bi, h: (bi, h, 0)),
-        ],
+        in_specs=key_block_in_specs(num_rows, segment_size, d, kv_group),
         out_specs=(
             pl.BlockSpec((None, None, segment_size), lambda j, bi, h: (bi, h, j)),
             pl.BlockSpec((None, blocks_per_segment, None, d), lambda j, bi, h: (bi, j, h, 0)),
