@@ -44,12 +44,12 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
     cumsum's last stage into the scatter instead of materializing it; both counts are read off
     the same cumsum, with no masked row sums over the mask.
 
-    Measured on an H200 (JAX 0.11.2) at 128K tokens, 32 heads (a 32M-block mask): 7 kernels,
-    ~0.23 ms (the scatter ~0.16, the zero fill ~0.04), where the vmapped scatter with two row
-    sums took 8 kernels, ~0.29 ms (its row sums fused with the cumsum into a ~0.10 ms kernel).
-    Slower there: a permutation instead of the dropped slots (dropped blocks after the kept ones,
-    no zero fill: the indices then need each row's total first, ~0.40 ms), a bit-packed gather
-    search (XLA fuses no chain of gathers, ~0.35 ms) and a stable sort of the row (~1.2 ms).
+    In the plan's GPU profile at 128K tokens, 32 heads (H200, JAX 0.11.2, results/profile_plan.json
+    against the earlier committed profile): the vmapped scatter's two row sums (one 102 µs
+    kernel) are gone, a zero fill (40 µs) and a cumsum stage (11 µs) came; the scatter stays
+    (~161 µs). Tried and slower there, in uncommitted side runs: a permutation instead of the
+    dropped slots (the indices then need each row's total first), a bit-packed gather search
+    (XLA fuses no chain of gathers) and a stable sort of each row.
     """
     t = block_mask.shape[-1]
     rows = block_mask.reshape(-1, t)  # [B * H * Tq, Tk]
