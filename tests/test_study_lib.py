@@ -250,3 +250,53 @@ Total bytes: 3221225472 (3.00GiB)
         {"bytes": 2**30, "shapes": "bf16[1,131072,32,128]"},
         {"bytes": 64 * 2**10, "shapes": "pred[256,256]"},
     ]
+
+
+def test_kernel_groups_and_hlo_names_worked_by_hand():
+    """profile_layer's kernel attribution on hand-written names and HLO lines."""
+    from experiments.lib.kernel_trace import grouped, hlo_instructions, kernel_group
+
+    assert kernel_group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert kernel_group("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT") == "gemm"
+    assert kernel_group("gemm_fusion_dot_5") == "gemm"
+    assert kernel_group("cudnn_something_else") == "attention"
+    assert kernel_group("loop_multiply_fusion") == "other"
+    assert kernel_group("input_dot_product_reduce") == "gemm"  # "dot" between separators
+    assert kernel_group("loop_dotted_fusion") == "other"
+    hlo = hlo_instructions(
+        "  %loop_multiply_fusion.2 = bf16[8,4]{1,0} fusion(%a), kind=kLoop, "
+        'metadata={op_name="jit(prefill)/while/body/closed_call/mul"}\n'
+        "  ROOT %wrapped_convert.3 = f32[2]{0} fusion(%b), kind=kLoop\n"
+    )
+    assert hlo == {
+        "loop_multiply_fusion_2": {"shape": "bf16[8,4]{1,0}", "op": "while/body/mul"},
+        "wrapped_convert_3": {"shape": "f32[2]{0}", "op": "wrapped_convert"},
+    }
+    g = grouped([("loop_multiply_fusion_2", 2.0, 30.0), ("gemm_fusion_dot", 1.0, 70.0)], hlo)
+    assert g["group_us"] == {"gemm": 70.0, "attention": 0.0, "other": 30.0}
+    assert g["other_by_op"] == [("while/body/mul", 30.0)]
+
+
+def test_fused_layer_variants_equal_the_layer():
+    """profile_layer's variants (q/k/v and gate/up as one matmul each, per call or once, other MLP
+    chunks) compute the model layer's own output, in float32 on a tiny config."""
+    import jax
+    from flax import nnx
+
+    from experiments.lib.layer_variants import layer_call, variant_call, variants
+    from models import LlamaConfig
+    from models.layers import DecoderLayer
+
+    config = LlamaConfig.preset("smollm2-135m", num_layers=1, mlp_chunk=16)
+    graphdef, state = nnx.split(DecoderLayer(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    n = 64
+    x = jax.random.normal(jax.random.key(0), (1, n, config.d_model), jnp.float32)
+    positions = jnp.arange(n, dtype=jnp.int32)
+    call = layer_call(graphdef)
+    want = np.asarray(call(state, x, positions)[0])
+    named = {k: v for k, v in variants(n, config.mlp_chunk).items() if not v.compiler_options}
+    assert {"fused q/k/v", "fused gate/up", "MLP unchunked"} <= set(named)
+    for name, variant in named.items():
+        fn, fn_state = variant_call(call, graphdef, state, variant, x, positions)
+        got = np.asarray(fn(fn_state, x, positions)[0])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
