@@ -24,11 +24,16 @@ Public API:
                                         the meanpool selector's top-p mask in one launch
   pooled_top_p_supported(pooled_q, pooled_k)  whether pooled_top_p_blocks takes these operands
   PooledTopPTiles, pooled_top_p_tiles, MAX_POOLED_BLOCKS  its static tiling, default, largest T
+  permuted_block_means(k, perm, *, block_size, segment_size, lengths)
+                                        block means of the keys in slot order, K read once
+  permuted_block_means_supported(k, perm, ...)  whether permuted_block_means takes them
+  PermutedPoolTiles, permuted_pool_tiles  its static tiling and its default
   masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
   proxy_importance_reference(...), proxy_permutation_reference(...),
   pooled_top_p_blocks_reference(...),
   pooled_block_probabilities_reference(...)  pure-jnp oracles of the kernels' contracts
+  permuted_block_means_reference(...)  and of permuted_block_means'
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
 
@@ -40,6 +45,12 @@ from pallas_kernels.importance import (
     importance_tiles,
     proxy_importance,
     proxy_importance_supported,
+)
+from pallas_kernels.permuted_pooling import (
+    PermutedPoolTiles,
+    permuted_block_means,
+    permuted_block_means_supported,
+    permuted_pool_tiles,
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
@@ -58,6 +69,7 @@ from pallas_kernels.proxy_permutation import (
 from pallas_kernels.reference import (
     block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
+    permuted_block_means_reference,
     pooled_block_probabilities_reference,
     pooled_top_p_blocks_reference,
     proxy_importance_reference,
@@ -89,6 +101,11 @@ __all__ = [
     "pooled_top_p_supported",
     "pooled_top_p_blocks_reference",
     "pooled_block_probabilities_reference",
+    "permuted_block_means",
+    "permuted_block_means_supported",
+    "permuted_block_means_reference",
+    "PermutedPoolTiles",
+    "permuted_pool_tiles",
     "PooledTopPTiles",
     "pooled_top_p_tiles",
     "MAX_POOLED_BLOCKS",

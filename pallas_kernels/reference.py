@@ -310,3 +310,34 @@ def pooled_top_p_blocks_reference(
     """
     probs = pooled_block_probabilities_reference(pooled_q, pooled_k, domain)
     return top_p_blocks(probs, domain.astype(jnp.bool_), threshold)
+
+
+def permuted_block_means_reference(
+    k: jax.Array,
+    perm: jax.Array,
+    *,
+    block_size: int,
+    segment_size: int,
+    lengths: jax.Array | None = None,
+    tiles=None,
+    interpret=None,
+) -> jax.Array:
+    """The contract of ``pallas_kernels.permuted_block_means``: the keys gathered in slot order,
+    then block means (zero padding of a partial last block counted).
+
+    Args:
+      k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]`` int, Hp a multiple of
+        Hkv, the original position of the key at each slot (permuted within segments of
+        ``segment_size``, which the gather does not need); lengths: None or ``[B]`` int, keys
+        at positions ``>= lengths[b]`` count as zeros. ``tiles``, ``interpret``: ignored.
+    Returns:
+      ``[B, ceil(N / block_size), Hp, D]`` float32.
+    """
+    del segment_size, tiles, interpret
+    if lengths is not None:
+        real = jnp.arange(k.shape[1])[None, :] < lengths[:, None]  # [B, N]
+        k = jnp.where(real[:, :, None, None], k, jnp.zeros((), k.dtype))
+    return block_means(slot_order(k, perm), block_size)
+
+
+__all__ += ["permuted_block_means_reference"]

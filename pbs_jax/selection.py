@@ -36,6 +36,7 @@ from pallas_kernels import (
     pooled_top_p_blocks,
     pooled_top_p_supported,
 )
+from pallas_kernels.permuted_pooling import permuted_block_means, permuted_block_means_supported
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import (
@@ -70,10 +71,18 @@ def pooled_permuted_keys(
 ) -> jax.Array:
     """Block means of the permuted keys without materialising them.
 
-    Blocks never straddle a segment, so block t of head p holds the keys whose slot falls in t:
-    invert the permutation (a scatter of N ints per head), one-hot each position's block inside
-    its own segment, and contract with the unpermuted keys segment by segment. This reads K once
-    instead of writing and re-reading an ``[B, N, Hp, D]`` permuted copy.
+    On GPU (shapes ``pallas_kernels.permuted_block_means_supported`` takes) one Pallas kernel
+    reads each segment of K once per KV head and gathers the rows of every block of slots by the
+    permutation itself (no inverse, no one-hot, no transposed copy of K); its GPU time against
+    this function's XLA path is not measured yet.
+
+    Elsewhere (the CPU path, and the kernel's independent oracle in the tests): blocks never
+    straddle a segment, so block t of head p holds the keys whose slot falls in t: invert the
+    permutation (a scatter of N ints per head), one-hot each position's block inside its own
+    segment, and contract with the unpermuted keys segment by segment: no ``[B, N, Hp, D]``
+    permuted copy, but XLA transposes K for the contraction (results/profile_plan.json, H200,
+    128K tokens, 32 permutation heads over 8 KV heads of D 128: 136 µs for that transpose and
+    75 µs for the dot, of a 2.6 ms plan).
 
     Args:
       k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]``, Hp a multiple of Hkv,
@@ -82,6 +91,12 @@ def pooled_permuted_keys(
       ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean (with
       ``lengths``, keys past a row's length are that padding).
     """
+    if jax.default_backend() == "gpu" and permuted_block_means_supported(
+        k, perm, block_size=block_size, segment_size=segment_size
+    ):
+        return permuted_block_means(
+            k, perm, block_size=block_size, segment_size=segment_size, lengths=lengths
+        )
     if lengths is not None:
         k = zero_padding(k, lengths)
     b, n, hkv, d = k.shape
