@@ -14,7 +14,9 @@ Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
     (dispatch included, as bench_kernel times it);
   * ``pallas_kernels.proxy_importance`` over a set of ``ImportanceTiles`` (one and four proxy
     blocks) and ``pallas_kernels.pooled_top_p_blocks`` over a set of ``PooledTopPTiles``
-    (checked equal to the default tiles' mask), wall time of each call.
+    (checked equal to the default tiles' mask), wall time of each call;
+  * the permuted keys' pooling: XLA's one-hot einsum and ``pallas_kernels.permuted_block_means``
+    over a set of ``PermutedPoolTiles``, wall time and GPU µs of each call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from experiments.lib.kernel_trace import kernel_profile
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import (
     ImportanceTiles,
+    PermutedPoolTiles,
     PooledTopPTiles,
+    permuted_block_means,
     pooled_top_p_blocks,
     proxy_importance,
 )
@@ -63,6 +67,17 @@ TOP_P_TILES = (
     PooledTopPTiles(32, 16, 8, 1, cuts_per_step=7),
     PooledTopPTiles(16, 16, 4, 1, cuts_per_step=3),
     PooledTopPTiles(16, 16, 4, 1, cuts_per_step=7),
+)
+# The permuted-key pooling kernel: rows gathered per load × warps (× stages).
+POOL_TILES = (
+    PermutedPoolTiles(16, 4, 2),
+    PermutedPoolTiles(32, 4, 2),
+    PermutedPoolTiles(64, 4, 2),
+    PermutedPoolTiles(32, 8, 2),
+    PermutedPoolTiles(64, 8, 2),
+    PermutedPoolTiles(128, 8, 2),
+    PermutedPoolTiles(32, 2, 2),
+    PermutedPoolTiles(32, 4, 3),
 )
 
 
@@ -110,7 +125,26 @@ def sweeps(q, k, time) -> dict:
             top_p.append({"tiles": repr(tiles), "error": str(err)[:160]})
             continue
         top_p.append({"tiles": repr(tiles), "ms": time(fn, pooled_q, pooled_k), "same": same})
-    return {"importance": importance, "top_p": top_p}
+    return {"importance": importance, "top_p": top_p, "pooling": pooling_sweep(k, perm, cfg, time)}
+
+
+def pooling_sweep(k, perm, cfg: PBSConfig, time) -> list[dict]:
+    """The permuted keys' block means: XLA's one-hot einsum (the CPU path) and the Pallas kernel
+    per tiles, wall ms and GPU µs of each call, and the kernel's largest difference from the
+    einsum."""
+    sizes = dict(block_size=cfg.block_size, segment_size=cfg.segment_size)
+    one_hot = jax.jit(lambda k, p: selection.one_hot_pooled_permuted_keys(k, p, **sizes))
+    expected = one_hot(k, perm)
+    calls = [("one-hot einsum (XLA)", one_hot)] + [
+        (repr(t), jax.jit(functools.partial(permuted_block_means, tiles=t, **sizes)))
+        for t in POOL_TILES
+    ]
+    rows = []
+    for name, fn in calls:
+        gpu_us = sum(r[2] for r in kernel_profile(fn, k, perm))
+        diff = float(jnp.max(jnp.abs(fn(k, perm) - expected)))
+        rows.append({"tiles": name, "ms": time(fn, k, perm), "gpu_us": gpu_us, "max_diff": diff})
+    return rows
 
 
 def run(lengths, heads=32, kv_heads=8, dim=128, smoke=False) -> dict:
@@ -148,6 +182,12 @@ def render(rows) -> str:
             f"| {s['tiles']} | {s.get('ms', float('nan')):.3f} | {s.get('same', s.get('error'))} |"
             for s in r["top_p"]
         ]
+        if "pooling" in r:
+            lines.append("\n| pooling | ms | GPU µs | max diff |\n|---|---|---|---|")
+            lines += [
+                f"| {s['tiles']} | {s['ms']:.3f} | {s['gpu_us']:.1f} | {s['max_diff']:.1e} |"
+                for s in r["pooling"]
+            ]
     return "\n".join(lines)
 
 

@@ -169,7 +169,7 @@ def main():
                 same=same,
             )
         _, rank = rank_perm(scores, n, cfg)
-        pk_ref = jax.jit(lambda k, p: selection.pooled_permuted_keys(k, p, 128, 256))
+        pk_ref = jax.jit(lambda k, p: selection.one_hot_pooled_permuted_keys(k, p, 128, 256))
         pk_new = jax.jit(lambda k, r: pooled_from_rank(k, r, cfg, 32))
         a, bb = pk_ref(k, ref_perm), pk_new(k, rank)
         err = float(jnp.max(jnp.abs(a - bb)))

@@ -3,7 +3,8 @@
 The planner's pooled keys are the block means of the keys in slot order (slot j of permutation
 head p holds the key at position ``perm[b, p, j]``), slots permuted only within segments. With
 XLA that is an inverse permutation (a scatter), a one-hot of each position's block and an
-einsum that transposes all of K first (``pbs_jax.selection.pooled_permuted_keys``'s CPU path).
+einsum that transposes all of K first (``pbs_jax.selection.one_hot_pooled_permuted_keys``, the
+CPU path).
 Here one launch reads K once, grid ``(complete segments, B, Hkv)``: one program owns one
 segment of one KV head, and for each of the ``r = Hp / Hkv`` permutation heads of that KV head
 (a static loop: the segment's rows come from HBM once, the other heads' gathers should hit

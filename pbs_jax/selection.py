@@ -71,25 +71,17 @@ def pooled_permuted_keys(
 ) -> jax.Array:
     """Block means of the permuted keys without materialising them.
 
-    On GPU (shapes ``pallas_kernels.permuted_block_means_supported`` takes) one Pallas kernel
-    reads each segment of K once per KV head and gathers the rows of every block of slots by the
-    permutation itself (no inverse, no one-hot, no transposed copy of K); its GPU time against
-    this function's XLA path is not measured yet.
-
-    Elsewhere (the CPU path, and the kernel's independent oracle in the tests): blocks never
-    straddle a segment, so block t of head p holds the keys whose slot falls in t: invert the
-    permutation (a scatter of N ints per head), one-hot each position's block inside its own
-    segment, and contract with the unpermuted keys segment by segment: no ``[B, N, Hp, D]``
-    permuted copy, but XLA transposes K for the contraction (results/profile_plan.json, H200,
-    128K tokens, 32 permutation heads over 8 KV heads of D 128: 136 µs for that transpose and
-    75 µs for the dot, of a 2.6 ms plan).
-
     Args:
       k: ``[B, N, Hkv, D]`` keys in original order; perm: ``[B, Hp, N]``, Hp a multiple of Hkv,
         slots permuted only within segments of ``segment_size`` (a multiple of block_size).
     Returns:
       ``[B, T, Hp, D]`` float32, zero padding of a partial last block counted in its mean (with
       ``lengths``, keys past a row's length are that padding).
+
+    One rule, two evaluations: on GPU (shapes ``pallas_kernels.permuted_block_means_supported``
+    takes) one Pallas kernel reads each segment of K once per KV head and gathers the rows of
+    every block of slots by the permutation itself (no inverse, no one-hot, no transposed copy
+    of K); elsewhere :func:`one_hot_pooled_permuted_keys`, also the kernel's independent oracle.
     """
     if jax.default_backend() == "gpu" and permuted_block_means_supported(
         k, perm, block_size=block_size, segment_size=segment_size
@@ -97,6 +89,23 @@ def pooled_permuted_keys(
         return permuted_block_means(
             k, perm, block_size=block_size, segment_size=segment_size, lengths=lengths
         )
+    return one_hot_pooled_permuted_keys(k, perm, block_size, segment_size, lengths)
+
+
+def one_hot_pooled_permuted_keys(
+    k: jax.Array,
+    perm: jax.Array,
+    block_size: int,
+    segment_size: int,
+    lengths: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`pooled_permuted_keys` in XLA (the CPU path): blocks never straddle a segment, so
+    block t of head p holds the keys whose slot falls in t: invert the permutation (a scatter of
+    N ints per head), one-hot each position's block inside its own segment, and contract with
+    the unpermuted keys segment by segment. No ``[B, N, Hp, D]`` permuted copy, but on GPU XLA
+    transposes K for the contraction (results/profile_plan.json before the kernel, H200, 128K
+    tokens, 32 permutation heads over 8 KV heads of D 128: 136 µs for that transpose and 75 µs
+    for the dot, of a 2.6 ms plan)."""
     if lengths is not None:
         k = zero_padding(k, lengths)
     b, n, hkv, d = k.shape
