@@ -58,11 +58,14 @@ class PermutedPoolTiles:
     gather_rows: slots gathered per load, a power of two dividing block_size (the accumulator
       is ``[gather_rows, D]`` float32).
     num_warps, num_stages: Triton launch parameters.
+    unrolled: the program's loops over blocks and gather chunks unrolled at trace time (every
+      gather of the segment can be in flight at once) instead of ``lax.fori_loop``s.
     """
 
     gather_rows: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    unrolled: bool = False
 
     def __post_init__(self):
         _checks.check_pow2_at_least("PermutedPoolTiles", "gather_rows", self.gather_rows, 1)
@@ -210,6 +213,7 @@ def _permuted_block_means(k, perm, lengths, *, block_size, segment_size, tiles, 
                     block_size=block_size,
                     gather_rows=tiles.gather_rows,
                     ragged=ragged,
+                    unrolled=tiles.unrolled,
                 ),
                 out_shape=jax.ShapeDtypeStruct(
                     (b, num_segments * blocks_per_segment, hp, d), jnp.float32
@@ -235,7 +239,7 @@ def _permuted_block_means(k, perm, lengths, *, block_size, segment_size, tiles, 
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
-def _permuted_pool_kernel(k_ref, perm_ref, *refs, block_size, gather_rows, ragged):
+def _permuted_pool_kernel(k_ref, perm_ref, *refs, block_size, gather_rows, ragged, unrolled):
     """One program: one segment of S keys of one KV head, for its ``r`` permutation heads.
 
     k_ref [S, D] (the segment's keys in original order); perm_ref [r, S] int32 (absolute
@@ -264,10 +268,19 @@ def _permuted_pool_kernel(k_ref, perm_ref, *refs, block_size, gather_rows, ragge
                     keys = jnp.where((pos < length)[:, None], keys, 0.0)
                 return total + keys
 
-            total = lax.fori_loop(
-                0, chunks_per_block, add_chunk, jnp.zeros((gather_rows, d), jnp.float32)
+            total = _loop(
+                chunks_per_block, add_chunk, jnp.zeros((gather_rows, d), jnp.float32), unrolled
             )
             pooled_ref[t, head, :] = jnp.sum(total, axis=0) / block_size
             return carry
 
-        lax.fori_loop(0, segment_size // block_size, pool_block, 0)
+        _loop(segment_size // block_size, pool_block, 0, unrolled)
+
+
+def _loop(count: int, body, init, unrolled: bool):
+    """``lax.fori_loop(0, count, body, init)``, or the same steps unrolled at trace time."""
+    if not unrolled:
+        return lax.fori_loop(0, count, body, init)
+    for i in range(count):
+        init = body(i, init)
+    return init

@@ -73,6 +73,15 @@ CASES = [
     Case(1300, 2, 3, "bfloat16"),
     # Four gather tiles per block (the fori over chunks), and a 48-key block (gathers of 16).
     Case(1000, 2, 4, "bfloat16", tiles=PermutedPoolTiles(gather_rows=16)),
+    # The same loops unrolled at trace time, ragged.
+    Case(
+        1000,
+        2,
+        4,
+        "bfloat16",
+        lengths=(700, 300),
+        tiles=PermutedPoolTiles(gather_rows=32, unrolled=True),
+    ),
     Case(1000, 1, 3, "float32", block_size=48, segment_size=192, lengths=(1000, 50)),
     # N shorter than one segment: no kernel launch, the blocks of the keys in place.
     Case(200, 2, 3, "float32", lengths=(200, 130)),
