@@ -22,12 +22,17 @@ Public API:
   block_means(x, block_size)            block means, zero padding of a partial block counted
   pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
                                         the meanpool selector's top-p mask in one launch
-  pooled_top_p_supported(pooled_q, pooled_k)  whether pooled_top_p_blocks takes these operands
+  pooled_selection(pooled_q, pooled_k, codes, sink, threshold)
+                                        a whole selection in one launch: top-p, forced and
+                                        never blocks (CODE_* bit flags), mask and block lists
+  PooledSelection, CODE_DOMAIN, CODE_FORCED, CODE_NEVER, CODE_EARLIER
+                                        its result and its codes' bit flags
+  pooled_top_p_supported(pooled_q, pooled_k)  whether those two take these operands
   PooledTopPTiles, pooled_top_p_tiles, MAX_POOLED_BLOCKS  its static tiling, default, largest T
   masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
   proxy_importance_reference(...), proxy_permutation_reference(...),
-  pooled_top_p_blocks_reference(...),
+  pooled_top_p_blocks_reference(...), pooled_selection_reference(...),
   pooled_block_probabilities_reference(...)  pure-jnp oracles of the kernels' contracts
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
@@ -43,8 +48,14 @@ from pallas_kernels.importance import (
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
+    CODE_DOMAIN,
+    CODE_EARLIER,
+    CODE_FORCED,
+    CODE_NEVER,
     MAX_POOLED_BLOCKS,
+    PooledSelection,
     PooledTopPTiles,
+    pooled_selection,
     pooled_top_p_blocks,
     pooled_top_p_supported,
     pooled_top_p_tiles,
@@ -59,6 +70,7 @@ from pallas_kernels.reference import (
     block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
     pooled_block_probabilities_reference,
+    pooled_selection_reference,
     pooled_top_p_blocks_reference,
     proxy_importance_reference,
     proxy_permutation_reference,
@@ -88,6 +100,13 @@ __all__ = [
     "pooled_top_p_blocks",
     "pooled_top_p_supported",
     "pooled_top_p_blocks_reference",
+    "pooled_selection",
+    "pooled_selection_reference",
+    "PooledSelection",
+    "CODE_DOMAIN",
+    "CODE_FORCED",
+    "CODE_NEVER",
+    "CODE_EARLIER",
     "pooled_block_probabilities_reference",
     "PooledTopPTiles",
     "pooled_top_p_tiles",
