@@ -114,11 +114,7 @@ def op_fns(cfg: PBSConfig) -> dict:
             lambda q, k, perm, pooled_k: selection.select_blocks(q, k, perm, cfg, pooled_k=pooled_k)
         ),
         "lists": stage(blocks.index_lists),
-        "plan": jax.jit(
-            lambda q, k: (lambda perm, mask: (perm, blocks.index_lists(mask, cfg)))(
-                *pbs_jax.pbs_plan(q, k, cfg)
-            )
-        ),
+        "plan": jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2]),  # (perm, lists)
         "estimate": stage(cost_model.estimate_density),
         "kv_copy": jax.jit(
             lambda k, v, perm: (permutation.gather_keys(k, perm), permutation.gather_keys(v, perm))
@@ -137,8 +133,7 @@ def op_fns(cfg: PBSConfig) -> dict:
 def check_correctness(cfg, n=4096, h=8, hk=2, d=128):
     """Kernel (dense lists and real PBS lists) against the exact reference, fresh random input."""
     q, k, v = structured_qkv(jax.random.key(123), 1, n, h, hk, d, jnp.bfloat16)
-    perm, mask = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
-    lists = blocks.index_lists(mask, cfg)
+    perm, mask, lists = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
     out = kernels.triton_kernel(cfg)(q, k, v, perm, *lists)
     ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)
     err_pbs = rel_err(out, ref)

@@ -34,8 +34,7 @@ CHECKS = (
 def check(n, h, hk, d, gqa, dtype=jnp.bfloat16):
     cfg = PBSConfig.paper(gqa=gqa)
     q, k, v = structured_qkv(jax.random.key(n + h + d), 1, n, h, hk, d, dtype)
-    perm, mask = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
-    lists = blocks.index_lists(mask, cfg)
+    perm, mask, lists = jax.jit(pbs_jax.pbs_plan, static_argnums=2)(q, k, cfg)
     kp, vp = permutation.gather_keys(k, perm), permutation.gather_keys(v, perm)
     out = kernels.mosaic_kernel(cfg)(q, kp, vp, k, v, lists.ids, lists.full_counts)
     ref = pbs_jax.permuted_block_sparse_attention(q, k, v, perm, mask, cfg.block_size)

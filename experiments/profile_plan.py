@@ -8,7 +8,7 @@ Run on a GPU (one call):
                                                 # re-renders the markdown from the JSON
 
 Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
-  * the plan as the op runs it (``pbs_plan`` + ``index_lists`` in one jit), for the paper's rule
+  * the plan as the op runs it (``pbs_plan``: perm and block lists), for the paper's rule
     and the op's default, and the estimate stage, each profiled with ``jax.profiler`` (a
     Perfetto trace): GPU time per kernel, summed per call, beside the wall time of the call
     (dispatch included, as bench_kernel times it);
@@ -40,7 +40,7 @@ from pallas_kernels import (
     pooled_top_p_blocks,
     proxy_importance,
 )
-from pbs_jax import PBSConfig, blocks, cost_model, permutation, selection
+from pbs_jax import PBSConfig, cost_model, permutation, selection
 from pbs_jax.grid import softmax_domain
 
 LENGTHS = (8192, 131072)
@@ -87,11 +87,7 @@ POOL_TILES = (
 
 
 def plan_fn(cfg: PBSConfig):
-    return jax.jit(
-        lambda q, k: (lambda perm, mask: (perm, blocks.index_lists(mask, cfg)))(
-            *pbs_jax.pbs_plan(q, k, cfg)
-        )
-    )
+    return jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2])  # (perm, lists)
 
 
 def profiled(fn, *args, time) -> dict:

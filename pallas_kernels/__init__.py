@@ -22,7 +22,12 @@ Public API:
   block_means(x, block_size)            block means, zero padding of a partial block counted
   pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
                                         the meanpool selector's top-p mask in one launch
-  pooled_top_p_supported(pooled_q, pooled_k)  whether pooled_top_p_blocks takes these operands
+  pooled_selection(pooled_q, pooled_k, codes, sink, threshold)
+                                        a whole selection in one launch: top-p, forced and
+                                        never blocks (CODE_* bit flags), mask and block lists
+  PooledSelection, CODE_DOMAIN, CODE_FORCED, CODE_NEVER, CODE_EARLIER
+                                        its result and its codes' bit flags
+  pooled_top_p_supported(pooled_q, pooled_k)  whether those two take these operands
   PooledTopPTiles, pooled_top_p_tiles, MAX_POOLED_BLOCKS  its static tiling, default, largest T
   permuted_block_means(k, perm, *, block_size, segment_size, lengths)
                                         block means of the keys in slot order, K read once
@@ -31,7 +36,7 @@ Public API:
   masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
   proxy_importance_reference(...), proxy_permutation_reference(...),
-  pooled_top_p_blocks_reference(...),
+  pooled_top_p_blocks_reference(...), pooled_selection_reference(...),
   pooled_block_probabilities_reference(...)  pure-jnp oracles of the kernels' contracts
   permuted_block_means_reference(...)  and of permuted_block_means'
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
@@ -54,8 +59,14 @@ from pallas_kernels.permuted_pooling import (
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
+    CODE_DOMAIN,
+    CODE_EARLIER,
+    CODE_FORCED,
+    CODE_NEVER,
     MAX_POOLED_BLOCKS,
+    PooledSelection,
     PooledTopPTiles,
+    pooled_selection,
     pooled_top_p_blocks,
     pooled_top_p_supported,
     pooled_top_p_tiles,
@@ -71,6 +82,7 @@ from pallas_kernels.reference import (
     block_sparse_attention_reference,
     permuted_block_means_reference,
     pooled_block_probabilities_reference,
+    pooled_selection_reference,
     pooled_top_p_blocks_reference,
     proxy_importance_reference,
     proxy_permutation_reference,
@@ -100,6 +112,13 @@ __all__ = [
     "pooled_top_p_blocks",
     "pooled_top_p_supported",
     "pooled_top_p_blocks_reference",
+    "pooled_selection",
+    "pooled_selection_reference",
+    "PooledSelection",
+    "CODE_DOMAIN",
+    "CODE_FORCED",
+    "CODE_NEVER",
+    "CODE_EARLIER",
     "pooled_block_probabilities_reference",
     "permuted_block_means",
     "permuted_block_means_supported",

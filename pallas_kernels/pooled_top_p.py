@@ -1,49 +1,70 @@
-"""The mean-pooling selector's top-p blocks in one kernel (Pallas/Triton).
+"""The mean-pooling selector's whole block selection in one kernel (Pallas/Triton).
 
 Written with XLA, the selection is the pooled logits ``[B, Hq, T, T]`` through HBM, a softmax,
 then ~27 masked row sums (the cut-off search of :func:`pallas_kernels.top_p.top_p_blocks`),
 each its own kernel launch: at T = 64 blocks (8K tokens) that is launch-bound (0.78 ms on an
-H200 for a few KiB of data, with 31 of them). Here one launch does it all, grid ``(row tiles,
-B, Hq)``; one program owns ``block_rows`` query blocks of one head:
+H200 for a few KiB of data, with 31 of them); then the forced blocks and the compaction of the
+mask into block lists (a cumsum, a batched scatter and a zero fill, several launches:
+``pbs_jax.blocks.index_lists`` has their profile). Here one launch does it all (its GPU time
+not measured yet), grid ``(row tiles, B, Hq)``; one program owns ``block_rows`` query blocks of
+one head:
 
 1. the logits of its pooled query blocks against all ``T_pad`` pooled key blocks of its
    permutation head, ``[block_rows, T_pad]`` float32 in registers, accumulated over the head
    dim in ``depth_chunk`` slices (each dot operand's chunk of keys fits shared memory);
 2. the softmax over the allowed blocks (:func:`pallas_kernels.top_p.masked_softmax`; the domain
-   comes in as an int8 ``[Tq, T]`` input, so its one definition stays with the caller; Tq < T
-   for a chunk's last query blocks);
+   is bit ``CODE_DOMAIN`` of an int8 ``codes [1 or B, Tq, T]`` input, so its one definition
+   stays with the caller; Tq < T for a chunk's last query blocks);
 3. the top-p cut-off by the same search (:func:`pallas_kernels.top_p.top_p_blocks`: a
    ``lax.fori_loop`` of masked row sums over the register tile, ``cuts_per_step`` independent
    ones per step: 27 steps of 1 at T_pad = 1024, τ = 0.88; 14 of 3; 9 of 7);
-4. the mask tile, int8.
+4. the final mask: the top-p blocks, or the blocks flagged ``CODE_FORCED``, or the query
+   head's ``sink`` block, unless flagged ``CODE_NEVER`` (the caller's grid rules as data: the
+   kernel knows no segment, tail or ragged row); the mask tile, int8;
+5. with lists (:func:`pooled_selection`): per row the running count of kept blocks
+   (``lax.cumsum``), its total, the kept blocks flagged ``CODE_EARLIER`` (the lists'
+   ``full_counts``), and the ids tile by one unmasked scatter store whose slots are a
+   permutation of the row's columns: kept column c to slot ``kept_upto[c] - 1`` (value c),
+   dropped column c to ``total + c - kept_upto[c]`` (value 0): the kept ids ascending, then
+   zeros. Without lists (:func:`pooled_top_p_blocks`, a mask-only selection) it ends at 4.
 
 T is padded to a power of two >= 16 (Triton tensor shapes are powers of two and ``tl.dot``
-dimensions >= 16) and Tq to whole row tiles: padded key blocks are outside the domain, padded
-query blocks are dropped.
+dimensions >= 16) and Tq to whole row tiles: padded key blocks carry no code (outside the
+domain, never kept: last in every row's permutation, sliced off with the ``[.., T_pad]`` ids
+tile's tail), padded query blocks are dropped.
 The logits are float32 IEEE dots (HIGHEST precision), as the jnp path's einsum.
 
-The pure-jnp statement of the same contract is
-``pallas_kernels.reference.pooled_top_p_blocks_reference``.
+The pure-jnp statements of the same contracts are
+``pallas_kernels.reference.pooled_top_p_blocks_reference`` and
+``pallas_kernels.reference.pooled_selection_reference``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _checks
 from pallas_kernels._checks import MIN_DOT_DIM as _MIN_DOT_DIM
 from pallas_kernels.top_p import cutoff_search_bits, masked_softmax, top_p_blocks
 
 __all__ = [
+    "CODE_DOMAIN",
+    "CODE_EARLIER",
+    "CODE_FORCED",
+    "CODE_NEVER",
     "MAX_POOLED_BLOCKS",
+    "PooledSelection",
     "PooledTopPTiles",
+    "pooled_selection",
     "pooled_top_p_blocks",
     "pooled_top_p_supported",
     "pooled_top_p_tiles",
@@ -56,6 +77,11 @@ MAX_POOLED_BLOCKS = 2048
 # Key elements of one dot step's operand: [T_pad, depth_chunk] float32 goes through shared
 # memory (Triton's FMA dot for IEEE float32); 16K floats = 64 KiB leaves room on any GPU.
 _DOT_CHUNK_ELEMENTS = 16 * 1024
+# The bit flags of :func:`pooled_selection`'s ``codes`` per (query block, key block).
+CODE_DOMAIN = 1  # competes in the block softmax (and so in the top-p cut)
+CODE_FORCED = 2  # selected whatever its score
+CODE_NEVER = 4  # never selected (overrides the others: outside a ragged row's grid)
+CODE_EARLIER = 8  # counted in full_counts (an earlier segment's block: no token mask)
 
 
 def padded_blocks(num_blocks: int) -> int:
@@ -167,9 +193,92 @@ def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
     return tiles
 
 
+def _validate_codes(pooled_q, pooled_k, codes, sink) -> None:
+    """Check :func:`pooled_selection`'s codes and sink against the pooled blocks (static)."""
+    b, tq, hq, _ = pooled_q.shape
+    t = pooled_k.shape[1]
+    shape = getattr(codes, "shape", None)
+    if shape is None or len(shape) != 3 or shape[0] not in (1, b) or shape[1:] != (tq, t):
+        raise ValueError(
+            f"codes must be [1 or B, Tq, T] = [1 or {b}, {tq}, {t}], got {codes!r:.80}"
+        )
+    if codes.dtype != jnp.int8:
+        raise ValueError(f"codes must be int8 (bit flags), got {codes.dtype}")
+    if getattr(sink, "shape", None) != (b, hq) or sink.dtype != jnp.int32:
+        raise ValueError(f"sink must be int32 [B, Hq] = [{b}, {hq}], got {sink!r:.80}")
+
+
 def pooled_top_p_supported(pooled_q, pooled_k) -> bool:
-    """Whether :func:`pooled_top_p_blocks` takes these pooled blocks with its default tiles."""
+    """Whether :func:`pooled_top_p_blocks` and :func:`pooled_selection` take these pooled
+    blocks with their default tiles."""
     return _checks.accepts(_validate, pooled_q, pooled_k, None, None, None)
+
+
+class PooledSelection(NamedTuple):
+    """What :func:`pooled_selection` writes (Tq query blocks, T key blocks, Hq query heads).
+
+    mask: ``[B, Hq, Tq, T]`` bool, the selected blocks.
+    ids: ``[B, Hq, Tq, T]`` int32, per query block the selected key blocks ascending, then
+      zeros; None without lists.
+    full_counts: ``[B, Hq, Tq]`` int32, selected blocks flagged ``CODE_EARLIER``; None without
+      lists.
+    total_counts: ``[B, Hq, Tq]`` int32, selected blocks; None without lists.
+    """
+
+    mask: jax.Array
+    ids: jax.Array | None = None
+    full_counts: jax.Array | None = None
+    total_counts: jax.Array | None = None
+
+
+def pooled_selection(
+    pooled_q: jax.Array,
+    pooled_k: jax.Array,
+    codes: jax.Array,
+    sink: jax.Array,
+    threshold: float,
+    *,
+    with_lists: bool = True,
+    tiles: PooledTopPTiles | None = None,
+    interpret: bool | None = None,
+) -> PooledSelection:
+    """A whole block selection in one launch: the top-p blocks, the forced ones, and the
+    compact block lists of the result.
+
+    ``mask[b, h, i, j] = (top_p[b, h, i, j] | codes[b, i, j] & CODE_FORCED | j == sink[b, h])
+    & ~(codes[b, i, j] & CODE_NEVER)``, where ``top_p`` is :func:`pooled_top_p_blocks` with the
+    domain ``codes & CODE_DOMAIN`` (per batch row where codes has B rows). The caller states
+    every grid rule in ``codes`` and ``sink``; the kernel knows none.
+
+    Args:
+      pooled_q, pooled_k, threshold, tiles, interpret: as :func:`pooled_top_p_blocks`.
+      codes: ``[1 or B, Tq, T]`` int8 bit flags per (query block, key block), shared by the
+        batch when its first dim is 1: ``CODE_DOMAIN`` (competes in the softmax),
+        ``CODE_FORCED`` (always selected), ``CODE_NEVER`` (never selected; overrides the
+        others), ``CODE_EARLIER`` (counted in ``full_counts``).
+      sink: ``[B, Hq]`` int32, a key block forced per query head, or -1 for none.
+      with_lists: static; also write ids, full_counts and total_counts (else they are None).
+
+    Returns:
+      :class:`PooledSelection`. The ids are each row's selected key blocks ascending, then
+      zeros; ``total_counts`` counts them, ``full_counts`` those flagged ``CODE_EARLIER``.
+
+    Raises:
+      ValueError: as :func:`pooled_top_p_blocks`, and codes or sink of the wrong shape or dtype.
+    """
+    tiles = _validate(pooled_q, pooled_k, None, threshold, tiles)
+    _validate_codes(pooled_q, pooled_k, codes, sink)
+    outputs = _pooled_selection(
+        pooled_q,
+        pooled_k,
+        codes,
+        sink,
+        threshold=float(threshold),
+        tiles=tiles,
+        with_lists=bool(with_lists),
+        interpret=_checks.resolve_interpret(interpret),
+    )
+    return PooledSelection(*outputs)
 
 
 def pooled_top_p_blocks(
@@ -186,7 +295,8 @@ def pooled_top_p_blocks(
     ``out[b, h, i] = top_p(softmax over {j : domain[i, j]} of pooled_q[b, i, h] ·
     pooled_k[b, j, h // (Hq/Hp)] / √D)``, the top-p rule of
     :func:`pallas_kernels.top_p.top_p_blocks`; rows with nothing allowed select nothing. No
-    forced block (sink, own segment) is added: that is the caller's rule.
+    forced block (sink, own segment) is added: that is :func:`pooled_selection`, whose kernel
+    this runs (the domain as its only code, no sink, no lists).
 
     Args:
       pooled_q: ``[B, Tq, Hq, D]`` float32 pooled query blocks, Tq ≤ T (Tq < T: a chunk's
@@ -207,18 +317,23 @@ def pooled_top_p_blocks(
         tiles (the message names the argument and the rule).
     """
     tiles = _validate(pooled_q, pooled_k, domain, threshold, tiles)
-    return _pooled_top_p_blocks(
+    b, hq = pooled_q.shape[0], pooled_q.shape[2]
+    codes = jnp.where(domain != 0, jnp.int8(CODE_DOMAIN), jnp.int8(0))[None]
+    (mask,) = _pooled_selection(
         pooled_q,
         pooled_k,
-        domain,
+        codes,
+        jnp.full((b, hq), -1, jnp.int32),
         threshold=float(threshold),
         tiles=tiles,
+        with_lists=False,
         interpret=_checks.resolve_interpret(interpret),
     )
+    return mask
 
 
-@functools.partial(jax.jit, static_argnames=("threshold", "tiles", "interpret"))
-def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interpret):
+@functools.partial(jax.jit, static_argnames=("threshold", "tiles", "with_lists", "interpret"))
+def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with_lists, interpret):
     b, tq, hq, d = pooled_q.shape
     t, hp = pooled_k.shape[1], pooled_k.shape[2]
     group = hq // hp
@@ -227,13 +342,35 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
     rows_pad = pl.cdiv(tq, bm) * bm  # query blocks, in whole row tiles
     pooled_q = jnp.pad(pooled_q, ((0, 0), (0, rows_pad - tq), (0, 0), (0, 0)))
     pooled_k = jnp.pad(pooled_k, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
-    # Padded key blocks (and padded query rows, dropped below) are outside the domain.
-    allowed = jnp.pad((domain != 0).astype(jnp.int8), ((0, rows_pad - tq), (0, t_pad - t)))
+    # Padded key blocks have no flag: outside the domain, never selected (the sink is < T), so
+    # they come last in every row's lists. Padded query rows are dropped below.
+    codes = jnp.pad(codes, ((0, 0), (0, rows_pad - tq), (0, t_pad - t)))
+    per_row_codes = codes.shape[0] > 1
 
+    def codes_block(r, bi, h):
+        return (bi if per_row_codes else 0, r, 0)
+
+    def row_tile(r, bi, h):
+        return (bi, h, r, 0)
+
+    out_shape = [jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8)]
+    out_specs = [pl.BlockSpec((None, None, bm, t_pad), row_tile)]
+    if with_lists:
+        out_shape += [
+            jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int32),
+            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
+            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
+        ]
+        out_specs += [
+            pl.BlockSpec((None, None, bm, t_pad), row_tile),
+            pl.BlockSpec((None, None, bm), lambda r, bi, h: (bi, h, r)),
+            pl.BlockSpec((None, None, bm), lambda r, bi, h: (bi, h, r)),
+        ]
     cuts_suffix = f"_c{tiles.cuts_per_step}" if tiles.cuts_per_step > 1 else ""
-    mask = pl.pallas_call(
+    kind = "pbs_select_lists" if with_lists else "pbs_pooled_top_p"
+    outputs = pl.pallas_call(
         functools.partial(
-            _pooled_top_p_kernel,
+            _pooled_selection_kernel,
             depth_chunk=tiles.depth_chunk,
             num_depth_chunks=d // tiles.depth_chunk,
             # The divisor of the jnp path (logits / √D, √D rounded to float32 first), so the
@@ -242,7 +379,7 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
             threshold=threshold,
             cuts_per_step=tiles.cuts_per_step,
         ),
-        out_shape=jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8),
+        out_shape=out_shape,
         grid=(rows_pad // bm, b, hq),
         in_specs=[
             pl.BlockSpec((None, bm, None, d), lambda r, bi, h: (bi, r, h, 0)),
@@ -250,22 +387,29 @@ def _pooled_top_p_blocks(pooled_q, pooled_k, domain, *, threshold, tiles, interp
             pl.BlockSpec(
                 (None, t_pad, None, d), lambda r, bi, h: (bi, 0, _checks.shared_head(h, group), 0)
             ),
-            pl.BlockSpec((bm, t_pad), lambda r, bi, h: (r, 0)),
+            pl.BlockSpec((None, bm, t_pad), codes_block),
+            pl.BlockSpec((None, None), lambda r, bi, h: (bi, h)),
         ],
-        out_specs=pl.BlockSpec((None, None, bm, t_pad), lambda r, bi, h: (bi, h, r, 0)),
+        out_specs=out_specs,
         compiler_params=_checks.triton_compiler_params(tiles),
         interpret=interpret,
-        name=f"pbs_pooled_top_p_t{t_pad}_m{bm}{cuts_suffix}",
-    )(pooled_q, pooled_k, allowed)
-    return mask[:, :, :tq, :t] != 0
+        name=f"{kind}_t{t_pad}_m{bm}{cuts_suffix}",
+    )(pooled_q, pooled_k, codes, sink)
+    # Slices of the padding: no-ops where T is a power of two >= 16 and Tq whole row tiles.
+    mask = outputs[0][:, :, :tq, :t] != 0
+    if not with_lists:
+        return (mask,)
+    ids, full, total = outputs[1:]
+    return mask, ids[:, :, :tq, :t], full[:, :, :tq], total[:, :, :tq]
 
 
-def _pooled_top_p_kernel(
+def _pooled_selection_kernel(
     q_ref,
     k_ref,
-    allowed_ref,
+    codes_ref,
+    sink_ref,
     mask_ref,
-    *,
+    *list_refs,
     depth_chunk,
     num_depth_chunks,
     logit_divisor,
@@ -274,8 +418,9 @@ def _pooled_top_p_kernel(
 ):
     """One program: ``block_rows`` query blocks of one head against all T_pad key blocks.
 
-    q_ref [bm, D], k_ref [T_pad, D] float32; allowed_ref [bm, T_pad] int8; mask_ref [bm, T_pad]
-    int8.
+    q_ref [bm, D], k_ref [T_pad, D] float32; codes_ref [bm, T_pad] int8; sink_ref [] int32;
+    mask_ref [bm, T_pad] int8; with lists, list_refs = (ids_ref [bm, T_pad] int32, full_ref
+    [bm] int32, total_ref [bm] int32).
     """
 
     def accumulate(c, logits):  # one head-dim slice of the dot
@@ -288,7 +433,28 @@ def _pooled_top_p_kernel(
     # Starting from 0 keeps a single-chunk dot bit-exact (0 + x == x).
     tile = (q_ref.shape[0], k_ref.shape[0])
     logits = lax.fori_loop(0, num_depth_chunks, accumulate, jnp.zeros(tile, jnp.float32))
-    allowed = allowed_ref[...] != 0
+    codes = codes_ref[...].astype(jnp.int32)
+
+    def flagged(code):
+        return (codes & code) != 0
+
+    allowed = flagged(CODE_DOMAIN)
     probs = masked_softmax(logits / logit_divisor, allowed)
-    keep = top_p_blocks(probs, allowed, threshold, cuts_per_step=cuts_per_step)
+    top_p = top_p_blocks(probs, allowed, threshold, cuts_per_step=cuts_per_step)
+    col = lax.broadcasted_iota(jnp.int32, tile, 1)
+    keep = (top_p | flagged(CODE_FORCED) | (col == sink_ref[...])) & ~flagged(CODE_NEVER)
     mask_ref[...] = keep.astype(jnp.int8)
+    if not list_refs:
+        return
+    ids_ref, full_ref, total_ref = list_refs
+    kept = keep.astype(jnp.int32)
+    kept_upto = lax.cumsum(kept, axis=1)  # kept blocks <= c
+    total = jnp.sum(kept, axis=1)  # [bm]
+    full_ref[...] = jnp.sum(jnp.where(flagged(CODE_EARLIER), kept, 0), axis=1)
+    total_ref[...] = total
+    # A permutation of the row's columns: kept column c to slot kept_upto[c] - 1 (ascending
+    # ids first), dropped column c to slot total + (dropped columns < c) (zeros after). Every
+    # slot is written once, so one unmasked scatter fills the whole tile.
+    slot = jnp.where(keep, kept_upto - 1, total[:, None] + col - kept_upto)
+    row = lax.broadcasted_iota(jnp.int32, tile, 0)
+    plt.store(ids_ref.at[row, slot], jnp.where(keep, col, 0))

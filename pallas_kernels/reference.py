@@ -1,6 +1,6 @@
 """Pure-jnp oracles of the kernels' contracts: `block_sparse_attention` (Triton),
-`block_sparse_attention_mgpu` (Mosaic GPU), `proxy_importance`, `proxy_permutation` and
-`pooled_top_p_blocks`, each with its kernel's signature and semantics.
+`block_sparse_attention_mgpu` (Mosaic GPU), `proxy_importance`, `proxy_permutation`,
+`pooled_top_p_blocks` and `pooled_selection`, each with its kernel's signature and semantics.
 
 It expands the block lists into a dense [B, Hq, N, N] boolean over (query row, key slot),
 applies the token mask, and runs an fp32 softmax. O(B * Hq * N^2) memory: for tests and small
@@ -17,6 +17,7 @@ from jax import lax
 
 from pallas_kernels import _checks
 from pallas_kernels.planned import slot_order
+from pallas_kernels.pooled_top_p import CODE_DOMAIN, CODE_EARLIER, CODE_FORCED, CODE_NEVER
 from pallas_kernels.pooling import block_means
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
@@ -27,6 +28,8 @@ __all__ = [
     "proxy_permutation_reference",
     "pooled_block_probabilities_reference",
     "pooled_top_p_blocks_reference",
+    "pooled_selection_reference",
+    "permuted_block_means_reference",
 ]
 
 
@@ -312,6 +315,37 @@ def pooled_top_p_blocks_reference(
     return top_p_blocks(probs, domain.astype(jnp.bool_), threshold)
 
 
+def pooled_selection_reference(
+    pooled_q: jax.Array,
+    pooled_k: jax.Array,
+    codes: jax.Array,
+    sink: jax.Array,
+    threshold: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The contract of ``pallas_kernels.pooled_selection`` (with lists; any T, D and dtype).
+
+    Args: pooled_q, pooled_k, threshold as :func:`pooled_top_p_blocks_reference`; codes
+      ``[1 or B, Tq, T]`` int bit flags (``pallas_kernels.pooled_top_p.CODE_*``); sink ``[B, Hq]``
+      int, a forced key block per query head or -1.
+    Returns:
+      ``(mask [B, Hq, Tq, T] bool, ids [B, Hq, Tq, T] int32, full_counts [B, Hq, Tq] int32,
+      total_counts [B, Hq, Tq] int32)``: the mask is the top-p blocks of the domain
+      ``codes & CODE_DOMAIN``, or ``CODE_FORCED``, or the sink column, and never
+      ``CODE_NEVER``; the ids each row's kept columns ascending then zeros (a stable sort of the
+      row's dropped flags: kept columns first, each group in column order).
+    """
+    flags = codes.astype(jnp.int32)[:, None]  # [1 | B, 1, Tq, T]
+    top_p = pooled_top_p_blocks_reference(pooled_q, pooled_k, flags & CODE_DOMAIN, threshold)
+    col = jnp.arange(codes.shape[-1])
+    forced = ((flags & CODE_FORCED) != 0) | (col == sink[:, :, None, None])
+    mask = (top_p | forced) & ((flags & CODE_NEVER) == 0)
+    total = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    full = jnp.sum(mask & ((flags & CODE_EARLIER) != 0), axis=-1, dtype=jnp.int32)
+    kept_first = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+    ids = jnp.where(col < total[..., None], kept_first, 0)
+    return mask, ids, full, total
+
+
 def permuted_block_means_reference(
     k: jax.Array,
     perm: jax.Array,
@@ -338,6 +372,3 @@ def permuted_block_means_reference(
         real = jnp.arange(k.shape[1])[None, :] < lengths[:, None]  # [B, N]
         k = jnp.where(real[:, :, None, None], k, jnp.zeros((), k.dtype))
     return block_means(slot_order(k, perm), block_size)
-
-
-__all__ += ["permuted_block_means_reference"]

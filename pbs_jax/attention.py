@@ -1,4 +1,4 @@
-"""The public op: ``pbs_attention`` (permutation → selection → index lists → kernel)."""
+"""The public op: ``pbs_attention`` (permutation → selection and block lists → kernel)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pbs_jax.grid import (
     zero_padding,
 )
 from pbs_jax.permutation import identity_permutation, plan_permutation
-from pbs_jax.selection import mean_pool_blocks, select_blocks
+from pbs_jax.selection import mean_pool_blocks, select_blocks_and_lists
 
 IMPLS = ("auto", "reference", "pallas")
 
@@ -194,25 +194,40 @@ def _dense(q, k, v, impl, lengths=None):
     return dense_attention(q, k, v)
 
 
+class Plan(NamedTuple):
+    """A PBS plan (:func:`pbs_plan`).
+
+    perm: ``[B, Hp, N]`` int32, original position of the key at each slot.
+    block_mask: ``[B, Hq, Tq, T]`` bool, the selected (query block, key-slot block) pairs.
+    lists: :class:`pbs_jax.blocks.BlockLists` of ``block_mask``, the kernels' input.
+    """
+
+    perm: jax.Array
+    block_mask: jax.Array
+    lists: blocks.BlockLists
+
+
 def pbs_plan(
     q: jax.Array,
     k: jax.Array,
     cfg: PBSConfig,
     lengths: jax.Array | None = None,
     pooled_q: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Permutation and block mask: ``perm [B, Hp, N]`` int32, ``block_mask [B, Hq, Tq, T]`` bool
-    (q ``[B, M, Hq, D]``, the last M ≤ N positions; Tq = ceil(M / block_size)).
+) -> Plan:
+    """Permutation, block mask and its block lists (:class:`Plan`; q ``[B, M, Hq, D]``, the last
+    M ≤ N positions; Tq = ceil(M / block_size)).
 
     ``lengths [B]`` int32 (right padding; None: all N; M = N only): each row's plan is that
     row's alone, its padding left in place and never selected.
 
     On GPU the permutation kernel also pools the permuted keys
-    (:func:`pbs_jax.permutation.plan_permutation`): the selection takes them from there.
-    ``pooled_q``: the block means of q where the caller holds them (``impl="auto"``'s
-    estimate pooled the same queries), else None."""
+    (:func:`pbs_jax.permutation.plan_permutation`): the selection takes them from there, and
+    the selection kernel writes the lists with the mask
+    (:func:`pbs_jax.selection.select_blocks_and_lists`). ``pooled_q``: the block means of q
+    where the caller holds them (``impl="auto"``'s estimate pooled the same queries), else
+    None."""
     perm, pooled_k = plan_permutation(q, k, cfg, lengths)
-    return perm, select_blocks(q, k, perm, cfg, lengths, pooled_k, pooled_q)
+    return Plan(perm, *select_blocks_and_lists(q, k, perm, cfg, lengths, pooled_k, pooled_q))
 
 
 def kernel_attention(
@@ -223,7 +238,7 @@ def kernel_attention(
     lists: blocks.BlockLists,
     cfg: PBSConfig,
 ) -> jax.Array:
-    """The block-sparse kernel for a plan: ``perm [B, Hp, N]``, lists from ``index_lists``.
+    """The block-sparse kernel for a plan: ``perm [B, Hp, N]``, its lists (:class:`Plan`).
 
     The backend choice and each kernel's input preparation belong to
     ``pallas_kernels.planned_attention`` (Mosaic on Hopper, Triton elsewhere).
@@ -355,11 +370,11 @@ def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=N
     elif auto_gpu:
         out, perm, block_mask, dens, sparse = _auto_on_gpu(q, k, v, cfg, lengths)
     else:
-        perm, block_mask = pbs_plan(q, k, cfg, lengths)
+        perm, block_mask, lists = pbs_plan(q, k, cfg, lengths)
         dens = _mean_density(block_mask, lengths, cfg)
         sparse = jnp.bool_(True)
         if impl == "pallas":
-            out = kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
+            out = kernel_attention(q, k, v, perm, lists, cfg)
         else:
             out = reference.permuted_block_sparse_attention(
                 q, k, v, perm, block_mask, cfg.block_size, lengths
@@ -424,11 +439,11 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
     pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
 
     def planned(q, k, v, pooled_q):
-        perm, block_mask = pbs_plan(q, k, cfg, lengths, pooled_q)
+        perm, block_mask, lists = pbs_plan(q, k, cfg, lengths, pooled_q)
         dens = _mean_density(block_mask, lengths, cfg)
 
         def sparse_path(q, k, v):
-            return kernel_attention(q, k, v, perm, blocks.index_lists(block_mask, cfg), cfg)
+            return kernel_attention(q, k, v, perm, lists, cfg)
 
         sparse = choose(dens, cost_model.AFTER_PLAN)
         return jax.lax.cond(sparse, sparse_path, dense, q, k, v), perm, block_mask, dens, sparse

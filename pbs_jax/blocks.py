@@ -44,12 +44,19 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
     cumsum's last stage into the scatter instead of materializing it; both counts are read off
     the same cumsum, with no masked row sums over the mask.
 
+    The CPU path and the tests' oracle: the GPU plan (``pbs_jax.selection.
+    select_blocks_and_lists`` with the ``"meanpool"`` selector) takes its lists from the
+    selection kernel, which writes them in the launch that selects the blocks
+    (``pallas_kernels.pooled_selection``; its cost there not measured on GPU yet). Other
+    selectors, and masks built elsewhere, still come here.
+
     In the plan's GPU profile at 128K tokens, 32 heads (H200, JAX 0.11.2, results/profile_plan.json
-    against the earlier committed profile): the vmapped scatter's two row sums (one 102 µs
-    kernel) are gone, a zero fill (40 µs) and a cumsum stage (11 µs) came; the scatter stays
-    (~161 µs). Tried and slower there, in uncommitted side runs: a permutation instead of the
-    dropped slots (the indices then need each row's total first), a bit-packed gather search
-    (XLA fuses no chain of gathers) and a stable sort of each row.
+    against the earlier committed profile), when the plan still ran this on GPU: the vmapped
+    scatter's two row sums (one 102 µs kernel) are gone, a zero fill (40 µs) and a cumsum stage
+    (11 µs) came; the scatter stays (~161 µs). Tried and slower there, in uncommitted side
+    runs: a permutation instead of the dropped slots (the indices then need each row's total
+    first), a bit-packed gather search (XLA fuses no chain of gathers) and a stable sort of each
+    row.
     """
     t = block_mask.shape[-1]
     rows = block_mask.reshape(-1, t)  # [B * H * Tq, Tk]

@@ -12,9 +12,11 @@ Every selector is two steps, and only the first differs between selectors:
    forced blocks (the sink and every block of the query's own segment).
 
 The row rules (masked softmax, sort-free top-p) live in ``pallas_kernels.top_p``, so that on
-GPU :func:`select_blocks` runs ``"meanpool"``'s logits, softmax and top-p as one Pallas kernel
-(``pallas_kernels.pooled_top_p_blocks``) with the very same rules, then the same forced blocks
-(:func:`with_forced_blocks`).
+GPU :func:`select_blocks` runs ``"meanpool"``'s logits, softmax, top-p and forced blocks as one
+Pallas kernel (``pallas_kernels.pooled_selection``) with the very same rules: the grid's rules
+(:func:`with_forced_blocks`' forced and never-selected blocks, the sink) go in as data
+(:func:`selection_codes`), and :func:`select_blocks_and_lists` has the same launch write the
+mask's block lists too (elsewhere ``pbs_jax.blocks.index_lists`` of the mask).
 
 Every function takes an optional ``lengths [B]`` (a right-padded batch, None: every row has N
 tokens): each row's mask is then that row's own, as if run alone on its real tokens, inside
@@ -31,16 +33,22 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import (
+    CODE_DOMAIN,
+    CODE_EARLIER,
+    CODE_FORCED,
+    CODE_NEVER,
     block_means,
     pooled_block_probabilities_reference,
-    pooled_top_p_blocks,
+    pooled_selection,
     pooled_top_p_supported,
 )
 from pallas_kernels.permuted_pooling import permuted_block_means, permuted_block_means_supported
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
+from pbs_jax.blocks import BlockLists, index_lists
 from pbs_jax.config import PBSConfig
 from pbs_jax.grid import (
     dense_tail_blocks,
+    earlier_segment_blocks,
     num_blocks,
     own_segment_blocks,
     real_block_counts,
@@ -165,13 +173,15 @@ def pooled_blocks(
     return pooled_q, pooled_k
 
 
-def sink_blocks(perm: jax.Array, num_q_heads: int, block_size: int) -> jax.Array:
-    """``[B, Hq, 1, T]`` bool: the key block whose slots hold original token 0, per query head."""
-    b, hp, n = perm.shape
-    t = num_blocks(n, block_size)
-    slot_of_token0 = jnp.argmax(perm == 0, axis=-1)  # [B, Hp]
-    sink = jax.nn.one_hot(slot_of_token0 // block_size, t, dtype=jnp.bool_)  # [B, Hp, T]
-    return jnp.repeat(sink, num_q_heads // hp, axis=1)[:, :, None, :]
+def sink_blocks(perm: jax.Array, num_q_heads: int, cfg: PBSConfig) -> jax.Array:
+    """``[B, Hq]`` int32: per query head, the key block whose slots hold original token 0.
+
+    Slots permute only within segments (the identity too), so token 0 sits in the first
+    segment: only its ``segment_size`` slots are searched, not the whole row."""
+    hp = perm.shape[1]
+    slot_of_token0 = jnp.argmax(perm[..., : cfg.segment_size] == 0, axis=-1)  # [B, Hp]
+    sink = (slot_of_token0 // cfg.block_size).astype(jnp.int32)
+    return jnp.repeat(sink, num_q_heads // hp, axis=1)
 
 
 def meanpool_block_probabilities(
@@ -311,6 +321,21 @@ def block_probabilities(
     return BLOCK_SCORERS[cfg.selector](q, k, perm, cfg, lengths)
 
 
+def _grid_forced_blocks(
+    t: int, cfg: PBSConfig, lengths: jax.Array | None = None, q_offset: int = 0
+) -> jax.Array:
+    """``[1 | B, T - q_offset, T]`` bool: the forced blocks that depend on the grid alone (not
+    on the permutation): every block of the query's own segment (:func:`own_segment_blocks`)
+    and, with ``cfg.dense_tail``, every allowed block of the trailing query blocks
+    (:func:`dense_tail_blocks`; with ``lengths`` each row's own last blocks)."""
+    forced = own_segment_blocks(t, cfg, q_offset)[None]
+    if cfg.dense_tail:
+        row_blocks = None if lengths is None else real_block_counts(lengths, cfg.block_size)
+        tail = dense_tail_blocks(t, cfg, row_blocks, q_offset)
+        forced = forced | (tail[None] if lengths is None else tail)
+    return forced
+
+
 def forced_blocks(
     perm: jax.Array,
     num_q_heads: int,
@@ -321,19 +346,14 @@ def forced_blocks(
     """``[B, Hq | 1, T - q_offset, T]`` bool: blocks every selector computes whatever their
     score (``q_offset``: the query blocks are the last ``T - q_offset``).
 
-    Every block of the query's own segment (:func:`own_segment_blocks`), with
-    ``cfg.force_sink`` the key block holding original token 0, and with ``cfg.dense_tail``
-    every allowed block of the trailing query blocks (:func:`dense_tail_blocks`; with
-    ``lengths`` each row's own last blocks).
+    The grid's forced blocks (:func:`_grid_forced_blocks`: the own segment, the dense tail)
+    and, with ``cfg.force_sink``, the key block holding original token 0 (:func:`sink_blocks`).
     """
     t = num_blocks(perm.shape[-1], cfg.block_size)
-    forced = own_segment_blocks(t, cfg, q_offset)[None, None]
-    if cfg.dense_tail:
-        row_blocks = None if lengths is None else real_block_counts(lengths, cfg.block_size)
-        tail = dense_tail_blocks(t, cfg, row_blocks, q_offset)
-        forced = forced | (tail[None, None] if lengths is None else tail[:, None])
+    forced = _grid_forced_blocks(t, cfg, lengths, q_offset)[:, None]
     if cfg.force_sink:
-        forced = forced | sink_blocks(perm, num_q_heads, cfg.block_size)
+        sink = sink_blocks(perm, num_q_heads, cfg)[:, :, None, None]
+        forced = forced | (jnp.arange(t) == sink)
     return forced
 
 
@@ -342,12 +362,54 @@ def with_forced_blocks(
 ) -> jax.Array:
     """``top_p_mask [B, Hq, Tq, T]`` bool | :func:`forced_blocks`: the block mask of a selection
     (Tq < T: a chunk's last Tq query blocks; with ``lengths``, restricted to each row's own
-    blocks, :func:`pbs_jax.grid.real_blocks`)."""
+    blocks, :func:`pbs_jax.grid.real_blocks`). :func:`selection_codes` states the same rule as
+    the kernel's codes."""
     tq, t = top_p_mask.shape[-2:]
     mask = top_p_mask | forced_blocks(perm, top_p_mask.shape[1], cfg, lengths, t - tq)
     if lengths is None:
         return mask
     return mask & real_blocks(lengths, t, cfg.block_size)[:, None, t - tq :]
+
+
+def selection_codes(
+    perm: jax.Array,
+    num_q_heads: int,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    q_offset: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """The grid rules of a selection as the selection kernel's data
+    (``pallas_kernels.pooled_selection``): ``(codes [1 | B, Tq, T] int8, sink [B, Hq] int32)``.
+
+    codes: ``CODE_DOMAIN`` on :func:`softmax_domain`, ``CODE_FORCED`` on
+    :func:`_grid_forced_blocks`, ``CODE_NEVER`` outside a row's own blocks (``lengths``:
+    :func:`pbs_jax.grid.real_blocks`), ``CODE_EARLIER`` on the earlier segments' blocks (the
+    lists' ``full_counts``); one row per batch row only with ``lengths``. sink: with
+    ``cfg.force_sink`` :func:`sink_blocks`, else -1. ``q_offset``: the query blocks are the
+    last ``Tq = T - q_offset``. The kernel then applies :func:`with_forced_blocks`' rule.
+    """
+    t = num_blocks(perm.shape[-1], cfg.block_size)
+
+    def flag(blocks, code):
+        return jnp.where(blocks, jnp.int8(code), jnp.int8(0))
+
+    with jax.ensure_compile_time_eval():  # the grid alone: a constant of the compiled plan
+        static = flag(softmax_domain(t, cfg, q_offset), CODE_DOMAIN) | flag(
+            earlier_segment_blocks(t, cfg, q_offset), CODE_EARLIER
+        )
+        if lengths is None:
+            static = static | flag(_grid_forced_blocks(t, cfg, None, q_offset)[0], CODE_FORCED)
+        codes = static[None]
+    if lengths is not None:
+        never = ~real_blocks(lengths, t, cfg.block_size)[:, q_offset:]
+        forced = _grid_forced_blocks(t, cfg, lengths, q_offset)
+        codes = codes | flag(forced, CODE_FORCED) | flag(never, CODE_NEVER)
+    b = perm.shape[0]
+    if cfg.force_sink:
+        sink = sink_blocks(perm, num_q_heads, cfg)
+    else:
+        sink = jnp.full((b, num_q_heads), -1, jnp.int32)
+    return codes, sink
 
 
 def select_from_probabilities(
@@ -367,6 +429,28 @@ def select_from_probabilities(
     t = probs.shape[-1]
     mask = top_p_blocks(probs, softmax_domain(t, cfg, t - probs.shape[-2]), float(cfg.threshold))
     return with_forced_blocks(mask, perm, cfg, lengths)
+
+
+def _select(q, k, perm, cfg: PBSConfig, lengths, pooled_k, pooled_q, with_lists: bool):
+    """``(block_mask, lists)``: lists where the selection kernel wrote them (``with_lists`` on
+    its path), else None. The one branching of :func:`select_blocks` and
+    :func:`select_blocks_and_lists` (arguments as theirs)."""
+    if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
+        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k, pooled_q)
+        if jax.default_backend() == "gpu" and pooled_top_p_supported(pooled_q, pooled_k):
+            tq, t = pooled_q.shape[1], pooled_k.shape[1]
+            codes, sink = selection_codes(perm, pooled_q.shape[2], cfg, lengths, t - tq)
+            selected = pooled_selection(
+                pooled_q, pooled_k, codes, sink, float(cfg.threshold), with_lists=with_lists
+            )
+            lists = None
+            if with_lists:
+                lists = BlockLists(selected.ids, selected.full_counts, selected.total_counts)
+            return selected.mask, lists
+        probs = pooled_block_probabilities(pooled_q, pooled_k, cfg)
+    else:
+        probs = block_probabilities(q, k, perm, cfg, lengths)
+    return select_from_probabilities(probs, perm, cfg, lengths), None
 
 
 def select_blocks(
@@ -395,20 +479,28 @@ def select_blocks(
       only the chunk's query blocks are scored (never a T × T grid for a chunk).
 
     One rule, two evaluations for ``"meanpool"``: on GPU the Pallas kernel
-    ``pooled_top_p_blocks`` (logits, softmax and top-p in one launch) for the pooled blocks it
-    takes (T up to ``pallas_kernels.MAX_POOLED_BLOCKS``; a chunk's Tq < T rows too);
-    elsewhere, and for every other selector, :func:`block_probabilities` then
-    :func:`select_from_probabilities` in jnp.
+    ``pallas_kernels.pooled_selection`` (logits, softmax, top-p and the forced blocks of
+    :func:`selection_codes` in one launch) for the pooled blocks it takes (T up to
+    ``pallas_kernels.MAX_POOLED_BLOCKS``; a chunk's Tq < T rows too); elsewhere, and for every
+    other selector, :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
     """
-    if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
-        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k, pooled_q)
-        if jax.default_backend() == "gpu" and pooled_top_p_supported(pooled_q, pooled_k):
-            tq, t = pooled_q.shape[1], pooled_k.shape[1]
-            top_p_mask = pooled_top_p_blocks(
-                pooled_q, pooled_k, softmax_domain(t, cfg, t - tq), float(cfg.threshold)
-            )
-            return with_forced_blocks(top_p_mask, perm, cfg, lengths)
-        probs = pooled_block_probabilities(pooled_q, pooled_k, cfg)
-    else:
-        probs = block_probabilities(q, k, perm, cfg, lengths)
-    return select_from_probabilities(probs, perm, cfg, lengths)
+    return _select(q, k, perm, cfg, lengths, pooled_k, pooled_q, with_lists=False)[0]
+
+
+def select_blocks_and_lists(
+    q: jax.Array,
+    k: jax.Array,
+    perm: jax.Array,
+    cfg: PBSConfig,
+    lengths: jax.Array | None = None,
+    pooled_k: jax.Array | None = None,
+    pooled_q: jax.Array | None = None,
+) -> tuple[jax.Array, BlockLists]:
+    """:func:`select_blocks`' mask and its block lists (the attention kernels' input):
+    ``(block_mask [B, Hq, Tq, T] bool, BlockLists)``, arguments as :func:`select_blocks`.
+
+    Where :func:`select_blocks` runs the selection kernel (GPU, ``"meanpool"``), the same
+    launch writes the lists; elsewhere they are ``pbs_jax.blocks.index_lists`` of the mask.
+    """
+    mask, lists = _select(q, k, perm, cfg, lengths, pooled_k, pooled_q, with_lists=True)
+    return mask, (index_lists(mask, cfg) if lists is None else lists)

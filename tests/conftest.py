@@ -53,7 +53,9 @@ def _random_qkv(seed, b, n, hq, hk, d, dtype, structured):
 # run op by op, and op-by-op dispatch compiles every primitive again for each new shape (2-8 s
 # per shape on CPU, against about 1 s for one jit). Tests that draw many shapes call them
 # jitted: the same functions, one compile per shape and configuration.
-jit_plan = jax.jit(pbs_plan, static_argnums=2)  # (q, k, cfg) -> (perm, block mask)
+jit_plan = jax.jit(  # (q, k, cfg) -> (perm, block mask)
+    lambda q, k, cfg: pbs_plan(q, k, cfg)[:2], static_argnums=2
+)
 jit_permutation = jax.jit(permutation.compute_permutation, static_argnums=2)
 jit_block_sparse_reference = jax.jit(  # (q, k, v, perm, mask, block_size)
     reference.permuted_block_sparse_attention, static_argnums=5

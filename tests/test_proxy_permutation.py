@@ -25,7 +25,7 @@ import pytest
 from pallas_kernels import (
     ImportanceTiles,
     block_means,
-    pooled_top_p_blocks,
+    pooled_selection,
     proxy_importance,
     proxy_importance_reference,
     proxy_permutation,
@@ -193,14 +193,14 @@ def test_exact_ties_keep_their_original_order():
 
 @pytest.mark.parametrize("gqa", ["replicate", "shared"])
 def test_plan_through_the_fused_kernel_equals_jnp_plan(monkeypatch, gqa):
-    """``pbs_plan`` on GPU (the fused permutation kernel, then the pooled top-p kernel on its
+    """``pbs_plan`` on GPU (the fused permutation kernel, then the selection kernel on its
     pooled keys; interpret mode here) equals the jnp plan: perm and block mask. N = 1000: an
     incomplete last segment and a partial last block; GQA 3 (replicate) or 4 (shared)."""
     group = 3 if gqa == "replicate" else 4
     cfg = PBSConfig.paper(block_size=32, segment_size=SEGMENT, proxy_blocks=4, gqa=gqa)  # P 128
     q, k = _qk()
     q = q[:, :, : KV_HEADS * group]
-    cpu_perm, cpu_mask = jax.jit(functools.partial(pbs_plan, cfg=cfg))(q, k)
+    cpu_perm, cpu_mask, _ = jax.jit(functools.partial(pbs_plan, cfg=cfg))(q, k)
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(permutation, "FUSED_PERMUTATION", True)
@@ -210,15 +210,15 @@ def test_plan_through_the_fused_kernel_equals_jnp_plan(monkeypatch, gqa):
         calls.append("proxy_permutation")
         return proxy_permutation(*args, **kwargs, interpret=True)
 
-    def interpreted_top_p(*args, **kwargs):
-        calls.append("pooled_top_p_blocks")
-        return pooled_top_p_blocks(*args, **kwargs, interpret=True)
+    def interpreted_selection(*args, **kwargs):
+        calls.append("pooled_selection")
+        return pooled_selection(*args, **kwargs, interpret=True)
 
     monkeypatch.setattr(permutation, "proxy_permutation", interpreted_permutation)
-    monkeypatch.setattr(selection, "pooled_top_p_blocks", interpreted_top_p)
+    monkeypatch.setattr(selection, "pooled_selection", interpreted_selection)
     monkeypatch.setattr(selection, "pooled_permuted_keys", None)  # must not pool again
-    gpu_perm, gpu_mask = jax.jit(functools.partial(pbs_plan, cfg=cfg))(q, k)
-    assert calls == ["proxy_permutation", "pooled_top_p_blocks"]
+    gpu_perm, gpu_mask, _ = jax.jit(functools.partial(pbs_plan, cfg=cfg))(q, k)
+    assert calls == ["proxy_permutation", "pooled_selection"]
     np.testing.assert_array_equal(np.asarray(gpu_perm), np.asarray(cpu_perm))
     np.testing.assert_array_equal(np.asarray(gpu_mask), np.asarray(cpu_mask))
 

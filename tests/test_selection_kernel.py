@@ -5,7 +5,11 @@
   equals ``select_from_probabilities``: T not a power of two, GQA 1 and 4, both softmax domains
   (with and without permutation), thresholds 0.5 / 0.9 / 1.0, default and explicit tiles (3
   and 7 cuts per step of the cut-off search among them);
-- ``select_blocks``' GPU path (the kernel, run here in interpret mode) equals its CPU path;
+- ``pooled_selection`` (the same kernel writing the forced blocks and the block lists) equals
+  ``pooled_selection_reference``: T a power of two and not, a chunk's Tq < T rows, GQA 1, 3
+  and 4, codes with never-selected (ragged) rows, sinks -1 and >= 0, thresholds 0.5 / 0.9;
+- ``select_blocks``' GPU path (the kernel, run here in interpret mode) equals its CPU path, and
+  ``pbs_plan``'s lists from the kernel equal ``index_lists`` of its mask (ragged and chunked);
 - the contract's validation.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,14 +26,20 @@ import pytest
 
 import pbs_jax
 from pallas_kernels import (
+    CODE_DOMAIN,
+    CODE_EARLIER,
+    CODE_FORCED,
+    CODE_NEVER,
     MAX_POOLED_BLOCKS,
     PooledTopPTiles,
+    pooled_selection,
+    pooled_selection_reference,
     pooled_top_p_blocks,
     pooled_top_p_blocks_reference,
     pooled_top_p_supported,
     pooled_top_p_tiles,
 )
-from pbs_jax import PBSConfig, grid, selection
+from pbs_jax import PBSConfig, blocks, grid, permutation, selection
 from tests.conftest import make_qkv
 
 BLOCK, SEGMENT = 16, 64  # 4 blocks per segment: the permuted domain has several segments
@@ -168,17 +179,151 @@ def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch, chunk_blocks):
         q = q[:, q.shape[1] - (chunk_blocks - 1) * BLOCK - q.shape[1] % BLOCK :]
         assert pbs_jax.num_blocks(q.shape[1], BLOCK) == chunk_blocks
         selected = selected[:, :, -chunk_blocks:]
+    calls = _interpret_the_gpu_path(monkeypatch)
+    on_gpu = jax.jit(functools.partial(selection.select_blocks, cfg=case.cfg))(q, k, perm)
+    assert calls, "the GPU path did not run the kernel"
+    np.testing.assert_array_equal(np.asarray(on_gpu), np.asarray(selected))
+
+
+def _interpret_the_gpu_path(monkeypatch) -> list:
+    """Make the selection take its GPU path on this CPU: the selection kernel (and the permuted
+    keys' pooling kernel) in interpret mode. Returns the list each selection kernel call appends
+    its ``with_lists`` flag to."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     calls = []
 
     def interpreted_kernel(*args, **kwargs):
-        calls.append(args[0].shape)
-        return pooled_top_p_blocks(*args, **kwargs, interpret=True)
+        calls.append(kwargs.get("with_lists", True))
+        return pooled_selection(*args, **kwargs, interpret=True)
 
-    monkeypatch.setattr(selection, "pooled_top_p_blocks", interpreted_kernel)
-    on_gpu = jax.jit(functools.partial(selection.select_blocks, cfg=case.cfg))(q, k, perm)
-    assert calls, "the GPU path did not run the kernel"
-    np.testing.assert_array_equal(np.asarray(on_gpu), np.asarray(selected))
+    monkeypatch.setattr(selection, "pooled_selection", interpreted_kernel)
+    monkeypatch.setattr(
+        selection,
+        "permuted_block_means",
+        functools.partial(selection.permuted_block_means, interpret=True),
+    )
+    return calls
+
+
+@dataclasses.dataclass(frozen=True)
+class CodesCase:
+    num_blocks: int  # T
+    query_blocks: int  # Tq <= T: the last Tq query blocks
+    q_heads: int
+    perm_heads: int
+    threshold: float
+    ragged: bool  # codes per batch row, with CODE_NEVER outside a shorter row's blocks
+    sink: str  # "none": all -1; "some": random blocks, some -1
+
+
+CODES_CASES = [
+    CodesCase(32, 32, 4, 4, 0.9, ragged=False, sink="none"),  # T a power of two, GQA 1
+    CodesCase(21, 13, 4, 1, 0.5, ragged=True, sink="some"),  # a chunk, T_pad 32, GQA 4
+    CodesCase(40, 40, 3, 1, 0.9, ragged=True, sink="some"),  # GQA 3, T_pad 64
+    CodesCase(40, 7, 4, 4, 0.5, ragged=False, sink="some"),  # 7 rows of a 16-row tile
+]
+
+
+def _codes_case_id(case: CodesCase) -> str:
+    ragged = "ragged" if case.ragged else "shared"
+    heads = f"{case.q_heads}/{case.perm_heads}"
+    return (
+        f"T{case.num_blocks}-Tq{case.query_blocks}-H{heads}-{case.threshold}-{ragged}-{case.sink}"
+    )
+
+
+def _random_codes_operands(case: CodesCase, b: int = 2, d: int = 16):
+    """Fresh random pooled blocks and codes: a causal-like domain with random holes, random
+    forced blocks, an earlier-blocks prefix per row, and (ragged) batch row 1 cut to its first
+    ``T // 2`` query and key blocks by ``CODE_NEVER``."""
+    t, tq = case.num_blocks, case.query_blocks
+    kq, kk = jax.random.split(jax.random.key(t * 100 + tq))
+    pooled_q = jax.random.normal(kq, (b, tq, case.q_heads, d), jnp.float32)
+    pooled_k = jax.random.normal(kk, (b, t, case.perm_heads, d), jnp.float32)
+    rng = np.random.default_rng(t + tq)
+    rows = (t - tq + np.arange(tq))[:, None]  # absolute query blocks
+    cols = np.arange(t)[None, :]
+    bc = b if case.ragged else 1
+    domain = (cols <= rows) & (rng.random((bc, tq, t)) < 0.8)
+    forced = rng.random((bc, tq, t)) < 0.1
+    earlier = np.broadcast_to(cols < rows - rows % 4, (bc, tq, t))  # 4 blocks per "segment"
+    codes = (domain * CODE_DOMAIN + forced * CODE_FORCED + earlier * CODE_EARLIER).astype(np.int8)
+    if case.ragged:
+        real = t // 2
+        codes[1] |= (((rows >= real) | (cols >= real)) * CODE_NEVER).astype(np.int8)
+    if case.sink == "none":
+        sink = np.full((b, case.q_heads), -1)
+    else:
+        sink = rng.integers(-1, t, (b, case.q_heads))
+        sink[0, 0], sink[-1, -1] = -1, t - 1
+    return pooled_q, pooled_k, jnp.asarray(codes), jnp.asarray(sink, jnp.int32)
+
+
+@pytest.mark.parametrize("case", CODES_CASES, ids=_codes_case_id)
+def test_selection_with_lists_equals_reference(case):
+    """One launch's mask, ids and counts equal the reference's (the top-p mask of the same row
+    rules, the codes and sink applied, then lists by a stable sort of each row); the mask-only
+    launch writes the same mask."""
+    operands = _random_codes_operands(case)
+    codes = np.asarray(operands[2])
+    b, t, tq = 2, case.num_blocks, case.query_blocks
+    got = pooled_selection(*operands, case.threshold, interpret=True)
+    mask, ids, full, total = pooled_selection_reference(*operands, case.threshold)
+    chex.assert_shape([got.mask, got.ids], (b, case.q_heads, tq, t))
+    chex.assert_shape([got.full_counts, got.total_counts], (b, case.q_heads, tq))
+    assert got.mask.dtype == jnp.bool_ and got.ids.dtype == jnp.int32
+    chex.assert_trees_all_equal(tuple(got), (mask, ids, full, total))
+    only_mask = pooled_selection(*operands, case.threshold, with_lists=False, interpret=True)
+    assert only_mask.ids is None and only_mask.full_counts is None
+    chex.assert_trees_all_equal(only_mask.mask, mask)
+    # Not vacuous: the top-p cut drops allowed blocks, forced blocks outside the domain are
+    # kept, never-selected blocks are not, and the lists are not all full rows.
+    mask = np.asarray(mask)
+    domain = (codes & CODE_DOMAIN) != 0
+    never = np.broadcast_to((codes & CODE_NEVER) != 0, (b, tq, t))[:, None]
+    assert (domain[:, None] & ~mask & ~never).any()
+    assert (mask & ~domain[:, None]).any()
+    assert not (mask & never).any()
+    assert 0 < np.asarray(full).sum() < np.asarray(total).sum() < mask.size
+    if case.ragged:
+        assert never.any()
+
+
+@pytest.mark.parametrize(
+    "lengths,chunk_blocks,force_sink",
+    [(None, None, True), ((380, 200), None, True), ((380, 40), None, False), (None, 6, True)],
+)
+def test_plan_lists_equal_index_lists(monkeypatch, lengths, chunk_blocks, force_sink):
+    """``pbs_plan`` on GPU (the selection kernel writing mask and lists, interpret mode here):
+    its mask equals the CPU plan's, and its lists equal ``index_lists`` of that mask (the
+    independent compaction). Ragged rows (one of 40 tokens: no complete segment, identity
+    permutation) and a chunk of the last 6 query blocks; the default config's dense tail."""
+    cfg = PBSConfig(block_size=BLOCK, segment_size=SEGMENT, gqa="shared", force_sink=force_sink)
+    q, k = _qk()
+    q, k = q[:, :380, :4, :16], k[:, :380, :1, :16]  # T = 24, GQA 4
+    if chunk_blocks is not None:
+        q = q[:, q.shape[1] - (chunk_blocks - 1) * BLOCK - q.shape[1] % BLOCK :]
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+
+    def plan(q, k, lengths):  # a fresh jit per call: the GPU path must trace anew
+        return jax.jit(functools.partial(pbs_jax.pbs_plan, cfg=cfg))(q, k, lengths=lengths)
+
+    cpu = plan(q, k, lengths)
+    chex.assert_trees_all_equal(cpu.lists, blocks.index_lists(cpu.block_mask, cfg))
+    calls = _interpret_the_gpu_path(monkeypatch)
+    # The importance stays on its jnp path, so the permutation is the CPU plan's exactly.
+    monkeypatch.setattr(permutation, "proxy_importance_supported", lambda *args: False)
+    gpu = plan(q, k, lengths)
+    assert calls == [True], "the GPU plan did not run the kernel with lists"
+    chex.assert_trees_all_equal(gpu.perm, cpu.perm)
+    chex.assert_trees_all_equal(gpu.block_mask, cpu.block_mask)
+    chex.assert_trees_all_equal(gpu.lists, blocks.index_lists(gpu.block_mask, cfg))
+    if lengths is not None:  # nothing selected outside the short row's blocks
+        real = pbs_jax.num_blocks(int(lengths[1]), BLOCK)
+        short_row = np.asarray(gpu.block_mask)[1]
+        assert short_row[:, :real, :real].any()
+        assert not short_row[:, real:].any() and not short_row[:, :, real:].any()
 
 
 def test_default_tiles_follow_t():
@@ -222,6 +367,25 @@ def test_rejects_bad_operands(operands, domain, threshold, tiles, match):
         domain = jnp.zeros((t, t), jnp.bool_)
     with pytest.raises(ValueError, match=match):
         pooled_top_p_blocks(*operands, domain, threshold, tiles=tiles, interpret=True)
+
+
+_CODES8 = jnp.ones((1, 8, 8), jnp.int8)
+_NO_SINK = jnp.full((1, 2), -1, jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "codes,sink,match",
+    [
+        (_CODES8[:, :7], _NO_SINK, "codes must be"),  # Tq rows
+        (jnp.ones((3, 8, 8), jnp.int8), _NO_SINK, "codes must be"),  # neither 1 nor B rows
+        (_CODES8.astype(jnp.int32), _NO_SINK, "int8"),
+        (_CODES8, _NO_SINK[:, :1], "sink must be"),  # one per query head
+        (_CODES8, _NO_SINK.astype(jnp.int8), "sink must be"),
+    ],
+)
+def test_selection_rejects_bad_codes(codes, sink, match):
+    with pytest.raises(ValueError, match=match):
+        pooled_selection(*_operands(), codes, sink, 0.9, interpret=True)
 
 
 def test_supported():

@@ -188,7 +188,7 @@ def block_map(captured_last, coverage: results.CoverageCurves) -> results.BlockM
     maps = {}
     for key in ("meanpool", "pbs"):
         cfg = METHOD_BY_KEY[key].config(HEADLINE_THRESHOLD)
-        perm, mask = _jit_plan(q, k, cfg)
+        perm, mask, _ = _jit_plan(q, k, cfg)
         head_perm = perm[0, head // (q.shape[2] // perm.shape[1])]
         block_mass = np.asarray(
             mass.block_attention_map(q[0], k[0], head_perm, int(head), cfg.block_size)

@@ -86,7 +86,7 @@ class FixedDensityPBS:
     def __call__(self, q, k, v):
         """q ``[B, M, Hq, D]`` (the last M ≤ N positions: a chunk when M < N), k/v ``[B, N,
         Hkv, D]``: the chunk's Tq × T mask at the density of its rows."""
-        perm, _ = pbs_jax.pbs_plan(q, k, self.cfg)
+        perm = pbs_jax.pbs_plan(q, k, self.cfg).perm
         t = pbs_jax.num_blocks(k.shape[1], self.cfg.block_size)
         tq = pbs_jax.num_blocks(q.shape[1], self.cfg.block_size)
         mask = pbs_jax.fixed_density_mask(
