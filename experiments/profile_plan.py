@@ -78,11 +78,8 @@ POOL_TILES = (
     PermutedPoolTiles(128, 8, 2),
     PermutedPoolTiles(32, 2, 2),
     PermutedPoolTiles(32, 4, 3),
-    PermutedPoolTiles(128, 8, 2, unrolled=True),
-    PermutedPoolTiles(128, 4, 2, unrolled=True),
-    PermutedPoolTiles(64, 8, 2, unrolled=True),
-    PermutedPoolTiles(32, 8, 2, unrolled=True),
-    PermutedPoolTiles(128, 16, 2, unrolled=True),
+    PermutedPoolTiles(128, 4, 2),
+    PermutedPoolTiles(128, 16, 2),
 )
 
 

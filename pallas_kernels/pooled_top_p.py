@@ -100,6 +100,10 @@ class PooledTopPTiles:
       ``pallas_kernels.top_p.CUTS_PER_STEP`` (1: bisection; 3 or 7: 2 or 3 bits per step, so
       half or a third of the dependent steps, each 3 or 7 reductions wide). The mask does not
       depend on it.
+    lists_rows: where :func:`pooled_selection` compacts the mask into block lists. 0: in the
+      selection kernel itself (one launch); a power of two: in a second, lean kernel of that
+      many query blocks per program, reading the mask back (the lists' int32 tiles of a large
+      T_pad next to the selection's would spill registers). The lists do not depend on it.
     """
 
     block_rows: int = 16
@@ -107,6 +111,7 @@ class PooledTopPTiles:
     num_warps: int = 4
     num_stages: int = 1
     cuts_per_step: int = 1
+    lists_rows: int = 0
 
     def __post_init__(self):
         for name in ("block_rows", "depth_chunk"):
@@ -114,6 +119,11 @@ class PooledTopPTiles:
         _checks.check_num_warps("PooledTopPTiles", self.num_warps)
         _checks.check_num_stages("PooledTopPTiles", self.num_stages)
         cutoff_search_bits(self.cuts_per_step, "PooledTopPTiles.cuts_per_step")
+        if self.lists_rows and not _checks.is_pow2(self.lists_rows):
+            raise ValueError(
+                f"PooledTopPTiles.lists_rows={self.lists_rows} must be 0 (lists in the "
+                "selection kernel) or a power of two (query blocks per lists program)"
+            )
 
 
 def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
@@ -137,6 +147,10 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     * cuts_per_step 1 (bisection): wider steps lost at 128K on an H200 (results/profile_plan.md,
       2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25 with 7; the search is
       not latency-bound there), and at 8K the differences are within the calls' noise.
+    * lists_rows: 0 (the lists in the selection kernel) while the tile is <= 4K blocks
+      (T_pad <= 256); 8 above: at T_pad = 1024 the lists in the selection kernel took it from
+      0.64 to 1.30 ms (H200, 32 heads; its [32, 1024] int32 tiles spill), where a separate
+      lists pass reads a 32 MiB mask.
     """
     t_pad = padded_blocks(num_blocks)
     depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))
@@ -145,6 +159,7 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
         depth_chunk=depth_chunk,
         num_warps=4 if t_pad <= 256 else 8,
         num_stages=1,
+        lists_rows=0 if t_pad <= 256 else 8,
     )
 
 
@@ -345,29 +360,10 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
     # Padded key blocks have no flag: outside the domain, never selected (the sink is < T), so
     # they come last in every row's lists. Padded query rows are dropped below.
     codes = jnp.pad(codes, ((0, 0), (0, rows_pad - tq), (0, t_pad - t)))
-    per_row_codes = codes.shape[0] > 1
-
-    def codes_block(r, bi, h):
-        return (bi if per_row_codes else 0, r, 0)
-
-    def row_tile(r, bi, h):
-        return (bi, h, r, 0)
-
-    out_shape = [jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8)]
-    out_specs = [pl.BlockSpec((None, None, bm, t_pad), row_tile)]
-    if with_lists:
-        out_shape += [
-            jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int32),
-            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
-            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
-        ]
-        out_specs += [
-            pl.BlockSpec((None, None, bm, t_pad), row_tile),
-            pl.BlockSpec((None, None, bm), lambda r, bi, h: (bi, h, r)),
-            pl.BlockSpec((None, None, bm), lambda r, bi, h: (bi, h, r)),
-        ]
+    lists_here = with_lists and not tiles.lists_rows
+    out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, bm, lists_here)
     cuts_suffix = f"_c{tiles.cuts_per_step}" if tiles.cuts_per_step > 1 else ""
-    kind = "pbs_select_lists" if with_lists else "pbs_pooled_top_p"
+    kind = "pbs_select_lists" if lists_here else "pbs_pooled_top_p"
     outputs = pl.pallas_call(
         functools.partial(
             _pooled_selection_kernel,
@@ -387,7 +383,7 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
             pl.BlockSpec(
                 (None, t_pad, None, d), lambda r, bi, h: (bi, 0, _checks.shared_head(h, group), 0)
             ),
-            pl.BlockSpec((None, bm, t_pad), codes_block),
+            _codes_spec(codes, bm, t_pad),
             pl.BlockSpec((None, None), lambda r, bi, h: (bi, h)),
         ],
         out_specs=out_specs,
@@ -395,12 +391,67 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
         interpret=interpret,
         name=f"{kind}_t{t_pad}_m{bm}{cuts_suffix}",
     )(pooled_q, pooled_k, codes, sink)
+    if with_lists and not lists_here:
+        outputs = (outputs[0], *_block_lists(outputs[0], codes, tiles.lists_rows, interpret))
     # Slices of the padding: no-ops where T is a power of two >= 16 and Tq whole row tiles.
     mask = outputs[0][:, :, :tq, :t] != 0
     if not with_lists:
         return (mask,)
     ids, full, total = outputs[1:]
     return mask, ids[:, :, :tq, :t], full[:, :, :tq], total[:, :, :tq]
+
+
+def _codes_spec(codes, rows: int, t_pad: int) -> pl.BlockSpec:
+    """The ``[rows, T_pad]`` tile of ``codes [1 | B, rows_pad, T_pad]`` of a program of the
+    ``(row tiles, B, Hq)`` grid (one codes row for the whole batch unless it has B)."""
+    per_row = codes.shape[0] > 1
+    return pl.BlockSpec((None, rows, t_pad), lambda r, bi, h: (bi if per_row else 0, r, 0))
+
+
+def _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists):
+    """Out shapes and specs on the ``(row tiles, B, Hq)`` grid: the int8 mask, and with lists
+    ids int32 ``[B, Hq, rows_pad, T_pad]``, full and total counts int32 ``[B, Hq, rows_pad]``."""
+
+    def row_tile(r, bi, h):
+        return (bi, h, r, 0)
+
+    shape = [jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8)]
+    specs = [pl.BlockSpec((None, None, rows, t_pad), row_tile)]
+    if with_lists:
+        shape += [
+            jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int32),
+            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
+            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
+        ]
+        specs += [
+            pl.BlockSpec((None, None, rows, t_pad), row_tile),
+            pl.BlockSpec((None, None, rows), lambda r, bi, h: (bi, h, r)),
+            pl.BlockSpec((None, None, rows), lambda r, bi, h: (bi, h, r)),
+        ]
+    return shape, specs
+
+
+def _block_lists(mask, codes, rows: int, interpret):
+    """The lists of an int8 ``mask [B, Hq, rows_pad, T_pad]`` in a lean kernel of ``rows``
+    query blocks per program: (ids, full_counts, total_counts), padded as the mask."""
+    b, hq, rows_pad, t_pad = mask.shape
+    rows = min(rows, rows_pad & -rows_pad)  # a power of two dividing the padded rows
+    out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists=True)
+    return pl.pallas_call(
+        _block_lists_kernel,
+        out_shape=out_shape[1:],
+        grid=(rows_pad // rows, b, hq),
+        in_specs=[
+            pl.BlockSpec((None, None, rows, t_pad), lambda r, bi, h: (bi, h, r, 0)),
+            _codes_spec(codes, rows, t_pad),
+        ],
+        out_specs=out_specs[1:],
+        compiler_params=_checks.triton_compiler_params(
+            PooledTopPTiles(num_warps=4 if rows * t_pad <= 4096 else 8)
+        ),
+        interpret=interpret,
+        name=f"pbs_block_lists_t{t_pad}_m{rows}",
+    )(mask, codes)
 
 
 def _pooled_selection_kernel(
@@ -433,28 +484,46 @@ def _pooled_selection_kernel(
     # Starting from 0 keeps a single-chunk dot bit-exact (0 + x == x).
     tile = (q_ref.shape[0], k_ref.shape[0])
     logits = lax.fori_loop(0, num_depth_chunks, accumulate, jnp.zeros(tile, jnp.float32))
-    codes = codes_ref[...].astype(jnp.int32)
-
-    def flagged(code):
-        return (codes & code) != 0
-
-    allowed = flagged(CODE_DOMAIN)
+    # Only the domain's bit lives through the search; the other flags are read after it (an
+    # int tile kept live through the loop would spill registers at large T_pad).
+    allowed = _flagged(codes_ref[...], CODE_DOMAIN)
     probs = masked_softmax(logits / logit_divisor, allowed)
     top_p = top_p_blocks(probs, allowed, threshold, cuts_per_step=cuts_per_step)
+    codes = codes_ref[...]
     col = lax.broadcasted_iota(jnp.int32, tile, 1)
-    keep = (top_p | flagged(CODE_FORCED) | (col == sink_ref[...])) & ~flagged(CODE_NEVER)
+    keep = (top_p | _flagged(codes, CODE_FORCED) | (col == sink_ref[...])) & ~_flagged(
+        codes, CODE_NEVER
+    )
     mask_ref[...] = keep.astype(jnp.int8)
-    if not list_refs:
-        return
-    ids_ref, full_ref, total_ref = list_refs
+    if list_refs:
+        _write_lists(keep, codes, *list_refs)
+
+
+def _block_lists_kernel(mask_ref, codes_ref, ids_ref, full_ref, total_ref):
+    """One program of :func:`_block_lists`: mask_ref, codes_ref [rows, T_pad] int8 → the
+    lists of its rows."""
+    _write_lists(mask_ref[...] != 0, codes_ref[...], ids_ref, full_ref, total_ref)
+
+
+def _flagged(codes, code: int):
+    """Where the int8 ``codes`` carry the bit ``code``."""
+    return (codes & jnp.int8(code)) != 0
+
+
+def _write_lists(keep, codes, ids_ref, full_ref, total_ref):
+    """The block lists of a ``[rows, T_pad]`` tile of kept blocks: ids_ref [rows, T_pad] (each
+    row's kept columns ascending, then zeros), full_ref (kept and flagged ``CODE_EARLIER``) and
+    total_ref (kept) [rows] int32."""
+    tile = keep.shape
     kept = keep.astype(jnp.int32)
     kept_upto = lax.cumsum(kept, axis=1)  # kept blocks <= c
-    total = jnp.sum(kept, axis=1)  # [bm]
-    full_ref[...] = jnp.sum(jnp.where(flagged(CODE_EARLIER), kept, 0), axis=1)
+    total = jnp.sum(kept, axis=1)  # [rows]
+    full_ref[...] = jnp.sum(jnp.where(_flagged(codes, CODE_EARLIER), kept, 0), axis=1)
     total_ref[...] = total
     # A permutation of the row's columns: kept column c to slot kept_upto[c] - 1 (ascending
     # ids first), dropped column c to slot total + (dropped columns < c) (zeros after). Every
     # slot is written once, so one unmasked scatter fills the whole tile.
+    col = lax.broadcasted_iota(jnp.int32, tile, 1)
     slot = jnp.where(keep, kept_upto - 1, total[:, None] + col - kept_upto)
     row = lax.broadcasted_iota(jnp.int32, tile, 0)
     plt.store(ids_ref.at[row, slot], jnp.where(keep, col, 0))

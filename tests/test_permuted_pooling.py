@@ -73,15 +73,6 @@ CASES = [
     Case(1300, 2, 3, "bfloat16"),
     # Four gather tiles per block (the fori over chunks), and a 48-key block (gathers of 16).
     Case(1000, 2, 4, "bfloat16", tiles=PermutedPoolTiles(gather_rows=16)),
-    # The same loops unrolled at trace time, ragged.
-    Case(
-        1000,
-        2,
-        4,
-        "bfloat16",
-        lengths=(700, 300),
-        tiles=PermutedPoolTiles(gather_rows=32, unrolled=True),
-    ),
     Case(1000, 1, 3, "float32", block_size=48, segment_size=192, lengths=(1000, 50)),
     # N shorter than one segment: no kernel launch, the blocks of the keys in place.
     Case(200, 2, 3, "float32", lengths=(200, 130)),
@@ -223,10 +214,11 @@ def test_pooled_permuted_keys_on_gpu_runs_the_kernel(monkeypatch):
 
 
 def test_default_tiles():
-    assert permuted_pool_tiles(128, 128) == PermutedPoolTiles(gather_rows=32)
-    assert permuted_pool_tiles(64, 32) == PermutedPoolTiles(gather_rows=64)
-    assert permuted_pool_tiles(48, 16) == PermutedPoolTiles(gather_rows=16)
-    assert permuted_pool_tiles(128, 256) == PermutedPoolTiles(gather_rows=16)
+    assert permuted_pool_tiles(128, 128) == PermutedPoolTiles(gather_rows=128, num_warps=8)
+    assert permuted_pool_tiles(64, 32) == PermutedPoolTiles(gather_rows=64, num_warps=8)
+    assert permuted_pool_tiles(48, 16) == PermutedPoolTiles(gather_rows=16, num_warps=8)
+    assert permuted_pool_tiles(128, 256) == PermutedPoolTiles(gather_rows=64, num_warps=8)
+    assert permuted_pool_tiles(256, 32) == PermutedPoolTiles(gather_rows=256, num_warps=8)
 
 
 @pytest.mark.parametrize(

@@ -259,15 +259,18 @@ def _random_codes_operands(case: CodesCase, b: int = 2, d: int = 16):
     return pooled_q, pooled_k, jnp.asarray(codes), jnp.asarray(sink, jnp.int32)
 
 
+@pytest.mark.parametrize("lists_rows", [0, 8])
 @pytest.mark.parametrize("case", CODES_CASES, ids=_codes_case_id)
-def test_selection_with_lists_equals_reference(case):
-    """One launch's mask, ids and counts equal the reference's (the top-p mask of the same row
-    rules, the codes and sink applied, then lists by a stable sort of each row); the mask-only
-    launch writes the same mask."""
+def test_selection_with_lists_equals_reference(case, lists_rows):
+    """The selection's mask, ids and counts equal the reference's (the top-p mask of the same
+    row rules, the codes and sink applied, then lists by a stable sort of each row), with the
+    lists written by the selection kernel itself (lists_rows 0) or by the separate lists kernel
+    (8 query blocks per program); the mask-only launch writes the same mask."""
     operands = _random_codes_operands(case)
     codes = np.asarray(operands[2])
     b, t, tq = 2, case.num_blocks, case.query_blocks
-    got = pooled_selection(*operands, case.threshold, interpret=True)
+    tiles = dataclasses.replace(pooled_top_p_tiles(t, operands[0].shape[-1]), lists_rows=lists_rows)
+    got = pooled_selection(*operands, case.threshold, tiles=tiles, interpret=True)
     mask, ids, full, total = pooled_selection_reference(*operands, case.threshold)
     chex.assert_shape([got.mask, got.ids], (b, case.q_heads, tq, t))
     chex.assert_shape([got.full_counts, got.total_counts], (b, case.q_heads, tq))
@@ -329,8 +332,10 @@ def test_plan_lists_equal_index_lists(monkeypatch, lengths, chunk_blocks, force_
 def test_default_tiles_follow_t():
     assert pooled_top_p_tiles(5, 16) == PooledTopPTiles(16, 16, num_warps=4)
     assert pooled_top_p_tiles(64, 128) == PooledTopPTiles(16, 128, num_warps=4)
-    assert pooled_top_p_tiles(1024, 128) == PooledTopPTiles(32, 16, num_warps=8)
-    assert pooled_top_p_tiles(MAX_POOLED_BLOCKS, 64) == PooledTopPTiles(16, 16, num_warps=8)
+    assert pooled_top_p_tiles(1024, 128) == PooledTopPTiles(32, 16, num_warps=8, lists_rows=8)
+    assert pooled_top_p_tiles(MAX_POOLED_BLOCKS, 64) == PooledTopPTiles(
+        16, 16, num_warps=8, lists_rows=8
+    )
 
 
 def _operands(b=1, t=8, hq=2, hp=1, d=16, q_dtype=jnp.float32, k_t=None):
@@ -404,3 +409,5 @@ def test_bad_tiles_are_refused():
     for cuts in (0, 2, 15, 3.0):
         with pytest.raises(ValueError, match="PooledTopPTiles.cuts_per_step must be one of"):
             PooledTopPTiles(cuts_per_step=cuts)
+    with pytest.raises(ValueError, match="lists_rows=12 must be 0"):
+        PooledTopPTiles(lists_rows=12)
