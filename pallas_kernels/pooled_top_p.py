@@ -100,10 +100,11 @@ class PooledTopPTiles:
       ``pallas_kernels.top_p.CUTS_PER_STEP`` (1: bisection; 3 or 7: 2 or 3 bits per step, so
       half or a third of the dependent steps, each 3 or 7 reductions wide). The mask does not
       depend on it.
-    lists_rows: where :func:`pooled_selection` compacts the mask into block lists. 0: in the
-      selection kernel itself (one launch); a power of two: in a second, lean kernel of that
-      many query blocks per program, reading the mask back (the lists' int32 tiles of a large
-      T_pad next to the selection's would spill registers). The lists do not depend on it.
+    lists_rows: where :func:`pooled_selection` applies the forced, never-selected and sink
+      blocks and compacts the mask into block lists. 0: in the selection kernel itself (one
+      launch); a power of two: in a second, lean kernel of that many query blocks per program,
+      reading the top-p mask back (those int tiles of a large T_pad next to the selection's
+      spill its registers). The results do not depend on it.
     """
 
     block_rows: int = 16
@@ -147,10 +148,10 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     * cuts_per_step 1 (bisection): wider steps lost at 128K on an H200 (results/profile_plan.md,
       2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25 with 7; the search is
       not latency-bound there), and at 8K the differences are within the calls' noise.
-    * lists_rows: 0 (the lists in the selection kernel) while the tile is <= 4K blocks
-      (T_pad <= 256); 8 above: at T_pad = 1024 the lists in the selection kernel took it from
-      0.64 to 1.30 ms (H200, 32 heads; its [32, 1024] int32 tiles spill), where a separate
-      lists pass reads a 32 MiB mask.
+    * lists_rows: 0 (one launch) while the tile is <= 4K blocks (T_pad <= 256); 8 above: at
+      T_pad = 1024 (H200, 32 heads) the selection kernel took 0.64 ms alone, 1.30 with the
+      lists in it (its [32, 1024] int32 tiles spill) and 0.83 with the forced blocks alone,
+      where a separate pass reads and writes a 32 MiB mask.
     """
     t_pad = padded_blocks(num_blocks)
     depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))
@@ -360,7 +361,8 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
     # Padded key blocks have no flag: outside the domain, never selected (the sink is < T), so
     # they come last in every row's lists. Padded query rows are dropped below.
     codes = jnp.pad(codes, ((0, 0), (0, rows_pad - tq), (0, t_pad - t)))
-    lists_here = with_lists and not tiles.lists_rows
+    finish_here = not tiles.lists_rows  # forced blocks (and lists) in this kernel
+    lists_here = with_lists and finish_here
     out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, bm, lists_here)
     cuts_suffix = f"_c{tiles.cuts_per_step}" if tiles.cuts_per_step > 1 else ""
     kind = "pbs_select_lists" if lists_here else "pbs_pooled_top_p"
@@ -374,6 +376,7 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
             logit_divisor=float(np.sqrt(np.float32(d))),
             threshold=threshold,
             cuts_per_step=tiles.cuts_per_step,
+            finish=finish_here,
         ),
         out_shape=out_shape,
         grid=(rows_pad // bm, b, hq),
@@ -391,8 +394,10 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
         interpret=interpret,
         name=f"{kind}_t{t_pad}_m{bm}{cuts_suffix}",
     )(pooled_q, pooled_k, codes, sink)
-    if with_lists and not lists_here:
-        outputs = (outputs[0], *_block_lists(outputs[0], codes, tiles.lists_rows, interpret))
+    if not finish_here:
+        outputs = _finish_selection(
+            outputs[0], codes, sink, tiles.lists_rows, with_lists, interpret
+        )
     # Slices of the padding: no-ops where T is a power of two >= 16 and Tq whole row tiles.
     mask = outputs[0][:, :, :tq, :t] != 0
     if not with_lists:
@@ -431,27 +436,30 @@ def _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists):
     return shape, specs
 
 
-def _block_lists(mask, codes, rows: int, interpret):
-    """The lists of an int8 ``mask [B, Hq, rows_pad, T_pad]`` in a lean kernel of ``rows``
-    query blocks per program: (ids, full_counts, total_counts), padded as the mask."""
-    b, hq, rows_pad, t_pad = mask.shape
+def _finish_selection(top_p, codes, sink, rows: int, with_lists: bool, interpret):
+    """The top-p int8 ``mask [B, Hq, rows_pad, T_pad]`` finished in a lean kernel of ``rows``
+    query blocks per program: the forced, never-selected and sink blocks applied, and with
+    lists (ids, full_counts, total_counts); all padded as the mask."""
+    b, hq, rows_pad, t_pad = top_p.shape
     rows = min(rows, rows_pad & -rows_pad)  # a power of two dividing the padded rows
-    out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists=True)
+    out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists)
+    kind = "pbs_finish_lists" if with_lists else "pbs_finish_mask"
     return pl.pallas_call(
-        _block_lists_kernel,
-        out_shape=out_shape[1:],
+        _finish_selection_kernel,
+        out_shape=out_shape,
         grid=(rows_pad // rows, b, hq),
         in_specs=[
             pl.BlockSpec((None, None, rows, t_pad), lambda r, bi, h: (bi, h, r, 0)),
             _codes_spec(codes, rows, t_pad),
+            pl.BlockSpec((None, None), lambda r, bi, h: (bi, h)),
         ],
-        out_specs=out_specs[1:],
+        out_specs=out_specs,
         compiler_params=_checks.triton_compiler_params(
             PooledTopPTiles(num_warps=4 if rows * t_pad <= 4096 else 8)
         ),
         interpret=interpret,
-        name=f"pbs_block_lists_t{t_pad}_m{rows}",
-    )(mask, codes)
+        name=f"{kind}_t{t_pad}_m{rows}",
+    )(top_p, codes, sink)
 
 
 def _pooled_selection_kernel(
@@ -466,8 +474,10 @@ def _pooled_selection_kernel(
     logit_divisor,
     threshold,
     cuts_per_step,
+    finish,
 ):
-    """One program: ``block_rows`` query blocks of one head against all T_pad key blocks.
+    """One program: ``block_rows`` query blocks of one head against all T_pad key blocks
+    (``finish``: the final mask, else the top-p blocks alone for :func:`_finish_selection`).
 
     q_ref [bm, D], k_ref [T_pad, D] float32; codes_ref [bm, T_pad] int8; sink_ref [] int32;
     mask_ref [bm, T_pad] int8; with lists, list_refs = (ids_ref [bm, T_pad] int32, full_ref
@@ -489,20 +499,31 @@ def _pooled_selection_kernel(
     allowed = _flagged(codes_ref[...], CODE_DOMAIN)
     probs = masked_softmax(logits / logit_divisor, allowed)
     top_p = top_p_blocks(probs, allowed, threshold, cuts_per_step=cuts_per_step)
+    if not finish:
+        mask_ref[...] = top_p.astype(jnp.int8)
+        return
     codes = codes_ref[...]
-    col = lax.broadcasted_iota(jnp.int32, tile, 1)
-    keep = (top_p | _flagged(codes, CODE_FORCED) | (col == sink_ref[...])) & ~_flagged(
-        codes, CODE_NEVER
-    )
+    keep = _final_mask(top_p, codes, sink_ref[...])
     mask_ref[...] = keep.astype(jnp.int8)
     if list_refs:
         _write_lists(keep, codes, *list_refs)
 
 
-def _block_lists_kernel(mask_ref, codes_ref, ids_ref, full_ref, total_ref):
-    """One program of :func:`_block_lists`: mask_ref, codes_ref [rows, T_pad] int8 → the
-    lists of its rows."""
-    _write_lists(mask_ref[...] != 0, codes_ref[...], ids_ref, full_ref, total_ref)
+def _finish_selection_kernel(top_p_ref, codes_ref, sink_ref, mask_ref, *list_refs):
+    """One program of :func:`_finish_selection`: top_p_ref, codes_ref [rows, T_pad] int8,
+    sink_ref [] int32 → the final mask [rows, T_pad] int8 (and its lists) of its rows."""
+    codes = codes_ref[...]
+    keep = _final_mask(top_p_ref[...] != 0, codes, sink_ref[...])
+    mask_ref[...] = keep.astype(jnp.int8)
+    if list_refs:
+        _write_lists(keep, codes, *list_refs)
+
+
+def _final_mask(top_p, codes, sink):
+    """The selection's rule on a ``[rows, T_pad]`` tile: the top-p blocks, or forced, or the
+    sink column, and never the blocks flagged ``CODE_NEVER``."""
+    col = lax.broadcasted_iota(jnp.int32, top_p.shape, 1)
+    return (top_p | _flagged(codes, CODE_FORCED) | (col == sink)) & ~_flagged(codes, CODE_NEVER)
 
 
 def _flagged(codes, code: int):

@@ -276,7 +276,9 @@ def test_selection_with_lists_equals_reference(case, lists_rows):
     chex.assert_shape([got.full_counts, got.total_counts], (b, case.q_heads, tq))
     assert got.mask.dtype == jnp.bool_ and got.ids.dtype == jnp.int32
     chex.assert_trees_all_equal(tuple(got), (mask, ids, full, total))
-    only_mask = pooled_selection(*operands, case.threshold, with_lists=False, interpret=True)
+    only_mask = pooled_selection(
+        *operands, case.threshold, with_lists=False, tiles=tiles, interpret=True
+    )
     assert only_mask.ids is None and only_mask.full_counts is None
     chex.assert_trees_all_equal(only_mask.mask, mask)
     # Not vacuous: the top-p cut drops allowed blocks, forced blocks outside the domain are
