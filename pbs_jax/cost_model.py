@@ -329,9 +329,10 @@ H200 = CardCosts(
             cudnn_ms=1.2325,
             triton=KernelFit(fixed_ms=0.2696, per_density_ms=1.4482),
             mosaic=KernelFit(fixed_ms=0.3465, per_density_ms=0.9371),
-            # The planner of results/bench_kernel_tuned_plan.md (was 0.1567 / 0.3247).
-            estimate_ms=0.1429,
-            plan_ms=0.3106,
+            # The planner of results/bench_kernel_lists.md (its 8K path is the final code's;
+            # was 0.1567 / 0.3247, then 0.1429 / 0.3106 in bench_kernel_tuned_plan.md).
+            estimate_ms=0.1238,
+            plan_ms=0.2603,
         ),
         LengthCosts(
             seq_len=16384,
@@ -362,10 +363,10 @@ H200 = CardCosts(
             cudnn_ms=250.0994,
             triton=KernelFit(fixed_ms=0.0001, per_density_ms=337.0554),
             mosaic=KernelFit(fixed_ms=2.8721, per_density_ms=235.524),
-            # The planner of results/bench_kernel_tuned_plan.md (was 1.8189 / 3.621 before its
-            # tuning, then 1.3148 / 3.1888).
-            estimate_ms=1.2708,
-            plan_ms=3.0056,
+            # The planner of results/bench_kernel_finish.md (was 1.8189 / 3.621 before its
+            # tuning, then 1.3148 / 3.1888, then 1.2708 / 3.0056).
+            estimate_ms=1.4837,
+            plan_ms=2.8452,
         ),
     ),
     shape=CallShape(batch=1, q_heads=32, head_dim=128),
