@@ -3,6 +3,7 @@
 from pbs_jax.attention import (
     IMPLS,
     PBSAux,
+    Plan,
     dense_attention,
     dense_continuation_attention,
     kernel_attention,
@@ -80,6 +81,7 @@ __all__ = [
     "key_importance",
     "pbs_attention",
     "pbs_plan",
+    "Plan",
     "permuted_block_sparse_attention",
     "plan_permutation",
     "segment_permutation",
