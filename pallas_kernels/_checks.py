@@ -9,7 +9,7 @@ safety instead (see `block_sparse_attention`).
 Contents:
   LOG2E, FLOAT_DTYPES, MIN_DOT_DIM, MAX_HEAD_DIM, MGPU_*
                                                   shared constants
-  is_int, is_pow2                                 the integer predicates of every check
+  is_int, is_pow2, largest_pow2_divisor           the integer predicates and tile rounding
   check_pow2_at_least, check_num_warps, check_num_stages
                                                   the tile dataclasses' field rules
   check_dot_head_dim                              a head dim that can be a Triton dot operand
@@ -75,6 +75,11 @@ def check_query_offset(m: int, n: int, block_size: int) -> None:
 def is_int(x) -> bool:
     """A Python or numpy integer; bools (and floats, arrays, ...) are not."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def largest_pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two dividing ``n`` and at most ``cap`` (both positive)."""
+    return min(n & -n, cap)
 
 
 def is_pow2(x) -> bool:

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
-from pallas_kernels.importance import largest_pow2_divisor
+from pallas_kernels._checks import largest_pow2_divisor
 from pallas_kernels.pooling import block_means
 
 __all__ = [

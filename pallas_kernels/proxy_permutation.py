@@ -32,16 +32,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
-from pallas_kernels.importance import (
-    ImportanceTiles,
+from pallas_kernels._checks import largest_pow2_divisor
+from pallas_kernels.importance import validate_operands
+from pallas_kernels.importance_passes import (
     kernel_params,
     key_block_in_specs,
-    largest_pow2_divisor,
     probability_column_sums,
     row_log2_sum_exp,
     split_key_tiles,
-    validate_operands,
 )
+from pallas_kernels.importance_tiling import ImportanceTiles
 from pallas_kernels.pooling import block_means
 
 __all__ = [

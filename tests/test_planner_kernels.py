@@ -31,11 +31,11 @@ import pytest
 from pallas_kernels import (
     ImportanceTiles,
     importance_tiles,
+    importance_tiling,
     proxy_importance,
     proxy_importance_reference,
     proxy_importance_supported,
 )
-from pallas_kernels import importance as importance_module
 from pallas_kernels import top_p as top_p_module
 from pbs_jax import PBSConfig, permutation, selection
 from tests.conftest import make_qkv
@@ -142,7 +142,7 @@ def test_default_tiles_shrink_to_divide(monkeypatch):
     # A default of 4 key tiles per program shrinks (never grows) so block_keys · column_tiles
     # divides L.
     base = ImportanceTiles(64, 64, split_keys=256, num_warps=4, column_tiles=4)
-    monkeypatch.setitem(importance_module._DEFAULT_TILES, "float32", base)
+    monkeypatch.setitem(importance_tiling._DEFAULT_TILES, "float32", base)
     for num_keys, block_keys, column_tiles in [
         (4096, 64, 4),  # 64 tiles: 4 fit
         (384, 64, 2),  # 6 tiles

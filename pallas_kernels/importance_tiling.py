@@ -1,0 +1,99 @@
+"""The static tiling of the proxy importance passes (``pallas_kernels.importance``, and the fused
+permutation pass of ``pallas_kernels.proxy_permutation``): a validated frozen dataclass and its
+measured defaults per dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels import _checks
+from pallas_kernels._checks import largest_pow2_divisor
+
+__all__ = ["ImportanceTiles", "importance_tiles"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceTiles:
+    """Static tiling of the two importance passes (hashable: a jit static argument).
+
+    block_rows: proxy rows per logits tile (pass 1: rows per program; pass 2: rows per loop
+                step). Must divide P.
+    block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program;
+                :func:`proxy_permutation`'s pass 2: a program's segment is walked, ranked and
+                pooled in tiles of block_keys). Must divide L (and the segment).
+    column_tiles: key tiles of one pass-2 program (a power of two >= 1; ``block_keys ·
+                column_tiles`` must divide L): more than one amortises the program's launch
+                and its loads of the proxy rows over more keys where pass 2 is latency-bound
+                (short L: at 8K keys, 32 heads and 64-key tiles, 4096 programs of one small dot
+                each). :func:`proxy_permutation`'s pass 2 owns whole segments and ignores it.
+    split_keys: keys walked by one pass-1 program; L / split_keys splits (the last one may be
+                short) give the grid enough programs at long L while the partial statistics
+                stay small (``B·Hq·(L/split_keys)·P`` pairs of floats). A multiple of
+                block_keys. 1024: at 8K keys, 32 heads and one proxy block pass 1 has 256
+                programs of 8 tiles (4096 gave 64 programs walking 32 tiles each: 0.25 ms
+                for the whole proxy on an H200, latency-bound).
+    num_warps, num_stages: Triton launch parameters of both passes.
+
+    Tiles are powers of two >= 16: Triton's ``tl.dot`` needs every dimension >= 16 and every
+    tensor dimension a power of two. The logits tile ``block_rows × block_keys`` float32 lives
+    in registers: 128 × 128 is 64 floats per thread at 8 warps.
+    """
+
+    block_rows: int = 128
+    block_keys: int = 128
+    split_keys: int = 1024
+    num_warps: int = 8
+    num_stages: int = 2
+    column_tiles: int = 1
+
+    def __post_init__(self):
+        for name in ("block_rows", "block_keys", "split_keys"):
+            _checks.check_pow2_at_least(
+                "ImportanceTiles", name, getattr(self, name), _checks.MIN_DOT_DIM
+            )
+        if self.split_keys < self.block_keys:
+            raise ValueError(
+                f"ImportanceTiles.split_keys={self.split_keys} must be a multiple of "
+                f"block_keys={self.block_keys} (a split walks whole key tiles)"
+            )
+        _checks.check_pow2_at_least("ImportanceTiles", "column_tiles", self.column_tiles, 1)
+        _checks.check_num_warps("ImportanceTiles", self.num_warps)
+        _checks.check_num_stages("ImportanceTiles", self.num_stages)
+
+
+# 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep of
+# experiments/profile_plan.py, results/profile_plan.md, wall times of the call): 128 proxy rows ×
+# 64 keys at 4 warps, splits of 512 keys, beat 128 × 128 at 8 warps, splits of 1024 (128K keys:
+# 1.30 vs 1.35 ms at one proxy block, 3.92 vs 4.83 ms at four); two key tiles per pass-2 program
+# (column_tiles) beat one: 1.24 vs 1.30 ms and 3.73 vs 3.92 ms at 128K, 0.38 vs 0.40 ms at 8K and
+# four blocks, and in the plan's GPU profile 38.8 µs for the columns pass at 8K (41.9 with one
+# tile, the earlier profile); four tiles lose at four blocks (4.76 ms).
+# float32: 64 × 64 at 4 warps, not measured (IEEE dots, twice the register bytes per element).
+_DEFAULT_TILES = {
+    "bfloat16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2, column_tiles=2),
+    "float16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2, column_tiles=2),
+    "float32": ImportanceTiles(64, 64, num_warps=4, num_stages=2),
+}
+
+
+def importance_tiles(num_rows: int, num_keys: int, dtype) -> ImportanceTiles:
+    """Default tiles for P proxy rows and L keys of ``dtype``, shrunk (never grown) to divide
+    P and L: block_rows divides P, block_keys · column_tiles divides L.
+
+    Raises:
+      ValueError: P or L not a multiple of 16 (no valid Triton tile divides it).
+    """
+    name = jnp.dtype(dtype).name
+    base = _DEFAULT_TILES.get(name, _DEFAULT_TILES["float32"])
+    for what, n in (("P (proxy rows)", num_rows), ("L (keys)", num_keys)):
+        if n <= 0 or n % 16:
+            raise ValueError(f"proxy_importance needs {what} a positive multiple of 16, got {n}")
+    block_keys = largest_pow2_divisor(num_keys, base.block_keys)
+    return dataclasses.replace(
+        base,
+        block_rows=largest_pow2_divisor(num_rows, base.block_rows),
+        block_keys=block_keys,
+        column_tiles=largest_pow2_divisor(num_keys // block_keys, base.column_tiles),
+    )
