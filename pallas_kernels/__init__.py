@@ -43,6 +43,7 @@ Public API:
 """
 
 from pallas_kernels._checks import FLOAT_DTYPES
+from pallas_kernels.block_lists import CODE_DOMAIN, CODE_EARLIER, CODE_FORCED, CODE_NEVER
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention_mgpu import block_sparse_attention_mgpu, mgpu_supported
 from pallas_kernels.importance import (
@@ -59,10 +60,6 @@ from pallas_kernels.permuted_pooling import (
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
-    CODE_DOMAIN,
-    CODE_EARLIER,
-    CODE_FORCED,
-    CODE_NEVER,
     MAX_POOLED_BLOCKS,
     PooledSelection,
     PooledTopPTiles,

@@ -153,9 +153,15 @@ def shared_head(h, group: int):
     return lax.div(h, group)  # lax.div, as jax ops do for program-id math
 
 
+def triton_launch_params(*, num_warps: int, num_stages: int):
+    """Explicit Triton launch parameters (the default GPU backend differs between JAX versions:
+    every Triton kernel passes its own)."""
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 def triton_compiler_params(tiles):
     """Triton launch parameters of a tile dataclass (its ``num_warps`` and ``num_stages``)."""
-    return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return triton_launch_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _shape(name, x):

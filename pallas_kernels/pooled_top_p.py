@@ -5,9 +5,9 @@ then ~27 masked row sums (the cut-off search of :func:`pallas_kernels.top_p.top_
 each its own kernel launch: at T = 64 blocks (8K tokens) that is launch-bound (0.78 ms on an
 H200 for a few KiB of data, with 31 of them); then the forced blocks and the compaction of the
 mask into block lists (a cumsum, a batched scatter and a zero fill, several launches:
-``pbs_jax.blocks.index_lists`` has their profile). Here one launch does it all (its GPU time
-not measured yet), grid ``(row tiles, B, Hq)``; one program owns ``block_rows`` query blocks of
-one head:
+``pbs_jax.blocks.index_lists`` has their profile). Here one launch does it all up to
+T_pad = 256 (12.4 µs at 8K tokens, 32 heads, H200: results/profile_plan.md), grid ``(row tiles,
+B, Hq)``; one program owns ``block_rows`` query blocks of one head:
 
 1. the logits of its pooled query blocks against all ``T_pad`` pooled key blocks of its
    permutation head, ``[block_rows, T_pad]`` float32 in registers, accumulated over the head
@@ -18,15 +18,12 @@ one head:
 3. the top-p cut-off by the same search (:func:`pallas_kernels.top_p.top_p_blocks`: a
    ``lax.fori_loop`` of masked row sums over the register tile, ``cuts_per_step`` independent
    ones per step: 27 steps of 1 at T_pad = 1024, τ = 0.88; 14 of 3; 9 of 7);
-4. the final mask: the top-p blocks, or the blocks flagged ``CODE_FORCED``, or the query
-   head's ``sink`` block, unless flagged ``CODE_NEVER`` (the caller's grid rules as data: the
-   kernel knows no segment, tail or ragged row); the mask tile, int8;
-5. with lists (:func:`pooled_selection`): per row the running count of kept blocks
-   (``lax.cumsum``), its total, the kept blocks flagged ``CODE_EARLIER`` (the lists'
-   ``full_counts``), and the ids tile by one unmasked scatter store whose slots are a
-   permutation of the row's columns: kept column c to slot ``kept_upto[c] - 1`` (value c),
-   dropped column c to ``total + c - kept_upto[c]`` (value 0): the kept ids ascending, then
-   zeros. Without lists (:func:`pooled_top_p_blocks`, a mask-only selection) it ends at 4.
+4. the end of the selection (:mod:`pallas_kernels.block_lists`): the final mask (the top-p
+   blocks, or flagged ``CODE_FORCED``, or the query head's ``sink`` block, never those flagged
+   ``CODE_NEVER``: the caller's grid rules as data, the kernel knows no segment, tail or ragged
+   row), int8, and with lists (:func:`pooled_selection`) their compaction. Above T_pad = 256
+   (``PooledTopPTiles.lists_rows``) this kernel writes the top-p mask alone and a lean second
+   kernel does step 4.
 
 T is padded to a power of two >= 16 (Triton tensor shapes are powers of two and ``tl.dot``
 dimensions >= 16) and Tq to whole row tiles: padded key blocks carry no code (outside the
@@ -41,7 +38,6 @@ The pure-jnp statements of the same contracts are
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -50,17 +46,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _checks
-from pallas_kernels._checks import MIN_DOT_DIM as _MIN_DOT_DIM
-from pallas_kernels.top_p import cutoff_search_bits, masked_softmax, top_p_blocks
+from pallas_kernels.block_lists import (
+    CODE_DOMAIN,
+    codes_spec,
+    final_mask,
+    finish_selection,
+    flagged,
+    selection_outputs,
+    write_lists,
+)
+from pallas_kernels.pooled_top_p_tiling import (
+    MAX_POOLED_BLOCKS,
+    PooledTopPTiles,
+    padded_blocks,
+    pooled_top_p_tiles,
+)
+from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [
-    "CODE_DOMAIN",
-    "CODE_EARLIER",
-    "CODE_FORCED",
-    "CODE_NEVER",
     "MAX_POOLED_BLOCKS",
     "PooledSelection",
     "PooledTopPTiles",
@@ -69,99 +74,6 @@ __all__ = [
     "pooled_top_p_supported",
     "pooled_top_p_tiles",
 ]
-
-# The largest T the kernel takes: one program keeps a [block_rows, T_pad] float32 tile in
-# registers through the bisection; at 2048 blocks (256K tokens of 128) that is 32K floats,
-# 128 per thread at 8 warps. Beyond, callers run the jnp path.
-MAX_POOLED_BLOCKS = 2048
-# Key elements of one dot step's operand: [T_pad, depth_chunk] float32 goes through shared
-# memory (Triton's FMA dot for IEEE float32); 16K floats = 64 KiB leaves room on any GPU.
-_DOT_CHUNK_ELEMENTS = 16 * 1024
-# The bit flags of :func:`pooled_selection`'s ``codes`` per (query block, key block).
-CODE_DOMAIN = 1  # competes in the block softmax (and so in the top-p cut)
-CODE_FORCED = 2  # selected whatever its score
-CODE_NEVER = 4  # never selected (overrides the others: outside a ragged row's grid)
-CODE_EARLIER = 8  # counted in full_counts (an earlier segment's block: no token mask)
-
-
-def padded_blocks(num_blocks: int) -> int:
-    """T_pad: the smallest power of two >= max(T, 16)."""
-    return max(_MIN_DOT_DIM, 1 << (num_blocks - 1).bit_length())
-
-
-@dataclasses.dataclass(frozen=True)
-class PooledTopPTiles:
-    """Static tiling of :func:`pooled_top_p_blocks` (hashable: a jit static argument).
-
-    block_rows:  query blocks per program, a power of two >= 16 (the dot's M); at most T_pad.
-    depth_chunk: head-dim columns per dot step, a power of two >= 16 dividing D.
-    num_warps, num_stages: Triton launch parameters.
-    cuts_per_step: independent masked row sums per step of the top-p cut-off search, one of
-      ``pallas_kernels.top_p.CUTS_PER_STEP`` (1: bisection; 3 or 7: 2 or 3 bits per step, so
-      half or a third of the dependent steps, each 3 or 7 reductions wide). The mask does not
-      depend on it.
-    lists_rows: where :func:`pooled_selection` applies the forced, never-selected and sink
-      blocks and compacts the mask into block lists. 0: in the selection kernel itself (one
-      launch); a power of two: in a second, lean kernel of that many query blocks per program,
-      reading the top-p mask back (those int tiles of a large T_pad next to the selection's
-      spill its registers). The results do not depend on it.
-    """
-
-    block_rows: int = 16
-    depth_chunk: int = 128
-    num_warps: int = 4
-    num_stages: int = 1
-    cuts_per_step: int = 1
-    lists_rows: int = 0
-
-    def __post_init__(self):
-        for name in ("block_rows", "depth_chunk"):
-            _checks.check_pow2_at_least("PooledTopPTiles", name, getattr(self, name), _MIN_DOT_DIM)
-        _checks.check_num_warps("PooledTopPTiles", self.num_warps)
-        _checks.check_num_stages("PooledTopPTiles", self.num_stages)
-        cutoff_search_bits(self.cuts_per_step, "PooledTopPTiles.cuts_per_step")
-        if self.lists_rows and not _checks.is_pow2(self.lists_rows):
-            raise ValueError(
-                f"PooledTopPTiles.lists_rows={self.lists_rows} must be 0 (lists in the "
-                "selection kernel) or a power of two (query blocks per lists program)"
-            )
-
-
-def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
-    """Default tiles for T pooled blocks of head dim D (reasoning below; measured on an H200,
-    JAX 0.11.2, 2026-11-30, 32 heads of D 128: experiments/profile_plan.py's sweep,
-    results/profile_plan.md).
-
-    * block_rows 16, except 32 at T_pad = 1024: the [16, T_pad] tile is the smallest the dot
-      takes, so the register tile stays small at large T (16 × 2048 = 32K floats) and small T
-      still gets B·Hq·T_pad/16 programs (128 at T = 64, 32 heads: the selection at 8K is
-      latency-bound, so more, shorter programs finish sooner; 32 rows there: 0.093 vs 0.077 ms).
-      The cost is re-reading a head's pooled keys once per 16 query blocks, from L2
-      (T_pad²·D·4/16 bytes per head): at T_pad = 1024 (128K tokens) 32 rows halve it, 0.99 vs
-      1.20 ms (8 warps, depth 16); at 2048, 32 rows would hold 64K floats in registers (not
-      measured).
-    * num_warps 4 while the tile is <= 4K floats (T_pad <= 256: 32 per thread), 8 above (up to
-      128 per thread at T_pad = 2048).
-    * depth_chunk: the largest power of two <= D with a [T_pad, depth_chunk] float32 operand of
-      at most 16K elements (64 KiB of shared memory), never below 16: the whole D up to
-      T_pad = 128 at D 128; 16 columns at T_pad 1024 and 2048 (128 KiB at 2048).
-    * cuts_per_step 1 (bisection): wider steps lost at 128K on an H200 (results/profile_plan.md,
-      2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25 with 7; the search is
-      not latency-bound there), and at 8K the differences are within the calls' noise.
-    * lists_rows: 0 (one launch) while the tile is <= 4K blocks (T_pad <= 256); 8 above: at
-      T_pad = 1024 (H200, 32 heads) the selection kernel took 0.64 ms alone, 1.30 with the
-      lists in it (its [32, 1024] int32 tiles spill) and 0.83 with the forced blocks alone,
-      where a separate pass reads and writes a 32 MiB mask.
-    """
-    t_pad = padded_blocks(num_blocks)
-    depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))
-    return PooledTopPTiles(
-        block_rows=32 if t_pad == 1024 else min(16, t_pad),
-        depth_chunk=depth_chunk,
-        num_warps=4 if t_pad <= 256 else 8,
-        num_stages=1,
-        lists_rows=0 if t_pad <= 256 else 8,
-    )
 
 
 def _validate(pooled_q, pooled_k, domain, threshold, tiles) -> PooledTopPTiles:
@@ -363,7 +275,7 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
     codes = jnp.pad(codes, ((0, 0), (0, rows_pad - tq), (0, t_pad - t)))
     finish_here = not tiles.lists_rows  # forced blocks (and lists) in this kernel
     lists_here = with_lists and finish_here
-    out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, bm, lists_here)
+    out_shape, out_specs = selection_outputs(b, hq, rows_pad, t_pad, bm, lists_here)
     cuts_suffix = f"_c{tiles.cuts_per_step}" if tiles.cuts_per_step > 1 else ""
     kind = "pbs_select_lists" if lists_here else "pbs_pooled_top_p"
     outputs = pl.pallas_call(
@@ -386,7 +298,7 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
             pl.BlockSpec(
                 (None, t_pad, None, d), lambda r, bi, h: (bi, 0, _checks.shared_head(h, group), 0)
             ),
-            _codes_spec(codes, bm, t_pad),
+            codes_spec(codes, bm, t_pad),
             pl.BlockSpec((None, None), lambda r, bi, h: (bi, h)),
         ],
         out_specs=out_specs,
@@ -395,71 +307,13 @@ def _pooled_selection(pooled_q, pooled_k, codes, sink, *, threshold, tiles, with
         name=f"{kind}_t{t_pad}_m{bm}{cuts_suffix}",
     )(pooled_q, pooled_k, codes, sink)
     if not finish_here:
-        outputs = _finish_selection(
-            outputs[0], codes, sink, tiles.lists_rows, with_lists, interpret
-        )
+        outputs = finish_selection(outputs[0], codes, sink, tiles.lists_rows, with_lists, interpret)
     # Slices of the padding: no-ops where T is a power of two >= 16 and Tq whole row tiles.
     mask = outputs[0][:, :, :tq, :t] != 0
     if not with_lists:
         return (mask,)
     ids, full, total = outputs[1:]
     return mask, ids[:, :, :tq, :t], full[:, :, :tq], total[:, :, :tq]
-
-
-def _codes_spec(codes, rows: int, t_pad: int) -> pl.BlockSpec:
-    """The ``[rows, T_pad]`` tile of ``codes [1 | B, rows_pad, T_pad]`` of a program of the
-    ``(row tiles, B, Hq)`` grid (one codes row for the whole batch unless it has B)."""
-    per_row = codes.shape[0] > 1
-    return pl.BlockSpec((None, rows, t_pad), lambda r, bi, h: (bi if per_row else 0, r, 0))
-
-
-def _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists):
-    """Out shapes and specs on the ``(row tiles, B, Hq)`` grid: the int8 mask, and with lists
-    ids int32 ``[B, Hq, rows_pad, T_pad]``, full and total counts int32 ``[B, Hq, rows_pad]``."""
-
-    def row_tile(r, bi, h):
-        return (bi, h, r, 0)
-
-    shape = [jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int8)]
-    specs = [pl.BlockSpec((None, None, rows, t_pad), row_tile)]
-    if with_lists:
-        shape += [
-            jax.ShapeDtypeStruct((b, hq, rows_pad, t_pad), jnp.int32),
-            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
-            jax.ShapeDtypeStruct((b, hq, rows_pad), jnp.int32),
-        ]
-        specs += [
-            pl.BlockSpec((None, None, rows, t_pad), row_tile),
-            pl.BlockSpec((None, None, rows), lambda r, bi, h: (bi, h, r)),
-            pl.BlockSpec((None, None, rows), lambda r, bi, h: (bi, h, r)),
-        ]
-    return shape, specs
-
-
-def _finish_selection(top_p, codes, sink, rows: int, with_lists: bool, interpret):
-    """The top-p int8 ``mask [B, Hq, rows_pad, T_pad]`` finished in a lean kernel of ``rows``
-    query blocks per program: the forced, never-selected and sink blocks applied, and with
-    lists (ids, full_counts, total_counts); all padded as the mask."""
-    b, hq, rows_pad, t_pad = top_p.shape
-    rows = min(rows, rows_pad & -rows_pad)  # a power of two dividing the padded rows
-    out_shape, out_specs = _selection_outputs(b, hq, rows_pad, t_pad, rows, with_lists)
-    kind = "pbs_finish_lists" if with_lists else "pbs_finish_mask"
-    return pl.pallas_call(
-        _finish_selection_kernel,
-        out_shape=out_shape,
-        grid=(rows_pad // rows, b, hq),
-        in_specs=[
-            pl.BlockSpec((None, None, rows, t_pad), lambda r, bi, h: (bi, h, r, 0)),
-            _codes_spec(codes, rows, t_pad),
-            pl.BlockSpec((None, None), lambda r, bi, h: (bi, h)),
-        ],
-        out_specs=out_specs,
-        compiler_params=_checks.triton_compiler_params(
-            PooledTopPTiles(num_warps=4 if rows * t_pad <= 4096 else 8)
-        ),
-        interpret=interpret,
-        name=f"{kind}_t{t_pad}_m{rows}",
-    )(top_p, codes, sink)
 
 
 def _pooled_selection_kernel(
@@ -477,7 +331,7 @@ def _pooled_selection_kernel(
     finish,
 ):
     """One program: ``block_rows`` query blocks of one head against all T_pad key blocks
-    (``finish``: the final mask, else the top-p blocks alone for :func:`_finish_selection`).
+    (``finish``: the final mask, else the top-p blocks alone for :func:`finish_selection`).
 
     q_ref [bm, D], k_ref [T_pad, D] float32; codes_ref [bm, T_pad] int8; sink_ref [] int32;
     mask_ref [bm, T_pad] int8; with lists, list_refs = (ids_ref [bm, T_pad] int32, full_ref
@@ -496,55 +350,14 @@ def _pooled_selection_kernel(
     logits = lax.fori_loop(0, num_depth_chunks, accumulate, jnp.zeros(tile, jnp.float32))
     # Only the domain's bit lives through the search; the other flags are read after it (an
     # int tile kept live through the loop would spill registers at large T_pad).
-    allowed = _flagged(codes_ref[...], CODE_DOMAIN)
+    allowed = flagged(codes_ref[...], CODE_DOMAIN)
     probs = masked_softmax(logits / logit_divisor, allowed)
     top_p = top_p_blocks(probs, allowed, threshold, cuts_per_step=cuts_per_step)
     if not finish:
         mask_ref[...] = top_p.astype(jnp.int8)
         return
     codes = codes_ref[...]
-    keep = _final_mask(top_p, codes, sink_ref[...])
+    keep = final_mask(top_p, codes, sink_ref[...])
     mask_ref[...] = keep.astype(jnp.int8)
     if list_refs:
-        _write_lists(keep, codes, *list_refs)
-
-
-def _finish_selection_kernel(top_p_ref, codes_ref, sink_ref, mask_ref, *list_refs):
-    """One program of :func:`_finish_selection`: top_p_ref, codes_ref [rows, T_pad] int8,
-    sink_ref [] int32 → the final mask [rows, T_pad] int8 (and its lists) of its rows."""
-    codes = codes_ref[...]
-    keep = _final_mask(top_p_ref[...] != 0, codes, sink_ref[...])
-    mask_ref[...] = keep.astype(jnp.int8)
-    if list_refs:
-        _write_lists(keep, codes, *list_refs)
-
-
-def _final_mask(top_p, codes, sink):
-    """The selection's rule on a ``[rows, T_pad]`` tile: the top-p blocks, or forced, or the
-    sink column, and never the blocks flagged ``CODE_NEVER``."""
-    col = lax.broadcasted_iota(jnp.int32, top_p.shape, 1)
-    return (top_p | _flagged(codes, CODE_FORCED) | (col == sink)) & ~_flagged(codes, CODE_NEVER)
-
-
-def _flagged(codes, code: int):
-    """Where the int8 ``codes`` carry the bit ``code``."""
-    return (codes & jnp.int8(code)) != 0
-
-
-def _write_lists(keep, codes, ids_ref, full_ref, total_ref):
-    """The block lists of a ``[rows, T_pad]`` tile of kept blocks: ids_ref [rows, T_pad] (each
-    row's kept columns ascending, then zeros), full_ref (kept and flagged ``CODE_EARLIER``) and
-    total_ref (kept) [rows] int32."""
-    tile = keep.shape
-    kept = keep.astype(jnp.int32)
-    kept_upto = lax.cumsum(kept, axis=1)  # kept blocks <= c
-    total = jnp.sum(kept, axis=1)  # [rows]
-    full_ref[...] = jnp.sum(jnp.where(_flagged(codes, CODE_EARLIER), kept, 0), axis=1)
-    total_ref[...] = total
-    # A permutation of the row's columns: kept column c to slot kept_upto[c] - 1 (ascending
-    # ids first), dropped column c to slot total + (dropped columns < c) (zeros after). Every
-    # slot is written once, so one unmasked scatter fills the whole tile.
-    col = lax.broadcasted_iota(jnp.int32, tile, 1)
-    slot = jnp.where(keep, kept_upto - 1, total[:, None] + col - kept_upto)
-    row = lax.broadcasted_iota(jnp.int32, tile, 0)
-    plt.store(ids_ref.at[row, slot], jnp.where(keep, col, 0))
+        write_lists(keep, codes, *list_refs)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _checks
+from pallas_kernels.block_lists import CODE_DOMAIN, CODE_EARLIER, CODE_FORCED, CODE_NEVER
 from pallas_kernels.planned import slot_order
-from pallas_kernels.pooled_top_p import CODE_DOMAIN, CODE_EARLIER, CODE_FORCED, CODE_NEVER
 from pallas_kernels.pooling import block_means
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
@@ -325,7 +325,7 @@ def pooled_selection_reference(
     """The contract of ``pallas_kernels.pooled_selection`` (with lists; any T, D and dtype).
 
     Args: pooled_q, pooled_k, threshold as :func:`pooled_top_p_blocks_reference`; codes
-      ``[1 or B, Tq, T]`` int bit flags (``pallas_kernels.pooled_top_p.CODE_*``); sink ``[B, Hq]``
+      ``[1 or B, Tq, T]`` int bit flags (``pallas_kernels.block_lists.CODE_*``); sink ``[B, Hq]``
       int, a forced key block per query head or -1.
     Returns:
       ``(mask [B, Hq, Tq, T] bool, ids [B, Hq, Tq, T] int32, full_counts [B, Hq, Tq] int32,
