@@ -7,8 +7,8 @@ einsum that transposes all of K first (``pbs_jax.selection.one_hot_pooled_permut
 CPU path).
 Here one launch reads K once, grid ``(complete segments, B, Hkv)``: one program owns one
 segment of one KV head, and for each of the ``r = Hp / Hkv`` permutation heads of that KV head
-(a static loop: the segment's rows come from HBM once, the other heads' gathers should hit
-L1/L2; not measured yet)
+(a static loop: the segment's rows come from HBM once, the other heads' gathers can hit L1/L2;
+the cache hits are not measured, the kernel's time is in results/profile_plan.md)
 
 * pooled block t of the segment = the sum of the K rows at positions ``perm[slots of block
   t]``: gather loads of ``gather_rows`` rows at a time by the permutation itself (each row D
@@ -75,8 +75,8 @@ def permuted_pool_tiles(block_size: int, head_dim: int) -> PermutedPoolTiles:
     tile of at most 16K elements (a whole block of 128 at D 128), 8 warps, 2 stages.
 
     Measured on an H200 (JAX 0.11.2, 2026-11-30, 32 permutation heads over 8 KV heads of D 128,
-    bf16; experiments/profile_plan.py's sweep, results/profile_plan.md): at 128K tokens 192 µs
-    of GPU time for gathers of 128 rows at 8 warps, 239 for 32 rows, 319 for 32 rows at 4 warps
+    bf16; experiments/profile_plan.py's sweep, results/profile_plan.md): at 128K tokens 194 µs
+    of GPU time for gathers of 128 rows at 8 warps, 241 for 32 rows, 319 for 32 rows at 4 warps
     (the einsum path: 277 µs); at 8K 14 µs (einsum 21)."""
     cap = max(1, _GATHER_TILE_ELEMENTS // head_dim)
     return PermutedPoolTiles(gather_rows=largest_pow2_divisor(block_size, cap), num_warps=8)

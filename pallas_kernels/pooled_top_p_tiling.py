@@ -85,9 +85,10 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
       2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25 with 7; the search is
       not latency-bound there), and at 8K the differences are within the calls' noise.
     * lists_rows: 0 (one launch) while the tile is <= 4K blocks (T_pad <= 256); 8 above: at
-      T_pad = 1024 (H200, 32 heads) the selection kernel took 0.64 ms alone, 1.30 with the
-      lists in it (its [32, 1024] int32 tiles spill) and 0.83 with the forced blocks alone,
-      where a separate pass reads and writes a 32 MiB mask.
+      T_pad = 1024 (H200, 32 heads) the selection kernel took 0.65 ms alone (then 32 µs for the
+      second kernel's mask, results/profile_plan.md), 1.30 with the lists in it (its [32, 1024]
+      int32 tiles spill; results/profile_plan_lists_in_selection.md) and 0.83 with the forced
+      blocks alone (results/profile_plan_forced_in_selection.md).
     """
     t_pad = padded_blocks(num_blocks)
     depth_chunk = min(head_dim, max(_MIN_DOT_DIM, _DOT_CHUNK_ELEMENTS // t_pad))
