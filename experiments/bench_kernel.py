@@ -55,8 +55,9 @@ WEAK_STRUCTURE = 0.1
 # The "paper" family: structured_qkv with its planted logits scaled per length so that the
 # paper-rule plan's density is the paper's own for Llama-3.1-8B at that length (Table 5, with
 # permutation, averaged over layers and heads: 0.579 at 8K, 0.219 at 128K; paper-spec §3.4).
-# Calibrated on CPU with 8/2 heads (plan density 0.579 at 8K, 0.217 at 128K; 2026-11-30): the
-# whole op measured at the density the paper's model has, not at the synthetic family's own.
+# Calibrated on CPU with 8/2 heads by experiments/calibrate_structure.py (plan density 0.579 at
+# 8K, 0.217 at 128K; results/calibrate_structure.md): the whole op measured at the density the
+# paper's model has, not at the synthetic family's own.
 PAPER_STRUCTURE = {8192: 0.38, 131072: 1.04}
 # From this length on each call is timed fewer times (a call takes 50-250 ms there).
 LONG = 65536

@@ -206,6 +206,7 @@ def rerender(tmp_path, module, *names, args=()):
         ("probe_mgpu", ["probe_mgpu.json"]),
         ("tune_kernel", ["tune_kernel.json"]),
         ("layer_schedule", ["layer_schedule.json"]),
+        ("calibrate_structure", ["calibrate_structure.json"]),
     ],
 )
 def test_reports_rerender_the_committed_markdown(tmp_path, script, names):
