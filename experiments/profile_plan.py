@@ -203,6 +203,8 @@ def bench(args, out):
 def report(payload, out: pathlib.Path, name: str = "profile_plan"):
     st = payload["stamp"]
     head = f"# Plan profile — {st['device']}, JAX {st['jax']}, {st['date']}\n"
+    if payload.get("note"):
+        head += f"\n{payload['note']}\n"
     (out / f"{name}.md").write_text(head + render(payload["rows"]) + "\n")
 
 

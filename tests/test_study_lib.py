@@ -195,6 +195,10 @@ def rerender(tmp_path, module, *names, args=()):
         ("bench_kernel", ["bench_kernel.json"]),
         ("bench_kernel", ["bench_kernel_fused_plan.json"]),
         ("bench_kernel", ["bench_kernel_tuned_plan.json"]),
+        ("bench_kernel", ["bench_kernel_lists.json"]),
+        ("bench_kernel", ["bench_kernel_finish.json"]),
+        ("profile_plan", ["profile_plan.json"]),
+        ("profile_plan", ["profile_plan_forced_in_selection.json"]),
         (
             "bench_prefill",
             [

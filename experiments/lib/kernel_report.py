@@ -169,6 +169,7 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
     lines = [
         f"# PBS kernel vs cuDNN — {st['device']}, JAX {st['jax']}, {st['date']}",
         "",
+        *([payload["note"], ""] if payload.get("note") else []),
         f"B=1, Hq={payload['shape']['heads']}, Hkv={payload['shape']['kv_heads']}, "
         f"D={payload['shape']['dim']}, bf16, block {payload['cfg']['block_size']}, segment "
         f"{payload['cfg']['segment_size']}. Times are medians in ms; ratios are cuDNN time / "
