@@ -46,15 +46,16 @@ from pbs_jax.grid import softmax_domain
 LENGTHS = (8192, 131072)
 RULES = {"paper": PBSConfig.paper(), "default": PBSConfig()}
 IMPORTANCE_TILES = (
-    ImportanceTiles(128, 128, 1024, 8, 2),
-    ImportanceTiles(128, 64, 512, 4, 2),
-    ImportanceTiles(128, 64, 1024, 4, 2),
-    ImportanceTiles(64, 64, 256, 4, 2),
+    ImportanceTiles(128, 128, 512, 8, 2, column_tiles=2),
+    ImportanceTiles(128, 128, 512, 8, 2),
+    ImportanceTiles(128, 128, 512, 4, 2),
+    ImportanceTiles(128, 128, 1024, 8, 2, column_tiles=2),
+    ImportanceTiles(128, 128, 256, 8, 2, column_tiles=2),
     # Several key tiles per pass-2 program: fewer, longer programs where pass 2 is latency-bound
-    # (8K keys: 4096 programs of one 128 × 64 dot at the default tiles).
+    # (8K keys: 4096 programs of one 128 × 64 dot with 64-key tiles).
     ImportanceTiles(128, 64, 512, 4, 2, column_tiles=2),
-    ImportanceTiles(128, 64, 512, 4, 2, column_tiles=4),
-    ImportanceTiles(128, 64, 512, 8, 2, column_tiles=4),
+    ImportanceTiles(128, 64, 512, 8, 2, column_tiles=2),
+    ImportanceTiles(128, 128, 512, 8, 2, column_tiles=4),
 )
 TOP_P_TILES = (
     PooledTopPTiles(16, 16, 8, 1),

@@ -63,17 +63,19 @@ class ImportanceTiles:
         _checks.check_num_stages("ImportanceTiles", self.num_stages)
 
 
-# 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16; the sweep of
-# experiments/profile_plan.py, results/profile_plan.md, wall times of the call): 128 proxy rows ×
-# 64 keys at 4 warps, splits of 512 keys, beat 128 × 128 at 8 warps, splits of 1024 (128K keys:
-# 1.30 vs 1.35 ms at one proxy block, 3.92 vs 4.83 ms at four); two key tiles per pass-2 program
-# (column_tiles) beat one: 1.24 vs 1.30 ms and 3.73 vs 3.92 ms at 128K, 0.38 vs 0.40 ms at 8K and
-# four blocks, and in the plan's GPU profile 38.8 µs for the columns pass at 8K (41.9 with one
-# tile, the earlier profile); four tiles lose at four blocks (4.76 ms).
+# 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16, one proxy block;
+# GPU time of both passes and their combine, the columns pass computing keys × rows tiles): 128
+# rows × 128 keys at 8 warps, two key tiles per pass-2 program, 53.0 µs at 8K keys (one tile:
+# 55.8; 4 warps: 58.8; 64-key tiles at 4 warps, the previous default: 62.4), and one tile at 8
+# warps 821 µs at 128K (64-key tiles at 4 warps: 824). Before the transposed columns pass the
+# sweep of experiments/profile_plan.py (results/profile_plan.md) had chosen 64-key tiles at 4
+# warps, splits of 512 keys (128K: 1.30 vs 1.35 ms wall at one proxy block).
 # float32: 64 × 64 at 4 warps, not measured (IEEE dots, twice the register bytes per element).
 _DEFAULT_TILES = {
-    "bfloat16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2, column_tiles=2),
-    "float16": ImportanceTiles(128, 64, split_keys=512, num_warps=4, num_stages=2, column_tiles=2),
+    "bfloat16": ImportanceTiles(
+        128, 128, split_keys=512, num_warps=8, num_stages=2, column_tiles=2
+    ),
+    "float16": ImportanceTiles(128, 128, split_keys=512, num_warps=8, num_stages=2, column_tiles=2),
     "float32": ImportanceTiles(64, 64, num_warps=4, num_stages=2),
 }
 
