@@ -48,6 +48,9 @@ from pbs_jax import PBSConfig, blocks, cost_model, permutation, selection
 
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 DENSITIES = (0.1, 0.2, 0.4)
+# Interleaved rounds of the contenders compared side by side (impl="auto" and its choices, the
+# densest op and cuDNN): at 8K one median moved ~10% between runs of the same code.
+ROUNDS = 3
 FAMILIES = ("random", "structured", "weak", "paper", "captured")
 # structured_qkv's planted logits scaled by this: PBS plans of density ~0.88 at 8K and 32K
 # (PBSConfig.paper(), measured on CPU with 8/2 heads), as inputs with weak structure give.
@@ -209,17 +212,22 @@ def family_inputs(name: str, n: int, args, captured):
     raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
 
 
-def family_row(q, k, v, cfg, cudnn_ms, time) -> dict:
+def family_row(q, k, v, cfg, time) -> dict:
     """``impl="auto"`` on one input against its two choices: dense (cuDNN) and sparse (the op
-    with ``impl="pallas"``: plan + kernel), and, stricter, against cuDNN and the kernel alone at
-    the plan's density (no plan counted: no auto that plans can reach it where the plan is a
-    large share of the sparse path)."""
+    with ``impl="pallas"``: plan + kernel), the three timed in interleaved rounds; and, stricter,
+    against cuDNN and the kernel alone at the plan's density (no plan counted: no auto that plans
+    can reach it where the plan is a large share of the sparse path)."""
     fns = op_fns(cfg)
     _, aux = fns["pallas"](q, k, v)
     lists = fns["lists"](aux.block_mask)
     kernel_ms = time(fns["op_kernel"], q, k, v, aux.perm, *lists)
-    sparse_ms = time(lambda q, k, v: fns["pallas"](q, k, v)[0], q, k, v)
-    auto_ms = time(fns["auto"], q, k, v)
+    contenders = {
+        "cudnn": kernels.cudnn_attention,
+        "sparse": lambda q, k, v: fns["pallas"](q, k, v)[0],
+        "auto": fns["auto"],
+    }
+    ms = timing.time_interleaved(contenders, q, k, v, rounds=ROUNDS, time=time)
+    cudnn_ms, sparse_ms, auto_ms = ms["cudnn"], ms["sparse"], ms["auto"]
     best = min(cudnn_ms, kernel_ms)
     return {
         "shape": list(q.shape) + [k.shape[2]],
@@ -262,6 +270,7 @@ def bench_length(n, args, cfg):
                 "computed_tflops": kernels.computed_tflops(d, cfg.block_size, computed, ms),
                 "speedup_vs_cudnn": row["cudnn_ms"] / ms,
             }
+    row["densest"] = densest_row(q, k, v, cfg, time)
     del q, k, v
 
     # The plan stage by stage and the whole op, on structured input.
@@ -280,21 +289,37 @@ def bench_length(n, args, cfg):
     return row
 
 
+def densest_row(q, k, v, cfg, time) -> dict:
+    """The sparse op at its densest: random inputs (flat block scores, so top-p keeps about as
+    many blocks as it ever can) with the bench's rule and the default one, against cuDNN,
+    interleaved; ``ratio``, the slower op over cuDNN, is the cost table's densest_op_ratio."""
+    rules = {"bench rule": cfg, "default rule": PBSConfig()}
+    fns = {"cudnn": kernels.cudnn_attention}
+    fns.update(
+        (name, jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=rule, impl="pallas")))
+        for name, rule in rules.items()
+    )
+    ms = timing.time_interleaved(fns, q, k, v, rounds=ROUNDS, time=time)
+    densities = {
+        name: float(pbs_jax.pbs_attention(q, k, v, rule, impl="pallas", return_aux=True)[1].density)
+        for name, rule in rules.items()
+    }
+    slowest = max(ms[name] for name in rules)
+    return {"ms": ms, "densities": densities, "ratio": slowest / ms["cudnn"], "rounds": ROUNDS}
+
+
 def add_families(row, args, cfg, captured=None):
     """``impl="auto"`` on every input family at the row's length (with the card's cost table
     as it stands: the bench installs the one it has just measured first), and the whole-op
     columns that need the structured family's kernel time."""
-    n, b, h, d = row["n"], 1, args.heads, args.dim
+    n, d = row["n"], args.dim
     time = timer(n, args.smoke)
     row["families"] = {}
     for name in args.families:
         inputs = family_inputs(name, n, args, captured)
         if inputs is None:
             continue
-        cudnn_ms = row["cudnn_ms"]
-        if inputs[0].shape != (b, n, h, d):  # the captured family has its own shape
-            cudnn_ms = time(kernels.cudnn_attention, *inputs)
-        row["families"][name] = family_row(*inputs, cfg, cudnn_ms, time)
+        row["families"][name] = family_row(*inputs, cfg, time)
         del inputs
 
     # The columns of earlier runs, from the stages above.

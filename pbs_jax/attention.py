@@ -295,7 +295,8 @@ def pbs_attention(
         mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel or
         cuDNN dense attention, whichever the card's measured cost model
         (:mod:`pbs_jax.cost_model`) says is faster, asked before planning, after a cheap
-        density estimate and after the plan, on device without a host sync).
+        density estimate and after the plan; where even the densest plan's op is measured
+        within noise of cuDNN, the kernel path with no estimate and no choice on device).
         Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
         as the official code does.
       return_aux: also return :class:`PBSAux`.
@@ -367,13 +368,13 @@ def _pbs_forward(q, k, v, cfg: PBSConfig, impl: str, return_aux: bool, lengths=N
         out = _dense(q, k, v, impl, lengths)
         perm, block_mask, dens = _dense_plan(b, m, n, hq, k.shape[2], cfg, lengths)
         sparse = jnp.bool_(False)
-    elif auto_gpu:
+    elif auto_gpu and not _auto_always_pays(q, k, cfg):
         out, perm, block_mask, dens, sparse = _auto_on_gpu(q, k, v, cfg, lengths)
     else:
         perm, block_mask, lists = pbs_plan(q, k, cfg, lengths)
         dens = _mean_density(block_mask, lengths, cfg)
         sparse = jnp.bool_(True)
-        if impl == "pallas":
+        if impl == "pallas" or auto_gpu:
             out = kernel_attention(q, k, v, perm, lists, cfg)
         else:
             out = reference.permuted_block_sparse_attention(
@@ -418,6 +419,14 @@ def _auto_may_pay(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> bool:
     n = k.shape[1]
     floor = cost_model.floor_density(n, cfg)
     return cost_model.choose(table, n, floor, stage=cost_model.AT_TRACE, shape=shape, mosaic=mosaic)
+
+
+def _auto_always_pays(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> bool:
+    """``impl="auto"``, at trace time: is the sparse op at its densest within noise of cuDNN
+    here (:func:`pbs_jax.cost_model.sparse_always_pays`)? Then no estimate and no choice on
+    device: plan and kernel."""
+    table, _, mosaic = _auto_costs(q, cfg)
+    return cost_model.sparse_always_pays(table, k.shape[1], cfg, mosaic)
 
 
 def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):

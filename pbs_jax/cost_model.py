@@ -9,7 +9,11 @@ and per measured length N:
   the bench's 100/40/20/10 % densities; the Mosaic fit includes the K/V slot-order copy that the
   op makes before that kernel;
 - ``estimate_ms``: ``impl="auto"``'s estimate stage (:func:`estimate_density`);
-- ``plan_ms``: the rest of the plan (permutation, selection, index lists), jitted as one.
+- ``plan_ms``: the rest of the plan (permutation, selection, index lists), jitted as one;
+- ``densest_op_ratio``: the whole sparse op (plan + kernel) at its densest over cuDNN, timed side
+  by side: on random inputs, whose flat block scores make the top-p rule keep about as many
+  blocks as it ever can (τ of them and the forced ones), the slower of the two presets (the
+  paper's rule and the default one); None where not measured.
 
 Between measured lengths every quantity is interpolated linearly in (log N, log ms), i.e. as a
 power law; outside them the nearest segment's power law is extended, except that plan costs
@@ -34,6 +38,12 @@ each time with less still to pay (what is spent is sunk):
 2. ``AFTER_ESTIMATE`` (on device): at the density predicted from the estimate
    (:func:`predicted_density`), with the plan still to pay. No: dense, the plan skipped.
 3. ``AFTER_PLAN`` (on device): at the plan's own density, nothing left to pay.
+
+Before all three, at trace time, :func:`sparse_always_pays`: where even the densest plan's sparse
+op is measured within :data:`SURE_TOLERANCE` of cuDNN, no input can make sparse lose by more
+than that, so ``impl="auto"`` plans and runs the kernel with no estimate and no on-device
+choice: each of those costs a host round trip (a ``lax.cond`` waits for its predicate), ~80 µs of
+a 0.6 ms op at 8K (H200, structured inputs: auto 0.68 ms vs the sparse op 0.60).
 """
 
 from __future__ import annotations
@@ -107,6 +117,7 @@ class LengthCosts:
     mosaic: KernelFit | None
     estimate_ms: float
     plan_ms: float
+    densest_op_ratio: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +216,50 @@ def choose(
     """
     costs = op_costs(table, seq_len, shape, mosaic)
     return costs.kernel.ms(density) + still_to_pay_ms(costs, stage) < costs.cudnn_ms
+
+
+# impl="auto" skips its estimate where the sparse op at its densest is at most this much slower
+# than cuDNN: the issue's "never slower than dense by more than noise" (0.97 of the faster).
+SURE_TOLERANCE = 0.03
+# The rules the densest op is measured with (the slower of the two counts): a rule no denser
+# (threshold), with no more to plan (proxy blocks, dense tail) and the same grid is covered.
+DENSEST_RULES = (PBSConfig.paper(), PBSConfig())
+
+
+def densest_covers(cfg: PBSConfig) -> bool:
+    """Whether the table's densest ops bound ``cfg``'s: the same grid and selector, a threshold,
+    proxy and dense tail no larger than the largest of :data:`DENSEST_RULES`."""
+    return (
+        all(
+            getattr(cfg, f) == getattr(r, f)
+            for r in DENSEST_RULES
+            for f in ("block_size", "segment_size", "selector", "permute")
+        )
+        and cfg.threshold <= max(r.threshold for r in DENSEST_RULES)
+        and cfg.proxy_blocks <= max(r.proxy_blocks for r in DENSEST_RULES)
+        and cfg.dense_tail <= max(r.dense_tail for r in DENSEST_RULES)
+    )
+
+
+def sparse_always_pays(table: CardCosts, seq_len: int, cfg: PBSConfig, mosaic: bool = True) -> bool:
+    """Trace time: whether the sparse op at its densest (``densest_op_ratio``) is within
+    :data:`SURE_TOLERANCE` of cuDNN at ``seq_len``: then no input makes the kernel path lose by
+    more than noise, and ``impl="auto"`` takes it without estimating.
+
+    Only inside the measured lengths (the ratio interpolated in log N; attention and the densest
+    op scale alike with the shape, so the ratio is taken as the table's at any shape), for a
+    rule :func:`densest_covers`, on the kernel the table measured (Mosaic where it has Mosaic
+    fits)."""
+    rows = [c for c in table.lengths if c.densest_op_ratio is not None]
+    if len(rows) < 2 or not densest_covers(cfg):
+        return False
+    if mosaic != all(c.mosaic is not None for c in rows):
+        return False
+    ns = [c.seq_len for c in rows]
+    if not ns[0] <= seq_len <= ns[-1]:
+        return False
+    ratios = [c.densest_op_ratio for c in rows]
+    return _log_interp(ns, ratios, seq_len, hold_below=False) <= 1.0 + SURE_TOLERANCE
 
 
 @functools.lru_cache(maxsize=64)

@@ -112,6 +112,50 @@ def test_choose_at_the_three_points_by_hand():
         cost_model.choose(table, 1000, 0.5, stage="later")
 
 
+def densest_table(ratios, mosaic=True) -> CardCosts:
+    """:func:`toy_table` with a densest-op ratio per length (None: not measured)."""
+    table = toy_table(mosaic=mosaic)
+    lengths = tuple(
+        dataclasses.replace(c, densest_op_ratio=r) for c, r in zip(table.lengths, ratios)
+    )
+    return dataclasses.replace(table, lengths=lengths)
+
+
+def test_sparse_always_pays_by_hand():
+    """Sure where the densest op's ratio to cuDNN, interpolated in log N, is <= 1.03; only
+    inside the measured lengths, for rules the measurement covers, on the measured kernel."""
+    paper = PBSConfig.paper()
+    table = densest_table((1.0, 1.1))  # at 2000 (half way in log N): sqrt(1.1) = 1.0488
+    assert cost_model.sparse_always_pays(table, 1000, paper)
+    assert not cost_model.sparse_always_pays(table, 2000, paper)
+    assert not cost_model.sparse_always_pays(table, 4000, paper)
+    # 1.0 → 1.06: 1.0296 at 2000 (sure), 1.0595 at 4000 (not); outside [1000, 4000]: never.
+    table = densest_table((1.0, 1.06))
+    assert cost_model.sparse_always_pays(table, 2000, paper)
+    assert not cost_model.sparse_always_pays(table, 4000, paper)
+    assert not cost_model.sparse_always_pays(table, 8000, paper)
+    assert not cost_model.sparse_always_pays(table, 500, paper)
+    # Not measured at a length, or measured on Mosaic but asked for Triton (or the reverse).
+    assert not cost_model.sparse_always_pays(densest_table((0.5, None)), 1000, paper)
+    assert not cost_model.sparse_always_pays(table, 1000, paper, mosaic=False)
+    assert not cost_model.sparse_always_pays(densest_table((0.5, 0.5), False), 1000, paper)
+    assert cost_model.sparse_always_pays(densest_table((0.5, 0.5), False), 1000, paper, False)
+    # Rules: both presets and anything no denser with no more to plan; not a higher threshold,
+    # a longer proxy, another grid or selector.
+    assert cost_model.sparse_always_pays(table, 1000, PBSConfig())
+    assert cost_model.sparse_always_pays(table, 1000, PBSConfig(threshold=0.5, proxy_blocks=2))
+    for cfg in (
+        PBSConfig(threshold=0.95),
+        PBSConfig(proxy_blocks=8),
+        PBSConfig(dense_tail=256),
+        PBSConfig(block_size=64),
+        PBSConfig(selector="antidiagonal"),
+        PBSConfig(permute=False),
+    ):
+        assert not cost_model.densest_covers(cfg), cfg
+        assert not cost_model.sparse_always_pays(table, 1000, cfg)
+
+
 def test_predicted_density_by_hand():
     table = toy_table(sparsity_gain=2.0)
     # 1 - 2·(1 - 0.9) = 0.8; a low estimate is held at the floor.
@@ -196,6 +240,30 @@ def test_auto_gpu_path_traces():
     assert out.shape == (1, 1024, 4, 64)
 
 
+def test_auto_skips_the_estimate_where_sparse_always_pays(monkeypatch):
+    """On GPU (stood in for here), impl="auto" with a table whose densest op is within noise of
+    cuDNN traces plan + kernel with no estimate and no lax.cond (no on-device choice, no host
+    round trip); with a table that is not sure it keeps its conditionals."""
+    q = jax.ShapeDtypeStruct((1, 2048, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2048, 2, 64), jnp.bfloat16)
+    shape = CallShape(batch=1, q_heads=4, head_dim=64)
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    # cuDNN cannot be traced without a GPU: a stand-in of its shape for the dense branches.
+    monkeypatch.setattr(attention, "_dense", lambda q, k, v, impl, lengths=None: jnp.zeros_like(q))
+
+    def primitives(ratios):
+        table = densest_table(ratios)
+        monkeypatch.setattr(attention, "_auto_costs", lambda q, cfg: (table, shape, True))
+        jaxpr = jax.make_jaxpr(
+            lambda q, k, v: attention._pbs_forward(q, k, v, PBSConfig.paper(), "auto", True)
+        )(q, kv, kv)
+        return str(jaxpr)  # nested jaxprs included
+
+    sure, unsure = primitives((1.0, 1.0)), primitives((1.2, 1.2))
+    assert " cond[" not in sure and " cond[" in unsure
+    assert "pallas_call[" in sure  # the kernel path, not the dense stand-in
+
+
 # ---- experiments: the bench's cost table, the capture file -------------------------------------
 
 
@@ -206,6 +274,7 @@ def bench_row(n, scale):
         row[f"kernel_d{d}"] = {"density": d / 100, "ms": scale * (1 + 2 * d / 100)}
         row[f"mgpu_d{d}"] = {"density": d / 100, "ms": scale * (0.5 + d / 100)}
     row["stages"] = {"estimate_ms": 0.1, "plan_ms": 0.5, "kv_copy_ms": 0.05}
+    row["densest"] = {"ratio": 0.9 * scale}
     row["families"] = {
         "a": {"density": 0.6, "estimate_density": 0.8},  # left out 0.4 / 0.2 → 2
         "b": {"density": 0.9, "estimate_density": 0.9},  # → 1
@@ -226,6 +295,7 @@ def test_bench_cost_table_and_its_literal():
     assert first.triton == KernelFit(1.0, 2.0)
     assert first.mosaic == KernelFit(0.55, 1.0)  # the K/V copy in the fixed cost
     assert (first.cudnn_ms, first.estimate_ms, first.plan_ms) == (4.0, 0.1, 0.5)
+    assert [c.densest_op_ratio for c in table.lengths] == [0.9, 3.6]
     literal = bench_kernel.cost_table_literal(table, "TOY")
     names = {"CardCosts": CardCosts, "LengthCosts": LengthCosts, "KernelFit": KernelFit}
     names["CallShape"] = CallShape

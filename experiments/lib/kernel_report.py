@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -37,6 +38,7 @@ def length_costs(row) -> cost_model.LengthCosts:
         mosaic=mosaic,
         estimate_ms=round(st["estimate_ms"], 4),
         plan_ms=round(st["plan_ms"], 4),
+        densest_op_ratio=round(row["densest"]["ratio"], 4) if "densest" in row else None,
     )
 
 
@@ -76,12 +78,22 @@ def cost_table_literal(table: cost_model.CardCosts, name: str = "CARD") -> str:
         f"    source={table.source!r},",
         f"    sparsity_gain={table.sparsity_gain!r},",
         "    lengths=(",
-        *(f"        {c!r}," for c in table.lengths),
+        *(f"        {_length_literal(c)}," for c in table.lengths),
         "    ),",
         f"    shape={table.shape!r},",
         ")",
     ]
     return "\n".join(lines)
+
+
+def _length_literal(costs: cost_model.LengthCosts) -> str:
+    """``repr`` of one length's costs, without the optional fields a run did not measure."""
+    values = (
+        (f.name, getattr(costs, f.name))
+        for f in dataclasses.fields(costs)
+        if not (f.default is None and getattr(costs, f.name) is None)
+    )
+    return f"LengthCosts({', '.join(f'{name}={v!r}' for name, v in values)})"
 
 
 def stage_lines(rows) -> list[str]:
@@ -162,6 +174,33 @@ def family_lines(rows) -> list[str]:
     return lines
 
 
+def densest_lines(rows) -> list[str]:
+    """The sparse op at its densest against cuDNN, side by side (the cost table's
+    densest_op_ratio: where it is within noise, impl="auto" plans without estimating)."""
+    rows = [r for r in rows if "densest" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "The sparse op at its densest: random inputs (flat block scores: top-p keeps about as "
+        'many blocks as it ever can), impl="pallas" with the bench\'s rule and the default one, '
+        f"cuDNN beside them, the median of {rows[0]['densest']['rounds']} interleaved rounds; "
+        "ratio: the slower op / cuDNN "
+        f'(impl="auto" skips its estimate where it is at most {1 + cost_model.SURE_TOLERANCE}).',
+        "",
+        "| N | cuDNN ms | bench rule ms (density) | default rule ms (density) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = r["densest"]
+        ms, dens = d["ms"], d["densities"]
+        lines.append(
+            f"| {r['n']} | {ms['cudnn']:.3f} | {ms['bench rule']:.3f} ({dens['bench rule']:.3f}) "
+            f"| {ms['default rule']:.3f} ({dens['default rule']:.3f}) | {d['ratio']:.3f} |"
+        )
+    return lines
+
+
 def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
     """Markdown table and PNG plots from the JSON (on any machine)."""
     rows = payload["rows"]
@@ -209,7 +248,7 @@ def report(payload, out: pathlib.Path, name: str = "bench_kernel"):
             f"{w['kernel_ms']:.2f} | {100 * w['overhead_fraction']:.1f}% | {shared_cell} | "
             f"{auto('auto_structured_ms')} / {auto('auto_random_ms')} |"
         )
-    lines += stage_lines(rows) + family_lines(rows)
+    lines += stage_lines(rows) + densest_lines(rows) + family_lines(rows)
     table = cost_table(payload)
     if table is not None:
         lines += [

@@ -44,6 +44,20 @@ def time_call(
     return 1e3 * statistics.median(times)
 
 
+def time_interleaved(fns: dict, *args, rounds: int = 3, time=None) -> dict[str, float]:
+    """Median wall ms of each of ``fns`` (name → function) on the same ``args``, timed in
+    ``rounds`` interleaved rounds (each a ``time(fn, *args)``, default :func:`time_call`) and the
+    median of the rounds taken:
+    contenders compared side by side see the same drift of the card (clocks, heat), which at
+    ~1 ms calls moves a single median by up to ~10% between runs."""
+    time = time or time_call
+    runs = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            runs[name].append(time(fn, *args))
+    return {name: statistics.median(ms) for name, ms in runs.items()}
+
+
 def stamp() -> dict:
     """Card, software and date for every results file."""
     dev = jax.devices()[0]
