@@ -20,6 +20,11 @@ Public API:
   GQA_MODES                             the permutation-head modes ("replicate", "shared"):
                                         one per query head, or one per KV head
   block_means(x, block_size)            block means, zero padding of a partial block counted
+  masked_block_means(x, *, block_size, lengths)
+                                        block_means with rows past lengths zeroed, one launch
+                                        (the planner's pooled queries on GPU)
+  masked_block_means_supported(x, *, block_size)  whether masked_block_means takes them
+  BlockMeansTiles, block_means_tiles    its static tiling and its default
   pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
                                         the meanpool selector's top-p mask in one launch
   pooled_selection(pooled_q, pooled_k, codes, sink, threshold)
@@ -68,7 +73,13 @@ from pallas_kernels.pooled_top_p import (
     pooled_top_p_supported,
     pooled_top_p_tiles,
 )
-from pallas_kernels.pooling import block_means
+from pallas_kernels.pooling import (
+    BlockMeansTiles,
+    block_means,
+    block_means_tiles,
+    masked_block_means,
+    masked_block_means_supported,
+)
 from pallas_kernels.proxy_permutation import (
     GQA_MODES,
     proxy_permutation,
@@ -106,6 +117,10 @@ __all__ = [
     "GQA_MODES",
     "proxy_permutation_reference",
     "block_means",
+    "masked_block_means",
+    "masked_block_means_supported",
+    "BlockMeansTiles",
+    "block_means_tiles",
     "pooled_top_p_blocks",
     "pooled_top_p_supported",
     "pooled_top_p_blocks_reference",

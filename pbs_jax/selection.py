@@ -38,6 +38,8 @@ from pallas_kernels import (
     CODE_FORCED,
     CODE_NEVER,
     block_means,
+    masked_block_means,
+    masked_block_means_supported,
     pooled_block_probabilities_reference,
     pooled_selection,
     pooled_top_p_supported,
@@ -64,7 +66,17 @@ _HI = jax.lax.Precision.HIGHEST
 def mean_pool_blocks(x: jax.Array, block_size: int, lengths: jax.Array | None = None) -> jax.Array:
     """``[B, N, H, D]`` → ``[B, T, H, D]`` float32 block means; zero padding of a partial last
     block is counted in its mean (official semantics); with ``lengths`` rows past a row's length
-    count as that zero padding."""
+    count as that zero padding.
+
+    One rule (``pallas_kernels.block_means``), two evaluations: on GPU (shapes
+    ``pallas_kernels.masked_block_means_supported`` takes: block_size a power of two >= 16, D a
+    power of two) one Pallas kernel reads each block once and masks the rows past N and past
+    the lengths in its loads (no zeroed copy, no padded copy); elsewhere the rows past the
+    lengths zeroed (``pbs_jax.grid.zero_padding``), then :func:`block_means` in XLA, also the
+    kernel's independent oracle.
+    """
+    if jax.default_backend() == "gpu" and masked_block_means_supported(x, block_size=block_size):
+        return masked_block_means(x, block_size=block_size, lengths=lengths)
     if lengths is not None:
         x = zero_padding(x, lengths)
     return block_means(x, block_size)

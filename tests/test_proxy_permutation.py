@@ -217,6 +217,11 @@ def test_plan_through_the_fused_kernel_equals_jnp_plan(monkeypatch, gqa):
     monkeypatch.setattr(permutation, "proxy_permutation", interpreted_permutation)
     monkeypatch.setattr(selection, "pooled_selection", interpreted_selection)
     monkeypatch.setattr(selection, "pooled_permuted_keys", None)  # must not pool again
+    monkeypatch.setattr(
+        selection,
+        "masked_block_means",
+        functools.partial(selection.masked_block_means, interpret=True),
+    )
     gpu_perm, gpu_mask, _ = jax.jit(functools.partial(pbs_plan, cfg=cfg))(q, k)
     assert calls == ["proxy_permutation", "pooled_selection"]
     np.testing.assert_array_equal(np.asarray(gpu_perm), np.asarray(cpu_perm))

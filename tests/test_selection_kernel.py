@@ -186,9 +186,9 @@ def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch, chunk_blocks):
 
 
 def _interpret_the_gpu_path(monkeypatch) -> list:
-    """Make the selection take its GPU path on this CPU: the selection kernel (and the permuted
-    keys' pooling kernel) in interpret mode. Returns the list each selection kernel call appends
-    its ``with_lists`` flag to."""
+    """Make the selection take its GPU path on this CPU: the selection kernel (and the pooling
+    kernels of the permuted keys and of the queries) in interpret mode. Returns the list each
+    selection kernel call appends its ``with_lists`` flag to."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     calls = []
 
@@ -201,6 +201,11 @@ def _interpret_the_gpu_path(monkeypatch) -> list:
         selection,
         "permuted_block_means",
         functools.partial(selection.permuted_block_means, interpret=True),
+    )
+    monkeypatch.setattr(
+        selection,
+        "masked_block_means",
+        functools.partial(selection.masked_block_means, interpret=True),
     )
     return calls
 
