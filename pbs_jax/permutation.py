@@ -112,16 +112,11 @@ def segment_permutation(
     g = complete // s
     # Descending and stable as an ascending stable sort of the negated scores (>= 0, so no
     # signed zeros mix): jnp's descending sort reverses its operand and result, two more passes.
-    # The sort carries each key's position itself (an argsort would carry its index in the
-    # segment, and the segment's start be added after: one more kernel on GPU).
-    keys = -scores.reshape(b, hp, g, s)
-    positions = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 2) * s
-    positions = positions + jax.lax.broadcasted_iota(jnp.int32, keys.shape, 3)
-    _, sorted_positions = jax.lax.sort((keys, positions), dimension=3, is_stable=True, num_keys=1)
+    order = jnp.argsort(-scores.reshape(b, hp, g, s), axis=-1, stable=True)
     if lengths is not None:
         sorted_segment = jnp.arange(g)[None, :] < (permuted_key_counts(lengths, cfg) // s)[:, None]
-        sorted_positions = jnp.where(sorted_segment[:, None, :, None], sorted_positions, positions)
-    sorted_complete = sorted_positions.reshape(b, hp, complete)
+        order = jnp.where(sorted_segment[:, None, :, None], order, jnp.arange(s))
+    sorted_complete = (order + (jnp.arange(g) * s)[:, None]).reshape(b, hp, complete)
     remainder = jnp.broadcast_to(jnp.arange(complete, seq_len), (b, hp, seq_len - complete))
     return jnp.concatenate([sorted_complete, remainder], axis=-1).astype(jnp.int32)
 
