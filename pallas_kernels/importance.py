@@ -64,15 +64,21 @@ __all__ = [
 ]
 
 
-def validate_operands(q_proxy, k, tiles) -> ImportanceTiles:
+def validate_operands(q_proxy, k, tiles, proxy_rows: int | None = None) -> ImportanceTiles:
     """Check the contract (static: shapes and dtypes); return the tiles to use."""
     for name, x in (("q_proxy", q_proxy), ("k", k)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be a 4-d array [B, rows, heads, D], got {x!r:.80}")
         if jnp.dtype(x.dtype).name not in _checks.FLOAT_DTYPES:
             raise ValueError(f"{name} dtype must be one of {_checks.FLOAT_DTYPES}, got {x.dtype}")
-    b, p, hq, d = q_proxy.shape
+    b, m, hq, d = q_proxy.shape
     kb, l, hkv, kd = k.shape
+    p = m if proxy_rows is None else proxy_rows
+    if not isinstance(p, int) or isinstance(p, bool) or not 0 < p <= m or (m - p) % p:
+        raise ValueError(
+            f"proxy_rows must be None or an int P in [1, M={m}] with M - P a multiple of P "
+            f"(the proxy is read in place as the last block of P rows), got {proxy_rows!r}"
+        )
     if q_proxy.dtype != k.dtype:
         raise ValueError(f"q_proxy and k must share a dtype, got {q_proxy.dtype} and {k.dtype}")
     if kb != b:
@@ -98,9 +104,9 @@ def validate_operands(q_proxy, k, tiles) -> ImportanceTiles:
     return tiles
 
 
-def proxy_importance_supported(q_proxy, k) -> bool:
+def proxy_importance_supported(q_proxy, k, proxy_rows: int | None = None) -> bool:
     """Whether :func:`proxy_importance` accepts these operands with its default tiles."""
-    return _checks.accepts(validate_operands, q_proxy, k, None)
+    return _checks.accepts(validate_operands, q_proxy, k, None, proxy_rows)
 
 
 def proxy_importance(
@@ -109,6 +115,7 @@ def proxy_importance(
     real_rows: jax.Array | None = None,
     real_keys: jax.Array | None = None,
     *,
+    proxy_rows: int | None = None,
     tiles: ImportanceTiles | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -118,7 +125,8 @@ def proxy_importance(
     softmax over all L keys (no causal mask), averaged over the P rows, float32.
 
     Args:
-      q_proxy: ``[B, P, Hq, D]`` proxy queries, P a multiple of 16.
+      q_proxy: ``[B, P, Hq, D]`` proxy queries, P a multiple of 16; or ``[B, M, Hq, D]`` with
+        ``proxy_rows``.
       k: ``[B, L, Hkv, D]`` keys, L a multiple of 16, Hq a multiple of Hkv, same dtype as
         q_proxy (float32, bfloat16 or float16); D a power of two in [16, 256].
       real_rows, real_keys: ``[B]`` integers or None (all P, all L; both None: the unragged
@@ -126,6 +134,9 @@ def proxy_importance(
         in the mean (divided by real_rows) and only its first ``real_keys`` keys in the softmax;
         keys past real_keys get 0, a row with no real key (or no real row) 0 throughout. The
         padded rows and keys may hold anything finite. Counts are clipped to [0, P] / [0, L].
+      proxy_rows: P, the proxy as the last P rows of a longer q_proxy ``[B, M, Hq, D]``, read
+        in place (M - P a multiple of P; no copy of the slice); None: all rows. Not with
+        real_rows (a ragged batch's proxies end at each row's own length: slice them).
       tiles: :class:`ImportanceTiles`; default :func:`importance_tiles` (P, L, dtype).
       interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
 
@@ -136,22 +147,38 @@ def proxy_importance(
       ValueError: bad ranks, dtypes, shapes, head counts, head dim or tiles, or counts that are
         not ``[B]`` integers (the message names the argument and the rule).
     """
-    tiles = validate_operands(q_proxy, k, tiles)
+    tiles = validate_operands(q_proxy, k, tiles, proxy_rows)
+    if proxy_rows is not None and real_rows is not None:
+        raise ValueError("proxy_rows and real_rows do not go together: slice a ragged proxy")
     counts = real_counts(q_proxy, k, real_rows, real_keys)
     return _proxy_importance(
-        q_proxy, k, counts, tiles=tiles, interpret=_checks.resolve_interpret(interpret)
+        q_proxy,
+        k,
+        counts,
+        proxy_rows=proxy_rows,
+        tiles=tiles,
+        interpret=_checks.resolve_interpret(interpret),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: bool):
-    b, p, hq, d = q_proxy.shape
+@functools.partial(jax.jit, static_argnames=("proxy_rows", "tiles", "interpret"))
+def _proxy_importance(q_proxy, k, counts, *, proxy_rows, tiles: ImportanceTiles, interpret: bool):
+    b, m, hq, d = q_proxy.shape
+    p = proxy_rows or m
     l, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = tiles.block_rows, tiles.block_keys
     key_block = bn * tiles.column_tiles  # keys of one pass-2 program
     ragged = counts is not None  # static: None is an empty pytree, its own trace
-    lse = row_log2_sum_exp(q_proxy, k, num_keys=l, tiles=tiles, interpret=interpret, counts=counts)
+    lse = row_log2_sum_exp(
+        q_proxy,
+        k,
+        num_keys=l,
+        tiles=tiles,
+        interpret=interpret,
+        counts=counts,
+        proxy_rows=proxy_rows,
+    )
 
     # Pass 2: per (key block, batch, head) the column sums of the probabilities over all rows.
     return pl.pallas_call(
@@ -167,7 +194,7 @@ def _proxy_importance(q_proxy, k, counts, *, tiles: ImportanceTiles, interpret: 
         out_shape=jax.ShapeDtypeStruct((b, hq, l), jnp.float32),
         grid=(l // key_block, b, hq),
         in_specs=[
-            *key_block_in_specs(p, key_block, d, group),
+            *key_block_in_specs(p, key_block, d, group, first_block=(m - p) // p),
             *count_specs(counts, lambda j, bi, h: (bi,)),
         ],
         out_specs=pl.BlockSpec((None, None, key_block), lambda j, bi, h: (bi, h, j)),

@@ -78,15 +78,27 @@ def count_specs(counts, index_map):
 
 
 def row_log2_sum_exp(
-    q_proxy, k, *, num_keys: int, tiles: ImportanceTiles, interpret: bool, counts=None
+    q_proxy,
+    k,
+    *,
+    num_keys: int,
+    tiles: ImportanceTiles,
+    interpret: bool,
+    counts=None,
+    proxy_rows: int | None = None,
 ):
     """Pass 1: ``lse [B, Hq, P]`` float32, each proxy row's log2-sum-exp2 of its base-2 logits
     over the first ``num_keys`` keys of ``k [B, N, Hkv, D]`` (a multiple of block_keys).
 
+    proxy_rows: P, the last rows of ``q_proxy [B, M, Hq, D]`` read in place (M - P a multiple of
+    block_rows); None: all M.
+
     counts: None or ``(real_rows, real_keys)`` ``[B]`` int32 (:func:`real_counts`): only the
     first real_keys keys enter a row's sum; the rows past real_rows, and every row of a batch
     row without a real key, get anything (-inf when their whole row tile is padding)."""
-    b, p, hq, d = q_proxy.shape
+    b, m, hq, d = q_proxy.shape
+    p = proxy_rows or m
+    first_tile = (m - p) // tiles.block_rows  # the proxy's first row tile in q_proxy
     n, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bm, bn = tiles.block_rows, tiles.block_keys
@@ -109,7 +121,7 @@ def row_log2_sum_exp(
         out_shape=(stats_shape, stats_shape),
         grid=(num_splits, p // bm, b, hq),
         in_specs=[
-            pl.BlockSpec((None, bm, None, d), lambda s, r, bi, h: (bi, r, h, 0)),
+            pl.BlockSpec((None, bm, None, d), lambda s, r, bi, h: (bi, r + first_tile, h, 0)),
             # The whole key sequence of one kv head: only a base pointer for Triton; the loop
             # addresses its tiles.
             pl.BlockSpec(
@@ -173,13 +185,16 @@ def _row_stats_kernel(*refs, block_keys, split_tiles, num_key_tiles, ragged, qk_
     sum_ref[...] = l
 
 
-def key_block_in_specs(num_rows: int, key_block: int, d: int, group: int) -> list:
+def key_block_in_specs(
+    num_rows: int, key_block: int, d: int, group: int, first_block: int = 0
+) -> list:
     """The operands of a pass over key blocks, grid ``(key block j, batch, query head)``: all P
-    proxy rows of the head ``[P, D]``, the block's ``key_block`` keys of its KV head ``[key_block,
-    D]``, the rows' log-sum-exp ``[P]`` (pass 1's). Shared by pass 2 and the fused permutation
-    pass (``pallas_kernels.proxy_permutation``)."""
+    proxy rows of the head ``[P, D]`` (block ``first_block`` of P rows of the operand: the last
+    P of longer queries, read in place), the block's ``key_block`` keys of its KV head
+    ``[key_block, D]``, the rows' log-sum-exp ``[P]`` (pass 1's). Shared by pass 2 and the fused
+    permutation pass (``pallas_kernels.proxy_permutation``)."""
     return [
-        pl.BlockSpec((None, num_rows, None, d), lambda j, bi, h: (bi, 0, h, 0)),
+        pl.BlockSpec((None, num_rows, None, d), lambda j, bi, h: (bi, first_block, h, 0)),
         pl.BlockSpec(
             (None, key_block, None, d), lambda j, bi, h: (bi, j, _checks.shared_head(h, group), 0)
         ),

@@ -78,15 +78,21 @@ def key_importance(
     hkv = k.shape[2]
     complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
     keys = k[:, :complete]  # [B, L, Hkv, D]
-    if lengths is not None:
-        proxy, real_rows = ragged_proxy_queries(q, cfg, lengths)  # [B, P, Hq, D], [B]
-        real_keys = permuted_key_counts(lengths, cfg)  # [B]
+    on_gpu = jax.default_backend() == "gpu"
+    proxy_rows = min(cfg.proxy_blocks * cfg.block_size, q.shape[1])
+    if lengths is None and on_gpu and proxy_importance_supported(q, keys, proxy_rows):
+        # The kernel reads the proxy inside q: no copy of the slice (a launch of its own).
+        per_head = proxy_importance(q, keys, proxy_rows=proxy_rows)
     else:
-        proxy, real_rows, real_keys = proxy_queries(q, cfg), None, None
-    if jax.default_backend() == "gpu" and proxy_importance_supported(proxy, keys):
-        per_head = proxy_importance(proxy, keys, real_rows, real_keys)
-    else:
-        per_head = proxy_importance_reference(proxy, keys, real_rows, real_keys)  # [B, Hq, L]
+        if lengths is not None:
+            proxy, real_rows = ragged_proxy_queries(q, cfg, lengths)  # [B, P, Hq, D], [B]
+            real_keys = permuted_key_counts(lengths, cfg)  # [B]
+        else:
+            proxy, real_rows, real_keys = proxy_queries(q, cfg), None, None
+        if on_gpu and proxy_importance_supported(proxy, keys):
+            per_head = proxy_importance(proxy, keys, real_rows, real_keys)  # [B, Hq, L]
+        else:
+            per_head = proxy_importance_reference(proxy, keys, real_rows, real_keys)
     if cfg.gqa == "shared":
         return per_head.reshape(b, hkv, hq // hkv, complete).mean(axis=2)
     return per_head

@@ -118,6 +118,26 @@ def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa, lengths):
     chex.assert_trees_all_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "proxy_rows,tiles", [(64, ImportanceTiles(32, 32, split_keys=128)), (256, None)]
+)
+def test_proxy_read_in_place_equals_the_sliced_proxy(proxy_rows, tiles):
+    """``proxy_rows``: the last P rows of the whole q, read in place, give the importance of the
+    sliced proxy bit for bit (the same tiles walk the same rows)."""
+    q, k = _qk(jnp.float32)  # M = 768
+    keys = k[:, :256]
+    sliced = proxy_importance(q[:, -proxy_rows:], keys, tiles=tiles, interpret=True)
+    in_place = proxy_importance(q, keys, proxy_rows=proxy_rows, tiles=tiles, interpret=True)
+    np.testing.assert_array_equal(np.asarray(in_place), np.asarray(sliced))
+    with pytest.raises(ValueError, match="proxy_rows"):
+        proxy_importance(q, keys, proxy_rows=160, interpret=True)  # 768 - 160: not a multiple
+    with pytest.raises(ValueError, match="proxy_rows"):
+        proxy_importance(q, keys, proxy_rows=1024, interpret=True)
+    with pytest.raises(ValueError, match="real_rows"):
+        real = jnp.full((BATCH,), 8, jnp.int32)
+        proxy_importance(q, keys, real, proxy_rows=proxy_rows, interpret=True)
+
+
 # P = 64 rows in 2 row tiles, L = 256 keys in tiles of 32: 4 programs of 2 tiles or 2 of 4.
 @pytest.mark.parametrize("column_tiles", [2, 4])
 @pytest.mark.parametrize("group", [1, 3])
