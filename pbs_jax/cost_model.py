@@ -246,20 +246,26 @@ def sparse_always_pays(table: CardCosts, seq_len: int, cfg: PBSConfig, mosaic: b
     :data:`SURE_TOLERANCE` of cuDNN at ``seq_len``: then no input makes the kernel path lose by
     more than noise, and ``impl="auto"`` takes it without estimating.
 
-    Only inside the measured lengths (the ratio interpolated in log N; attention and the densest
-    op scale alike with the shape, so the ratio is taken as the table's at any shape), for a
-    rule :func:`densest_covers`, on the kernel the table measured (Mosaic where it has Mosaic
-    fits)."""
+    At a measured length, its own; between two only when both are within it (no interpolation: between 8K
+    and 128K the old table's fits put the densest op ~5% behind cuDNN at 16K); at and beyond the
+    last measured length when that one is (the plan's share only shrinks with N, the kernel's
+    ratio to cuDNN at a density does not grow: an extrapolation, stated); never below the first.
+    The ratio is taken as the table's at any shape (attention and the densest op scale alike),
+    for a rule :func:`densest_covers`, on the kernel the table measured (Mosaic where it has
+    Mosaic fits)."""
     rows = [c for c in table.lengths if c.densest_op_ratio is not None]
-    if len(rows) < 2 or not densest_covers(cfg):
+    if not rows or not densest_covers(cfg):
         return False
     if mosaic != all(c.mosaic is not None for c in rows):
         return False
-    ns = [c.seq_len for c in rows]
-    if not ns[0] <= seq_len <= ns[-1]:
-        return False
-    ratios = [c.densest_op_ratio for c in rows]
-    return _log_interp(ns, ratios, seq_len, hold_below=False) <= 1.0 + SURE_TOLERANCE
+    sure = [c.densest_op_ratio <= 1.0 + SURE_TOLERANCE for c in rows]
+    exact = [ok for c, ok in zip(rows, sure) if c.seq_len == seq_len]
+    if exact:
+        return exact[0]
+    if seq_len > rows[-1].seq_len:
+        return sure[-1]
+    above = next(i for i, c in enumerate(rows) if c.seq_len > seq_len)
+    return above > 0 and sure[above - 1] and sure[above]
 
 
 @functools.lru_cache(maxsize=64)
@@ -384,10 +390,13 @@ H200 = CardCosts(
             cudnn_ms=1.2325,
             triton=KernelFit(fixed_ms=0.2696, per_density_ms=1.4482),
             mosaic=KernelFit(fixed_ms=0.3465, per_density_ms=0.9371),
-            # The planner of results/bench_kernel_lists.md (its 8K path is the final code's;
-            # was 0.1567 / 0.3247, then 0.1429 / 0.3106 in bench_kernel_tuned_plan.md).
-            estimate_ms=0.1238,
-            plan_ms=0.2603,
+            # The planner of results/bench_kernel_auto.md (was 0.1238 / 0.2603 in
+            # bench_kernel_lists.md, 0.1567 / 0.3247 before); cuDNN and the fits from
+            # bench_kernel_lists.md: in bench_kernel_auto.md cuDNN on the same 8K inputs moved
+            # 1.21-1.50 ms within the run.
+            estimate_ms=0.1102,
+            plan_ms=0.3212,
+            densest_op_ratio=1.0341,
         ),
         LengthCosts(
             seq_len=16384,
@@ -418,10 +427,11 @@ H200 = CardCosts(
             cudnn_ms=250.0994,
             triton=KernelFit(fixed_ms=0.0001, per_density_ms=337.0554),
             mosaic=KernelFit(fixed_ms=2.8721, per_density_ms=235.524),
-            # The planner of results/bench_kernel_finish.md (was 1.8189 / 3.621 before its
-            # tuning, then 1.3148 / 3.1888, then 1.2708 / 3.0056).
-            estimate_ms=1.4837,
-            plan_ms=2.8452,
+            # The planner of results/bench_kernel_auto.md (was 1.4837 / 2.8452 in
+            # bench_kernel_finish.md, 1.8189 / 3.621 before the planner's tuning).
+            estimate_ms=1.4397,
+            plan_ms=2.9477,
+            densest_op_ratio=0.86,
         ),
     ),
     shape=CallShape(batch=1, q_heads=32, head_dim=128),

@@ -122,21 +122,27 @@ def densest_table(ratios, mosaic=True) -> CardCosts:
 
 
 def test_sparse_always_pays_by_hand():
-    """Sure where the densest op's ratio to cuDNN, interpolated in log N, is <= 1.03; only
-    inside the measured lengths, for rules the measurement covers, on the measured kernel."""
+    """Sure where the densest op is within 3% of cuDNN at both measured lengths around N, or at
+    the last measured one for N beyond it; never below the first; for rules the measurement
+    covers, on the measured kernel."""
     paper = PBSConfig.paper()
-    table = densest_table((1.0, 1.1))  # at 2000 (half way in log N): sqrt(1.1) = 1.0488
+    table = densest_table((1.0, 1.1))  # sure at 1000 only
     assert cost_model.sparse_always_pays(table, 1000, paper)
+    assert not cost_model.sparse_always_pays(table, 2000, paper)  # no interpolation
+    assert not cost_model.sparse_always_pays(table, 4000, paper)
+    assert not cost_model.sparse_always_pays(table, 16000, paper)
+    table = densest_table((1.1, 1.03))  # sure at 4000 and beyond only
     assert not cost_model.sparse_always_pays(table, 2000, paper)
-    assert not cost_model.sparse_always_pays(table, 4000, paper)
-    # 1.0 → 1.06: 1.0296 at 2000 (sure), 1.0595 at 4000 (not); outside [1000, 4000]: never.
-    table = densest_table((1.0, 1.06))
+    assert cost_model.sparse_always_pays(table, 4000, paper)
+    assert cost_model.sparse_always_pays(table, 16000, paper)
+    table = densest_table((1.0, 0.9))  # sure everywhere from 1000
     assert cost_model.sparse_always_pays(table, 2000, paper)
-    assert not cost_model.sparse_always_pays(table, 4000, paper)
-    assert not cost_model.sparse_always_pays(table, 8000, paper)
+    assert cost_model.sparse_always_pays(table, 16000, paper)
     assert not cost_model.sparse_always_pays(table, 500, paper)
-    # Not measured at a length, or measured on Mosaic but asked for Triton (or the reverse).
-    assert not cost_model.sparse_always_pays(densest_table((0.5, None)), 1000, paper)
+    # Not measured at a length (below the first measured), or measured on Mosaic but asked for
+    # Triton (or the reverse).
+    assert not cost_model.sparse_always_pays(densest_table((None, 0.5)), 1000, paper)
+    assert cost_model.sparse_always_pays(densest_table((None, 0.5)), 4000, paper)
     assert not cost_model.sparse_always_pays(table, 1000, paper, mosaic=False)
     assert not cost_model.sparse_always_pays(densest_table((0.5, 0.5), False), 1000, paper)
     assert cost_model.sparse_always_pays(densest_table((0.5, 0.5), False), 1000, paper, False)

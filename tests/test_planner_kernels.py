@@ -152,9 +152,11 @@ def test_proxy_importance_column_tiles_match_reference(dtype, group, column_tile
 
 
 def test_default_tiles_shrink_to_divide(monkeypatch):
-    assert importance_tiles(512, 131072, jnp.bfloat16) == ImportanceTiles(
+    assert importance_tiles(128, 131072, jnp.bfloat16) == ImportanceTiles(
         128, 128, 512, 8, 2, column_tiles=2
     )
+    # Several row tiles per pass-2 program: one key tile.
+    assert importance_tiles(512, 131072, jnp.bfloat16).column_tiles == 1
     tiles = importance_tiles(48, 96, jnp.float32)
     assert (tiles.block_rows, tiles.block_keys, tiles.column_tiles) == (16, 32, 1)
     with pytest.raises(ValueError, match="multiple of 16"):
