@@ -246,10 +246,11 @@ def sparse_always_pays(table: CardCosts, seq_len: int, cfg: PBSConfig, mosaic: b
     :data:`SURE_TOLERANCE` of cuDNN at ``seq_len``: then no input makes the kernel path lose by
     more than noise, and ``impl="auto"`` takes it without estimating.
 
-    At a measured length, its own; between two only when both are within it (no interpolation: between 8K
-    and 128K the old table's fits put the densest op ~5% behind cuDNN at 16K); at and beyond the
-    last measured length when that one is (the plan's share only shrinks with N, the kernel's
-    ratio to cuDNN at a density does not grow: an extrapolation, stated); never below the first.
+    At a measured length, its own answer; between two, only when both are sure (no
+    interpolation: between 8K and 128K the old table's fits put the densest op ~5% behind cuDNN
+    at 16K); beyond the last measured length, the last one's (the plan's share only shrinks with
+    N, the kernel's ratio to cuDNN at a density does not grow: an extrapolation, stated); never
+    below the first.
     The ratio is taken as the table's at any shape (attention and the densest op scale alike),
     for a rule :func:`densest_covers`, on the kernel the table measured (Mosaic where it has
     Mosaic fits)."""
