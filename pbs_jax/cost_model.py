@@ -9,11 +9,14 @@ and per measured length N:
   the bench's 100/40/20/10 % densities; the Mosaic fit includes the K/V slot-order copy that the
   op makes before that kernel;
 - ``estimate_ms``: ``impl="auto"``'s estimate stage (:func:`estimate_density`);
-- ``plan_ms``: the rest of the plan (permutation, selection, index lists), jitted as one;
-- ``densest_op_ratio``: the whole sparse op (plan + kernel) at its densest over cuDNN, timed side
-  by side: on random inputs, whose flat block scores make the top-p rule keep about as many
-  blocks as it ever can (τ of them and the forced ones), the slower of the two presets (the
-  paper's rule and the default one); None where not measured.
+- ``plan_ms``: the rest of the plan (permutation, selection, index lists);
+- ``densest_op_ratios``: the whole sparse op (plan + kernel) at its densest over cuDNN, timed side
+  by side, one per rule of :data:`DENSEST_RULES` (the paper's, the default): on random inputs,
+  whose flat block scores make the top-p rule keep about as many blocks as it ever can (τ of
+  them and the forced ones); None where not measured.
+- ``estimate_ms`` and ``plan_ms`` are the GPU time of the stage's kernels (a profile: what the
+  stage adds to the op while the host dispatches ahead) where the run profiled them, else the
+  wall time of the stage jitted alone (which adds its own dispatch: ~0.1 ms more at 8K).
 
 Between measured lengths every quantity is interpolated linearly in (log N, log ms), i.e. as a
 power law; outside them the nearest segment's power law is extended, except that plan costs
@@ -117,7 +120,7 @@ class LengthCosts:
     mosaic: KernelFit | None
     estimate_ms: float
     plan_ms: float
-    densest_op_ratio: float | None = None
+    densest_op_ratios: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,28 +224,32 @@ def choose(
 # impl="auto" skips its estimate where the sparse op at its densest is at most this much slower
 # than cuDNN: the issue's "never slower than dense by more than noise" (0.97 of the faster).
 SURE_TOLERANCE = 0.03
-# The rules the densest op is measured with (the slower of the two counts): a rule no denser
-# (threshold), with no more to plan (proxy blocks, dense tail) and the same grid is covered.
-DENSEST_RULES = (PBSConfig.paper(), PBSConfig())
+# The rules the densest op is measured with (name → rule, the order of densest_op_ratios).
+DENSEST_RULES = {"paper": PBSConfig.paper(), "default": PBSConfig()}
 
 
-def densest_covers(cfg: PBSConfig) -> bool:
-    """Whether the table's densest ops bound ``cfg``'s: the same grid and selector, a threshold,
-    proxy and dense tail no larger than the largest of :data:`DENSEST_RULES`."""
-    return (
-        all(
-            getattr(cfg, f) == getattr(r, f)
-            for r in DENSEST_RULES
+def densest_ratio(costs: LengthCosts, cfg: PBSConfig) -> float | None:
+    """The densest op's ratio to cuDNN that bounds ``cfg``'s at one length: the least of the
+    measured rules that cover it (the same grid and selector, a threshold, proxy and dense tail
+    no larger: no denser a plan, no more to plan); None where none covers it or not measured."""
+    if costs.densest_op_ratios is None:
+        return None
+    covering = [
+        ratio
+        for rule, ratio in zip(DENSEST_RULES.values(), costs.densest_op_ratios)
+        if all(
+            getattr(cfg, f) == getattr(rule, f)
             for f in ("block_size", "segment_size", "selector", "permute")
         )
-        and cfg.threshold <= max(r.threshold for r in DENSEST_RULES)
-        and cfg.proxy_blocks <= max(r.proxy_blocks for r in DENSEST_RULES)
-        and cfg.dense_tail <= max(r.dense_tail for r in DENSEST_RULES)
-    )
+        and cfg.threshold <= rule.threshold
+        and cfg.proxy_blocks <= rule.proxy_blocks
+        and cfg.dense_tail <= rule.dense_tail
+    ]
+    return min(covering, default=None)
 
 
 def sparse_always_pays(table: CardCosts, seq_len: int, cfg: PBSConfig, mosaic: bool = True) -> bool:
-    """Trace time: whether the sparse op at its densest (``densest_op_ratio``) is within
+    """Trace time: whether the sparse op at its densest (:func:`densest_ratio`) is within
     :data:`SURE_TOLERANCE` of cuDNN at ``seq_len``: then no input makes the kernel path lose by
     more than noise, and ``impl="auto"`` takes it without estimating.
 
@@ -250,23 +257,20 @@ def sparse_always_pays(table: CardCosts, seq_len: int, cfg: PBSConfig, mosaic: b
     interpolation: between 8K and 128K the old table's fits put the densest op ~5% behind cuDNN
     at 16K); beyond the last measured length, the last one's (the plan's share only shrinks with
     N, the kernel's ratio to cuDNN at a density does not grow: an extrapolation, stated); never
-    below the first.
-    The ratio is taken as the table's at any shape (attention and the densest op scale alike),
-    for a rule :func:`densest_covers`, on the kernel the table measured (Mosaic where it has
-    Mosaic fits)."""
-    rows = [c for c in table.lengths if c.densest_op_ratio is not None]
-    if not rows or not densest_covers(cfg):
+    below the first. The ratio is taken as the table's at any shape (attention and the densest
+    op scale alike), on the kernel the table measured (Mosaic where it has Mosaic fits)."""
+    measured = [(c, densest_ratio(c, cfg)) for c in table.lengths]
+    rows = [(c, ratio) for c, ratio in measured if ratio is not None]
+    if not rows or mosaic != all(c.mosaic is not None for c, _ in rows):
         return False
-    if mosaic != all(c.mosaic is not None for c in rows):
-        return False
-    sure = [c.densest_op_ratio <= 1.0 + SURE_TOLERANCE for c in rows]
-    exact = [ok for c, ok in zip(rows, sure) if c.seq_len == seq_len]
-    if exact:
-        return exact[0]
-    if seq_len > rows[-1].seq_len:
-        return sure[-1]
-    above = next(i for i, c in enumerate(rows) if c.seq_len > seq_len)
-    return above > 0 and sure[above - 1] and sure[above]
+    sure = {c.seq_len: ratio <= 1.0 + SURE_TOLERANCE for c, ratio in rows}
+    ns = sorted(sure)
+    if seq_len in sure:
+        return sure[seq_len]
+    if seq_len > ns[-1]:
+        return sure[ns[-1]]
+    above = next(i for i, n in enumerate(ns) if n > seq_len)
+    return above > 0 and sure[ns[above - 1]] and sure[ns[above]]
 
 
 @functools.lru_cache(maxsize=64)
@@ -397,7 +401,7 @@ H200 = CardCosts(
             # 1.21-1.50 ms within the run.
             estimate_ms=0.1102,
             plan_ms=0.3212,
-            densest_op_ratio=1.0341,
+            densest_op_ratios=(0.9405, 1.0341),
         ),
         LengthCosts(
             seq_len=16384,
@@ -432,7 +436,7 @@ H200 = CardCosts(
             # bench_kernel_finish.md, 1.8189 / 3.621 before the planner's tuning).
             estimate_ms=1.4397,
             plan_ms=2.9477,
-            densest_op_ratio=0.86,
+            densest_op_ratios=(0.86, 0.8494),
         ),
     ),
     shape=CallShape(batch=1, q_heads=32, head_dim=128),

@@ -113,18 +113,19 @@ def test_choose_at_the_three_points_by_hand():
 
 
 def densest_table(ratios, mosaic=True) -> CardCosts:
-    """:func:`toy_table` with a densest-op ratio per length (None: not measured)."""
+    """:func:`toy_table` with the densest op's ratios (paper rule, default rule) per length: a
+    pair, one number for both, or None (not measured)."""
     table = toy_table(mosaic=mosaic)
+    pairs = [r if r is None or isinstance(r, tuple) else (r, r) for r in ratios]
     lengths = tuple(
-        dataclasses.replace(c, densest_op_ratio=r) for c, r in zip(table.lengths, ratios)
+        dataclasses.replace(c, densest_op_ratios=r) for c, r in zip(table.lengths, pairs)
     )
     return dataclasses.replace(table, lengths=lengths)
 
 
 def test_sparse_always_pays_by_hand():
     """Sure where the densest op is within 3% of cuDNN at both measured lengths around N, or at
-    the last measured one for N beyond it; never below the first; for rules the measurement
-    covers, on the measured kernel."""
+    the last measured one for N beyond it; never below the first; on the measured kernel."""
     paper = PBSConfig.paper()
     table = densest_table((1.0, 1.1))  # sure at 1000 only
     assert cost_model.sparse_always_pays(table, 1000, paper)
@@ -146,11 +147,20 @@ def test_sparse_always_pays_by_hand():
     assert not cost_model.sparse_always_pays(table, 1000, paper, mosaic=False)
     assert not cost_model.sparse_always_pays(densest_table((0.5, 0.5), False), 1000, paper)
     assert cost_model.sparse_always_pays(densest_table((0.5, 0.5), False), 1000, paper, False)
-    # Rules: both presets and anything no denser with no more to plan; not a higher threshold,
-    # a longer proxy, another grid or selector.
-    assert cost_model.sparse_always_pays(table, 1000, PBSConfig())
-    assert cost_model.sparse_always_pays(table, 1000, PBSConfig(threshold=0.5, proxy_blocks=2))
+
+
+def test_densest_ratio_per_rule_by_hand():
+    """Each rule is bounded by the measured rules that cover it (no denser, no more to plan, the
+    same grid), the least of them; none covers a denser or costlier rule, or another grid."""
+    costs = densest_table(((0.95, 1.10), None)).lengths[0]
+    assert cost_model.densest_ratio(costs, PBSConfig.paper()) == 0.95
+    assert cost_model.densest_ratio(costs, PBSConfig()) == 1.10  # the paper's does not cover it
+    # Covered by both (threshold <= 0.88, one proxy block, no dense tail): the least.
+    assert cost_model.densest_ratio(costs, PBSConfig.paper(threshold=0.8)) == 0.95
+    # Covered by the default only (a dense tail), by neither (threshold 0.9 with 4 proxy blocks).
+    assert cost_model.densest_ratio(costs, PBSConfig(threshold=0.85, dense_tail=64)) == 1.10
     for cfg in (
+        PBSConfig(threshold=0.9),
         PBSConfig(threshold=0.95),
         PBSConfig(proxy_blocks=8),
         PBSConfig(dense_tail=256),
@@ -158,8 +168,13 @@ def test_sparse_always_pays_by_hand():
         PBSConfig(selector="antidiagonal"),
         PBSConfig(permute=False),
     ):
-        assert not cost_model.densest_covers(cfg), cfg
-        assert not cost_model.sparse_always_pays(table, 1000, cfg)
+        assert cost_model.densest_ratio(costs, cfg) is None, cfg
+    assert cost_model.densest_ratio(densest_table((None, 1.0)).lengths[0], PBSConfig()) is None
+    # At the table's level: the paper rule is sure at 1000, the default is not.
+    table = densest_table(((0.95, 1.10), (0.9, 0.9)))
+    assert cost_model.sparse_always_pays(table, 1000, PBSConfig.paper())
+    assert not cost_model.sparse_always_pays(table, 1000, PBSConfig())
+    assert not cost_model.sparse_always_pays(table, 1000, PBSConfig(threshold=0.9))
 
 
 def test_predicted_density_by_hand():
@@ -280,7 +295,7 @@ def bench_row(n, scale):
         row[f"kernel_d{d}"] = {"density": d / 100, "ms": scale * (1 + 2 * d / 100)}
         row[f"mgpu_d{d}"] = {"density": d / 100, "ms": scale * (0.5 + d / 100)}
     row["stages"] = {"estimate_ms": 0.1, "plan_ms": 0.5, "kv_copy_ms": 0.05}
-    row["densest"] = {"ratio": 0.9 * scale}
+    row["densest"] = {"ratios": {"paper": 0.9 * scale, "default": scale}}
     row["families"] = {
         "a": {"density": 0.6, "estimate_density": 0.8},  # left out 0.4 / 0.2 → 2
         "b": {"density": 0.9, "estimate_density": 0.9},  # → 1
@@ -301,7 +316,12 @@ def test_bench_cost_table_and_its_literal():
     assert first.triton == KernelFit(1.0, 2.0)
     assert first.mosaic == KernelFit(0.55, 1.0)  # the K/V copy in the fixed cost
     assert (first.cudnn_ms, first.estimate_ms, first.plan_ms) == (4.0, 0.1, 0.5)
-    assert [c.densest_op_ratio for c in table.lengths] == [0.9, 3.6]
+    assert [c.densest_op_ratios for c in table.lengths] == [(0.9, 1.0), (3.6, 4.0)]
+    # A profiled run's GPU times stand for the estimate and the plan.
+    profiled = bench_row(4096, 1.0)
+    profiled["stages"].update(estimate_gpu_ms=0.04, plan_gpu_ms=0.12)
+    gpu = bench_kernel.cost_table({**payload, "rows": [profiled, bench_row(8192, 4.0)]})
+    assert (gpu.lengths[0].estimate_ms, gpu.lengths[0].plan_ms) == (0.04, 0.12)
     literal = bench_kernel.cost_table_literal(table, "TOY")
     names = {"CardCosts": CardCosts, "LengthCosts": LengthCosts, "KernelFit": KernelFit}
     names["CallShape"] = CallShape

@@ -26,7 +26,8 @@ def kernel_points(row, kern: str) -> list[tuple[float, float]]:
 
 def length_costs(row) -> cost_model.LengthCosts:
     """One length of the cost table from a row: cuDNN, the kernel fits (the Mosaic one with the
-    K/V copy made before it), the estimate and the rest of the plan."""
+    K/V copy made before it), the estimate and the rest of the plan (their GPU time where the run
+    profiled it, else their wall time), the densest op's ratios to cuDNN."""
     st = row["stages"]
     mosaic = None
     if "mgpu_d100" in row:
@@ -36,9 +37,13 @@ def length_costs(row) -> cost_model.LengthCosts:
         cudnn_ms=round(row["cudnn_ms"], 4),
         triton=cost_model.fit_kernel(kernel_points(row, "kernel")),
         mosaic=mosaic,
-        estimate_ms=round(st["estimate_ms"], 4),
-        plan_ms=round(st["plan_ms"], 4),
-        densest_op_ratio=round(row["densest"]["ratio"], 4) if "densest" in row else None,
+        estimate_ms=round(st.get("estimate_gpu_ms") or st["estimate_ms"], 4),
+        plan_ms=round(st.get("plan_gpu_ms") or st["plan_ms"], 4),
+        densest_op_ratios=(
+            tuple(round(row["densest"]["ratios"][name], 4) for name in cost_model.DENSEST_RULES)
+            if "densest" in row
+            else None
+        ),
     )
 
 
@@ -176,28 +181,29 @@ def family_lines(rows) -> list[str]:
 
 def densest_lines(rows) -> list[str]:
     """The sparse op at its densest against cuDNN, side by side (the cost table's
-    densest_op_ratio: where it is within noise, impl="auto" plans without estimating)."""
+    densest_op_ratios: where a rule's is within noise, impl="auto" plans without estimating)."""
     rows = [r for r in rows if "densest" in r]
     if not rows:
         return []
+    names = list(rows[0]["densest"]["ratios"])
     lines = [
         "",
         "The sparse op at its densest: random inputs (flat block scores: top-p keeps about as "
-        'many blocks as it ever can), impl="pallas" with the bench\'s rule and the default one, '
-        f"cuDNN beside them, the median of {rows[0]['densest']['rounds']} interleaved rounds; "
-        "ratio: the slower op / cuDNN "
-        f'(impl="auto" skips its estimate where it is at most {1 + cost_model.SURE_TOLERANCE}).',
+        'many blocks as it ever can), impl="pallas" with each rule, cuDNN beside them, the '
+        f"median of {rows[0]['densest']['rounds']} interleaved rounds; ms (plan density, ratio "
+        'to cuDNN): impl="auto" skips its estimate for a rule where the ratio is at most '
+        f"{1 + cost_model.SURE_TOLERANCE}.",
         "",
-        "| N | cuDNN ms | bench rule ms (density) | default rule ms (density) | ratio |",
-        "|---|---|---|---|---|",
+        "| N | cuDNN ms | " + " | ".join(f"{name} rule" for name in names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for r in rows:
         d = r["densest"]
-        ms, dens = d["ms"], d["densities"]
-        lines.append(
-            f"| {r['n']} | {ms['cudnn']:.3f} | {ms['bench rule']:.3f} ({dens['bench rule']:.3f}) "
-            f"| {ms['default rule']:.3f} ({dens['default rule']:.3f}) | {d['ratio']:.3f} |"
+        cells = (
+            f"{d['ms'][name]:.3f} ({d['densities'][name]:.3f}, {d['ratios'][name]:.3f})"
+            for name in names
         )
+        lines.append(f"| {r['n']} | {d['ms']['cudnn']:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
