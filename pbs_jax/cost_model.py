@@ -382,27 +382,28 @@ H200 = CardCosts(
     source="experiments/bench_kernel.py (NVIDIA H200, JAX 0.11.2, 2026-11-30)",
     sparsity_gain=0.965,
     lengths=(
+        # 4K and 8K: results/bench_kernel_auto_short.md, the final code (estimate and plan as
+        # their kernels' GPU time; the plan's wall time jitted alone: 0.205 / 0.243 ms).
         LengthCosts(
             seq_len=4096,
-            cudnn_ms=0.4645,
-            triton=KernelFit(fixed_ms=0.156, per_density_ms=0.4877),
-            mosaic=KernelFit(fixed_ms=0.2587, per_density_ms=0.2899),
-            estimate_ms=0.1108,
-            plan_ms=0.2406,
+            cudnn_ms=0.4231,
+            triton=KernelFit(fixed_ms=0.1554, per_density_ms=0.4293),
+            mosaic=KernelFit(fixed_ms=0.2513, per_density_ms=0.2998),
+            estimate_ms=0.0251,
+            plan_ms=0.0704,
+            densest_op_ratios=(1.297, 1.4865),
         ),
         LengthCosts(
             seq_len=8192,
-            cudnn_ms=1.2325,
-            triton=KernelFit(fixed_ms=0.2696, per_density_ms=1.4482),
-            mosaic=KernelFit(fixed_ms=0.3465, per_density_ms=0.9371),
-            # The planner of results/bench_kernel_auto.md (was 0.1238 / 0.2603 in
-            # bench_kernel_lists.md, 0.1567 / 0.3247 before); cuDNN and the fits from
-            # bench_kernel_lists.md: in bench_kernel_auto.md cuDNN on the same 8K inputs moved
-            # 1.21-1.50 ms within the run.
-            estimate_ms=0.1102,
-            plan_ms=0.3212,
-            densest_op_ratios=(0.9405, 1.0341),
+            cudnn_ms=1.2036,
+            triton=KernelFit(fixed_ms=0.2478, per_density_ms=1.5227),
+            mosaic=KernelFit(fixed_ms=0.3601, per_density_ms=0.8908),
+            estimate_ms=0.0437,
+            plan_ms=0.1197,
+            densest_op_ratios=(1.0125, 1.1024),
         ),
+        # 16K-64K: an earlier run of this planner's predecessors, wall times of the estimate and
+        # the plan jitted alone (above their cost inside the op: conservative for auto).
         LengthCosts(
             seq_len=16384,
             cudnn_ms=3.9788,
@@ -432,10 +433,11 @@ H200 = CardCosts(
             cudnn_ms=250.0994,
             triton=KernelFit(fixed_ms=0.0001, per_density_ms=337.0554),
             mosaic=KernelFit(fixed_ms=2.8721, per_density_ms=235.524),
-            # The planner of results/bench_kernel_auto.md (was 1.4837 / 2.8452 in
-            # bench_kernel_finish.md, 1.8189 / 3.621 before the planner's tuning).
-            estimate_ms=1.4397,
-            plan_ms=2.9477,
+            # Estimate and plan: their GPU time in results/profile_plan.md (this planner but the
+            # proxy's in-place read, 2 µs at 8K); wall times jitted alone 1.4397 / 2.9477 ms in
+            # results/bench_kernel_auto.md, whose densest ops these are (one ratio per rule).
+            estimate_ms=1.0085,
+            plan_ms=2.1663,
             densest_op_ratios=(0.86, 0.8494),
         ),
     ),
