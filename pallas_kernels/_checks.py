@@ -108,6 +108,37 @@ def check_num_stages(cls_name: str, value) -> None:
         raise ValueError(f"{cls_name}.num_stages must be an int >= 1, got {value!r}")
 
 
+# Elements of one [rows, D] tile that the pooling kernels load and add per step by default: 16K
+# float32 values are 64 per thread at 8 warps.
+ROW_TILE_ELEMENTS = 16 * 1024
+
+
+def row_tile(block_size: int, head_dim: int) -> int:
+    """Rows of a pooling kernel's default ``[rows, D]`` tile: the largest power of two dividing
+    block_size with at most :data:`ROW_TILE_ELEMENTS` elements."""
+    return largest_pow2_divisor(block_size, max(1, ROW_TILE_ELEMENTS // head_dim))
+
+
+def check_row_head_dim(d) -> None:
+    """Raise ValueError unless head dim ``d`` can be a Triton tensor dimension of a kernel
+    with no dot: a power of two <= MAX_HEAD_DIM."""
+    if not is_pow2(d) or d > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D={d} must be a power of two <= {MAX_HEAD_DIM} (a Triton tensor dimension)"
+        )
+
+
+def check_lengths(lengths, batch: int) -> None:
+    """Raise ValueError unless ``lengths`` is None or an integer ``[B]`` array."""
+    if lengths is not None and (
+        getattr(lengths, "shape", None) != (batch,)
+        or not jnp.issubdtype(lengths.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"lengths must be None or an integer [B] = [{batch}] array, got {lengths!r:.80}"
+        )
+
+
 def check_dot_head_dim(d) -> None:
     """Raise ValueError unless head dim ``d`` can be a Triton dot operand: a power of two in
     [MIN_DOT_DIM, MAX_HEAD_DIM]."""

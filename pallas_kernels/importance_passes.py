@@ -238,9 +238,10 @@ def probability_column_sums(
     The logits tile is computed transposed, keys × rows (``keys · qᵀ``), so that a key's sum over
     the rows is a reduction along the tile's rows: inside a thread and its quad, with no
     cross-warp exchange through shared memory (the rows × keys tile needs one per key tile). On
-    an H200 (JAX 0.11.2, 2026-11-30, 32 heads of 128, bf16, one proxy block) the columns pass
-    took 26-28 µs instead of 36-39 at 8K keys and 432 instead of 568-588 µs at 128K, same sums
-    up to float32 reassociation (relative 2e-7)."""
+    an H200 (JAX 0.11.2, 2026-11-30, 32 heads of 128, bf16, one proxy block;
+    experiments/explore_columns_transposed.py, results/explore_columns_transposed.log) the
+    columns pass took 26-28 µs instead of 36-39 at 8K keys and 432 instead of 568-588 µs at
+    128K, the same sums up to float32 reassociation (relative 2e-7)."""
 
     def step(r, sums):
         start = r * block_rows

@@ -64,7 +64,8 @@ class ImportanceTiles:
 
 
 # 16-bit: measured on an H200 (JAX 0.11.2, 2026-11-30, 32/8 heads of 128, bf16, one proxy block;
-# GPU time of both passes and their combine, the columns pass computing keys × rows tiles): 128
+# GPU time of both passes and their combine, the columns pass computing keys × rows tiles;
+# results/explore_columns_transposed.log): 128
 # rows × 128 keys at 8 warps, two key tiles per pass-2 program, 53.0 µs at 8K keys (one tile:
 # 55.8; 4 warps: 58.8; 64-key tiles at 4 warps, the previous default: 62.4), and one tile at 8
 # warps 821 µs at 128K (64-key tiles at 4 warps: 824). Before the transposed columns pass the

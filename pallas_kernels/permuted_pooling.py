@@ -36,7 +36,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
-from pallas_kernels._checks import largest_pow2_divisor
 from pallas_kernels.pooling import block_means
 
 __all__ = [
@@ -45,10 +44,6 @@ __all__ = [
     "permuted_block_means_supported",
     "permuted_pool_tiles",
 ]
-
-# Elements of one gathered [gather_rows, D] tile by default: 16K float32 accumulators are 64
-# per thread at 8 warps, next to the loaded rows.
-_GATHER_TILE_ELEMENTS = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +73,7 @@ def permuted_pool_tiles(block_size: int, head_dim: int) -> PermutedPoolTiles:
     bf16; experiments/profile_plan.py's sweep, results/profile_plan.md): at 128K tokens 194 µs
     of GPU time for gathers of 128 rows at 8 warps, 241 for 32 rows, 319 for 32 rows at 4 warps
     (the einsum path: 277 µs); at 8K 14 µs (einsum 21)."""
-    cap = max(1, _GATHER_TILE_ELEMENTS // head_dim)
-    return PermutedPoolTiles(gather_rows=largest_pow2_divisor(block_size, cap), num_warps=8)
+    return PermutedPoolTiles(gather_rows=_checks.row_tile(block_size, head_dim), num_warps=8)
 
 
 def _validate(k, perm, lengths, block_size, segment_size, tiles) -> PermutedPoolTiles:
@@ -99,11 +93,7 @@ def _validate(k, perm, lengths, block_size, segment_size, tiles) -> PermutedPool
         raise ValueError(f"k must have N >= 1 keys and Hkv >= 1 heads, got shape {k.shape}")
     if jnp.dtype(k.dtype).name not in _checks.FLOAT_DTYPES:
         raise ValueError(f"k.dtype must be one of {_checks.FLOAT_DTYPES}, got {k.dtype}")
-    if not _checks.is_pow2(d) or d > _checks.MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim D={d} must be a power of two <= {_checks.MAX_HEAD_DIM} (a Triton tensor "
-            "dimension)"
-        )
+    _checks.check_row_head_dim(d)
     if getattr(perm, "ndim", None) != 3 or perm.shape[0] != b or perm.shape[2] != n:
         raise ValueError(
             f"perm must be [B, Hp, N] = [{b}, Hp, {n}] (B, N from k), got "
@@ -114,12 +104,7 @@ def _validate(k, perm, lengths, block_size, segment_size, tiles) -> PermutedPool
     hp = perm.shape[1]
     if hp == 0 or hp % hkv:
         raise ValueError(f"Hp={hp} (perm.shape[1]) must be a positive multiple of Hkv={hkv}")
-    if lengths is not None and (
-        getattr(lengths, "shape", None) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"lengths must be None or an integer [B] = [{b}] array, got {lengths!r:.80}"
-        )
+    _checks.check_lengths(lengths, b)
     if tiles is None:
         return permuted_pool_tiles(block_size, d)
     if not isinstance(tiles, PermutedPoolTiles):

@@ -33,9 +33,6 @@ __all__ = [
     "masked_block_means_supported",
 ]
 
-# Elements of one loaded [rows, D] tile by default (the permuted-pooling kernel's rule): 16K
-# float32 conversions are 64 per thread at 8 warps.
-_ROW_TILE_ELEMENTS = 16 * 1024
 # The smallest block the kernel pools, as every kernel of this package (a power of two: a
 # Triton block dimension).
 _MIN_BLOCK_SIZE = 16
@@ -75,12 +72,13 @@ def block_means_tiles(block_size: int, head_dim: int) -> BlockMeansTiles:
     of at most 16K elements (a whole block of 128 at D 128: one step), 8 warps, 2 stages.
 
     Measured on an H200 (JAX 0.11.2, 2026-11-30, a prototype of this kernel, q ``[1, N, 32,
-    128]`` bf16, blocks of 128): 18.8 µs at N = 8K and 270 µs at 128K for rows 128 at 8 warps
-    and 2 stages, 20 / 279 µs for rows 32 or 64 at 4 warps; XLA's jnp path 21.8 / 303 µs. The
-    16K-element cap (rows 64 at D 256) is the permuted-pooling kernel's rule, not measured
+    128]`` bf16, blocks of 128; results/explore_fused_permutation.log): 18.8 µs at N = 8K and
+    270 µs at 128K for rows 128 at 8 warps and 2 stages, 20 / 279 µs for rows 32 or 64 at 4
+    warps; XLA's jnp path 21.8 / 303 µs. This kernel in the plan's profile: 19.9 µs at 8K,
+    268.9 at 128K (results/profile_plan.md). The
+    16K-element cap (rows 64 at D 256) is shared with the permuted pooling, not measured
     here."""
-    cap = max(1, _ROW_TILE_ELEMENTS // head_dim)
-    return BlockMeansTiles(rows=_checks.largest_pow2_divisor(block_size, cap))
+    return BlockMeansTiles(rows=_checks.row_tile(block_size, head_dim))
 
 
 def _validate(x, lengths, block_size, tiles) -> BlockMeansTiles:
@@ -99,17 +97,8 @@ def _validate(x, lengths, block_size, tiles) -> BlockMeansTiles:
         raise ValueError(f"x must have B, N and H >= 1, got shape {x.shape}")
     if jnp.dtype(x.dtype).name not in _checks.FLOAT_DTYPES:
         raise ValueError(f"x.dtype must be one of {_checks.FLOAT_DTYPES}, got {x.dtype}")
-    if not _checks.is_pow2(d) or d > _checks.MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim D={d} must be a power of two <= {_checks.MAX_HEAD_DIM} (a Triton tensor "
-            "dimension)"
-        )
-    if lengths is not None and (
-        getattr(lengths, "shape", None) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"lengths must be None or an integer [B] = [{b}] array, got {lengths!r:.80}"
-        )
+    _checks.check_row_head_dim(d)
+    _checks.check_lengths(lengths, b)
     if tiles is None:
         return block_means_tiles(block_size, d)
     if not isinstance(tiles, BlockMeansTiles):
