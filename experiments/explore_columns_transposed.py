@@ -11,7 +11,7 @@ first; at 8K, cuDNN, auto, the sparse op, and cuDNN after the estimate with and 
 "orig" is the module's ``probability_column_sums`` when it ran (rows × keys); the module's is the
 transposed one since, so a rerun compares it with itself.
 
-  python experiments/explore_columns_transposed.py   # on a GPU; $OUT/x2.json
+  python -m experiments.explore_columns_transposed  # on a GPU: $OUT/explore_columns_transposed.json
 """
 
 import functools
@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 
 import pbs_jax
 from experiments.bench_kernel import WEAK_STRUCTURE, timer
+from experiments.lib import timing
 from experiments.lib.kernel_trace import kernel_profile
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import ImportanceTiles
@@ -86,81 +87,104 @@ T = [
     ImportanceTiles(128, 64, 512, 8, 2, 2),
     ImportanceTiles(128, 128, 512, 4, 3, 1),
 ]
-for n in (8192, 131072):
-    q, k, v = structured_qkv(jax.random.key(1), 1, n, 32, 8, 128)
-    proxy = permutation.proxy_queries(q, cfg)
-    keys = k
-    for name, f in (("orig", ORIG), ("T", cols_T)):
-        imp.probability_column_sums = f
-        for t in T if n == 8192 else T[:3]:
-            jax.clear_caches()
-            fn = jax.jit(functools.partial(imp.proxy_importance, tiles=t))
-            out = fn(proxy, keys)
-            if name == "orig" and t == T[0]:
-                ref = out
-            rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
-            us, rows = gpu(fn, proxy, keys)
-            colus = [z for x, z in rows if "columns" in x]
-            print(
-                n,
-                name,
-                t.block_keys,
-                t.column_tiles,
-                t.num_warps,
-                t.num_stages,
-                "total",
-                us,
-                "cols",
-                colus,
-                f"rel {rel:.1e}",
-                flush=True,
-            )
-            res[f"{n} {name} {t}"] = (us, colus, rel)
-    imp.probability_column_sums = ORIG
-    jax.clear_caches()
-    if n == 8192:
-        time = timer(n)
-        for fam, (q2, k2, v2) in (
-            (
-                "weak",
-                structured_qkv(
-                    jax.random.key(n + 2), 1, n, 32, 8, 128, jnp.bfloat16, structure=WEAK_STRUCTURE
+
+
+def main():
+    print(timing.stamp(), flush=True)  # card, JAX, date
+    for n in (8192, 131072):
+        q, k, v = structured_qkv(jax.random.key(1), 1, n, 32, 8, 128)
+        proxy = permutation.proxy_queries(q, cfg)
+        keys = k
+        for name, f in (("orig", ORIG), ("T", cols_T)):
+            imp.probability_column_sums = f
+            for t in T if n == 8192 else T[:3]:
+                jax.clear_caches()
+                fn = jax.jit(functools.partial(imp.proxy_importance, tiles=t))
+                out = fn(proxy, keys)
+                if name == "orig" and t == T[0]:
+                    ref = out
+                rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+                us, rows = gpu(fn, proxy, keys)
+                colus = [z for x, z in rows if "columns" in x]
+                print(
+                    n,
+                    name,
+                    t.block_keys,
+                    t.column_tiles,
+                    t.num_warps,
+                    t.num_stages,
+                    "total",
+                    us,
+                    "cols",
+                    colus,
+                    f"rel {rel:.1e}",
+                    flush=True,
+                )
+                res[f"{n} {name} {t}"] = (us, colus, rel)
+        imp.probability_column_sums = ORIG
+        jax.clear_caches()
+        if n == 8192:
+            time = timer(n)
+            for fam, (q2, k2, v2) in (
+                (
+                    "weak",
+                    structured_qkv(
+                        jax.random.key(n + 2),
+                        1,
+                        n,
+                        32,
+                        8,
+                        128,
+                        jnp.bfloat16,
+                        structure=WEAK_STRUCTURE,
+                    ),
                 ),
-            ),
-            ("structured", (q, k, v)),
-        ):
-            cud = jax.jit(dense_attention)
-            auto = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto"))
-            pallas = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="pallas"))
-            est_cud = jax.jit(
-                lambda q, k, v: (dense_attention(q, k, v), cost_model.estimate_density(q, k, cfg))
-            )
-            est_cond = jax.jit(
-                lambda q, k, v: lax.cond(
-                    cost_model.estimate_density(q, k, cfg) > 5.0,
-                    lambda: dense_attention(q, k, v) * 0,
-                    lambda: dense_attention(q, k, v),
+                ("structured", (q, k, v)),
+            ):
+                cud = jax.jit(dense_attention)
+                auto = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="auto"))
+                pallas = jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=cfg, impl="pallas"))
+                est_cud = jax.jit(
+                    lambda q, k, v: (
+                        dense_attention(q, k, v),
+                        cost_model.estimate_density(q, k, cfg),
+                    )
                 )
-            )
-            cond_only = jax.jit(
-                lambda q, k, v: lax.cond(
-                    jnp.sum(q[0, 0, 0]) > 1e9,
-                    lambda: dense_attention(q, k, v) * 0,
-                    lambda: dense_attention(q, k, v),
+                est_cond = jax.jit(
+                    lambda q, k, v: lax.cond(
+                        cost_model.estimate_density(q, k, cfg) > 5.0,
+                        lambda: dense_attention(q, k, v) * 0,
+                        lambda: dense_attention(q, k, v),
+                    )
                 )
-            )
-            r = {}
-            for _ in range(2):  # interleave twice
-                for nm, f in (
-                    ("cudnn", cud),
-                    ("auto", auto),
-                    ("pallas", pallas),
-                    ("est+cudnn", est_cud),
-                    ("est->cond->cudnn", est_cond),
-                    ("cond->cudnn", cond_only),
-                ):
-                    r.setdefault(nm, []).append(round(time(f, q2, k2, v2), 4))
-            res[f"cond {fam}"] = r
-            print("8192", fam, r, flush=True)
-    del q, k, v
-json.dump(res, open(f"{OUT}/x2.json", "w"), default=str, indent=1)
+                cond_only = jax.jit(
+                    lambda q, k, v: lax.cond(
+                        jnp.sum(q[0, 0, 0]) > 1e9,
+                        lambda: dense_attention(q, k, v) * 0,
+                        lambda: dense_attention(q, k, v),
+                    )
+                )
+                r = {}
+                for _ in range(2):  # interleave twice
+                    for nm, f in (
+                        ("cudnn", cud),
+                        ("auto", auto),
+                        ("pallas", pallas),
+                        ("est+cudnn", est_cud),
+                        ("est->cond->cudnn", est_cond),
+                        ("cond->cudnn", cond_only),
+                    ):
+                        r.setdefault(nm, []).append(round(time(f, q2, k2, v2), 4))
+                res[f"cond {fam}"] = r
+                print("8192", fam, r, flush=True)
+        del q, k, v
+    json.dump(
+        {"stamp": timing.stamp(), "results": res},
+        open(f"{OUT}/explore_columns_transposed.json", "w"),
+        default=str,
+        indent=1,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ pooling as a one-hot dot), over importance tiles, each checked against the unfus
 (slots that differ) and pooled keys (max difference); the whole plan with the fused pass; the
 pooled queries by XLA and by a prototype Pallas kernel.
 
-  python experiments/explore_fused_permutation.py   # on a GPU; $OUT/x1.json
+  python -m experiments.explore_fused_permutation  # on a GPU: $OUT/explore_fused_permutation.json
 """
 
 import functools
@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 import pbs_jax
-from experiments.bench_kernel import timer
+from experiments.lib import timing
 from experiments.lib.kernel_trace import kernel_profile
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import ImportanceTiles, _checks
@@ -155,78 +155,89 @@ TILES = [
     ImportanceTiles(128, 128, 512, 8, 3),
 ]
 
-for n in (8192, 131072):
-    q, k, v = structured_qkv(jax.random.key(1), 1, n, 32, 8, 128)
-    time = timer(n)
-    r = res[n] = {}
-    proxy = permutation.proxy_queries(q, cfg)
-    base = jax.jit(lambda q, k: permutation.plan_permutation(q, k, cfg)[0])
-    perm0 = base(q, k)
-    pk0 = jax.jit(lambda k, p: selection.pooled_permuted_keys(k, p, 128, 256))(k, perm0)
-    unfused = jax.jit(
-        lambda q, k: (lambda p: (p, selection.pooled_permuted_keys(k, p, 128, 256)))(
-            permutation.plan_permutation(q, k, cfg)[0]
-        )
-    )
-    r["unfused"] = gpu_us(unfused, q, k)
-    print(
-        n,
-        "unfused",
-        round(r["unfused"][0], 1),
-        [(a[:30], round(c, 1)) for a, b, c in r["unfused"][1]],
-        flush=True,
-    )
-    plan = jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2])
-    r["plan_unfused"] = gpu_us(plan, q, k)[0]
-    for mode in ("full", "cols", "rank", "dotpool"):
-        ppm._segment_order_kernel = variant(mode)
-        for tiles in TILES if n == 8192 or mode == "dotpool" else TILES[:3]:
-            jax.clear_caches()
-            fn = jax.jit(
-                functools.partial(
-                    ppm.proxy_permutation, segment_size=256, block_size=128, tiles=tiles
-                )
-            )
-            try:
-                pos, pk = fn(proxy, k)
-                us, rows = gpu_us(fn, proxy, k)
-            except Exception as e:
-                print(n, mode, tiles, "ERR", str(e)[:200], flush=True)
-                continue
-            same = int((pos != perm0).sum()) if mode != "cols" else -1
-            diff = float(jnp.abs(pk - pk0).max()) if mode in ("full", "dotpool") else -1
-            t = tiles
-            key = f"{mode} {t.block_rows}x{t.block_keys} w{t.num_warps} s{t.num_stages}"
-            seg = [c for a, b, c in rows if "segments" in a]
-            r[key] = dict(us=us, seg=seg, mismatch=same, diff=diff)
-            print(n, key, f"total {us:.1f} seg {seg} mism {same} diff {diff:.1e}", flush=True)
-    # whole plan with the fused pass (dotpool at default tiles)
-    ppm._segment_order_kernel = variant("dotpool")
-    permutation.FUSED_PERMUTATION = True
-    jax.clear_caches()
-    plan = jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2])
-    r["plan_fused_dotpool"] = gpu_us(plan, q, k)
-    permutation.FUSED_PERMUTATION = False
-    print(
-        n,
-        "plan unfused",
-        r["plan_unfused"],
-        "fused dotpool",
-        r["plan_fused_dotpool"][0],
-        flush=True,
-    )
-    # pooled q
-    xla = jax.jit(lambda q: selection.mean_pool_blocks(q, 128))
-    ref = xla(q)
-    r["poolq_xla"] = gpu_us(xla, q)[0]
-    for rows, warps in ((16, 4), (32, 4), (64, 4), (32, 8), (128, 8), (64, 2)):
-        fn = jax.jit(functools.partial(pool_q, rows=rows, warps=warps))
-        try:
-            d = float(jnp.abs(fn(q) - ref).max())
-            r[f"poolq r{rows} w{warps}"] = (gpu_us(fn, q)[0], d)
-        except Exception as e:
-            print("poolq ERR", str(e)[:200])
-    print(n, {kk: vv for kk, vv in r.items() if "poolq" in kk}, flush=True)
-    del q, k, v
 
-json.dump(res, open(f"{OUT}/x1.json", "w"), default=str, indent=1)
+def main():
+    print(timing.stamp(), flush=True)  # card, JAX, date
+    for n in (8192, 131072):
+        q, k, v = structured_qkv(jax.random.key(1), 1, n, 32, 8, 128)
+        r = res[n] = {}
+        proxy = permutation.proxy_queries(q, cfg)
+        base = jax.jit(lambda q, k: permutation.plan_permutation(q, k, cfg)[0])
+        perm0 = base(q, k)
+        pk0 = jax.jit(lambda k, p: selection.pooled_permuted_keys(k, p, 128, 256))(k, perm0)
+        unfused = jax.jit(
+            lambda q, k: (lambda p: (p, selection.pooled_permuted_keys(k, p, 128, 256)))(
+                permutation.plan_permutation(q, k, cfg)[0]
+            )
+        )
+        r["unfused"] = gpu_us(unfused, q, k)
+        print(
+            n,
+            "unfused",
+            round(r["unfused"][0], 1),
+            [(a[:30], round(c, 1)) for a, b, c in r["unfused"][1]],
+            flush=True,
+        )
+        plan = jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2])
+        r["plan_unfused"] = gpu_us(plan, q, k)[0]
+        for mode in ("full", "cols", "rank", "dotpool"):
+            ppm._segment_order_kernel = variant(mode)
+            for tiles in TILES if n == 8192 or mode == "dotpool" else TILES[:3]:
+                jax.clear_caches()
+                fn = jax.jit(
+                    functools.partial(
+                        ppm.proxy_permutation, segment_size=256, block_size=128, tiles=tiles
+                    )
+                )
+                try:
+                    pos, pk = fn(proxy, k)
+                    us, rows = gpu_us(fn, proxy, k)
+                except Exception as e:
+                    print(n, mode, tiles, "ERR", str(e)[:200], flush=True)
+                    continue
+                same = int((pos != perm0).sum()) if mode != "cols" else -1
+                diff = float(jnp.abs(pk - pk0).max()) if mode in ("full", "dotpool") else -1
+                t = tiles
+                key = f"{mode} {t.block_rows}x{t.block_keys} w{t.num_warps} s{t.num_stages}"
+                seg = [c for a, b, c in rows if "segments" in a]
+                r[key] = dict(us=us, seg=seg, mismatch=same, diff=diff)
+                print(n, key, f"total {us:.1f} seg {seg} mism {same} diff {diff:.1e}", flush=True)
+        # whole plan with the fused pass (dotpool at default tiles)
+        ppm._segment_order_kernel = variant("dotpool")
+        permutation.FUSED_PERMUTATION = True
+        jax.clear_caches()
+        plan = jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2])
+        r["plan_fused_dotpool"] = gpu_us(plan, q, k)
+        permutation.FUSED_PERMUTATION = False
+        print(
+            n,
+            "plan unfused",
+            r["plan_unfused"],
+            "fused dotpool",
+            r["plan_fused_dotpool"][0],
+            flush=True,
+        )
+        # pooled q
+        xla = jax.jit(lambda q: selection.mean_pool_blocks(q, 128))
+        ref = xla(q)
+        r["poolq_xla"] = gpu_us(xla, q)[0]
+        for rows, warps in ((16, 4), (32, 4), (64, 4), (32, 8), (128, 8), (64, 2)):
+            fn = jax.jit(functools.partial(pool_q, rows=rows, warps=warps))
+            try:
+                d = float(jnp.abs(fn(q) - ref).max())
+                r[f"poolq r{rows} w{warps}"] = (gpu_us(fn, q)[0], d)
+            except Exception as e:
+                print("poolq ERR", str(e)[:200])
+        print(n, {kk: vv for kk, vv in r.items() if "poolq" in kk}, flush=True)
+        del q, k, v
+
+    json.dump(
+        {"stamp": timing.stamp(), "results": res},
+        open(f"{OUT}/explore_fused_permutation.json", "w"),
+        default=str,
+        indent=1,
+    )
+
+
+if __name__ == "__main__":
+    main()
