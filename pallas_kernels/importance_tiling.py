@@ -85,9 +85,9 @@ def importance_tiles(num_rows: int, num_keys: int, dtype) -> ImportanceTiles:
     """Default tiles for P proxy rows and L keys of ``dtype``, shrunk (never grown) to divide
     P and L: block_rows divides P, block_keys · column_tiles divides L. A pass-2 program that
     walks several row tiles (P > block_rows) owns one key tile: it is long enough already
-    (H200, 8K keys, P = 512, results/profile_plan.md: 0.325 ms for both passes with one key tile,
-    0.353 with two; 3.20 vs 3.55 ms at 128K), while at one row tile two key tiles win (0.140 vs
-    0.164 ms at 8K).
+    (H200, 8K keys, P = 512, results/profile_plan_transposed.md: 0.325 ms for both passes with
+    one key tile, 0.353 with two; 3.20 vs 3.55 ms at 128K), while at one row tile two key tiles
+    win (0.140 vs 0.164 ms at 8K).
 
     Raises:
       ValueError: P or L not a multiple of 16 (no valid Triton tile divides it).

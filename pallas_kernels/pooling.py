@@ -75,7 +75,7 @@ def block_means_tiles(block_size: int, head_dim: int) -> BlockMeansTiles:
     128]`` bf16, blocks of 128; results/explore_fused_permutation.log): 18.8 µs at N = 8K and
     270 µs at 128K for rows 128 at 8 warps and 2 stages, 20 / 279 µs for rows 32 or 64 at 4
     warps; XLA's jnp path 21.8 / 303 µs. This kernel in the plan's profile: 19.9 µs at 8K,
-    268.9 at 128K (results/profile_plan.md). The
+    268.9 at 128K (results/profile_plan_transposed.md). The
     16K-element cap (rows 64 at D 256) is shared with the permuted pooling, not measured
     here."""
     return BlockMeansTiles(rows=_checks.row_tile(block_size, head_dim))

@@ -54,10 +54,7 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
     In the plan's GPU profile at 128K tokens, 32 heads (H200, JAX 0.11.2, results/profile_plan.json
     against the earlier committed profile), when the plan still ran this on GPU: the vmapped
     scatter's two row sums (one 102 µs kernel) are gone, a zero fill (40 µs) and a cumsum stage
-    (11 µs) came; the scatter stays (~161 µs). Tried and slower there, in uncommitted side
-    runs: a permutation instead of the dropped slots (the indices then need each row's total
-    first), a bit-packed gather search (XLA fuses no chain of gathers) and a stable sort of each
-    row.
+    (11 µs) came; the scatter stays (~161 µs).
     """
     t = block_mask.shape[-1]
     rows = block_mask.reshape(-1, t)  # [B * H * Tq, Tk]

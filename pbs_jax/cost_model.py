@@ -434,9 +434,9 @@ H200 = CardCosts(
             cudnn_ms=250.0994,
             triton=KernelFit(fixed_ms=0.0001, per_density_ms=337.0554),
             mosaic=KernelFit(fixed_ms=2.8721, per_density_ms=235.524),
-            # Estimate and plan: their GPU time in results/profile_plan.md (this planner but the
-            # proxy's in-place read, 2 µs at 8K); wall times jitted alone 1.4397 / 2.9477 ms in
-            # results/bench_kernel_auto.md, whose densest ops these are (one ratio per rule).
+            # Estimate and plan: their GPU time in results/profile_plan_transposed.md (this
+            # planner but the proxy's in-place read, 2 µs at 8K); wall times jitted alone
+            # 1.4397 / 2.9477 ms in results/bench_kernel_auto.md, whose densest ops these are.
             estimate_ms=1.0085,
             plan_ms=2.1663,
             densest_op_ratios=(0.86, 0.8494),

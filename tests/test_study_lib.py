@@ -201,6 +201,7 @@ def rerender(tmp_path, module, *names, args=()):
         ("bench_kernel", ["bench_kernel_auto_short.json"]),
         ("profile_plan", ["profile_plan.json"]),
         ("profile_plan", ["profile_plan_8k.json"]),
+        ("profile_plan", ["profile_plan_transposed.json"]),
         ("profile_plan", ["profile_plan_forced_in_selection.json"]),
         (
             "bench_prefill",
