@@ -424,7 +424,10 @@ def _auto_may_pay(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> bool:
 def _auto_always_pays(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> bool:
     """``impl="auto"``, at trace time: is the sparse op at its densest within noise of cuDNN
     here (:func:`pbs_jax.cost_model.sparse_always_pays`)? Then no estimate and no choice on
-    device: plan and kernel."""
+    device: plan and kernel. Whole prefills only: the densest op is measured on them, and a
+    chunk's plan (a proxy against all N keys) weighs more against its M × N attention."""
+    if q.shape[1] != k.shape[1]:
+        return False
     table, _, mosaic = _auto_costs(q, cfg)
     return cost_model.sparse_always_pays(table, k.shape[1], cfg, mosaic)
 

@@ -42,12 +42,12 @@ each time with less still to pay (what is spent is sunk):
    (:func:`predicted_density`), with the plan still to pay. No: dense, the plan skipped.
 3. ``AFTER_PLAN`` (on device): at the plan's own density, nothing left to pay.
 
-Before all three, at trace time, :func:`sparse_always_pays`: where even the densest plan's sparse
-op is measured within :data:`SURE_TOLERANCE` of cuDNN, no input can make sparse lose by more
-than that, so ``impl="auto"`` plans and runs the kernel with no estimate and no on-device
-choice (each choice a host round trip: a ``lax.cond`` waits for its predicate). The estimate and
-the two choices took ~80 µs of a 0.6 ms op at 8K (H200, structured inputs: auto 0.68 ms vs the
-sparse op 0.60, results/explore_columns_transposed.log).
+Before all three, at trace time and for a whole prefill, :func:`sparse_always_pays`: where even the
+densest plan's sparse op is measured within :data:`SURE_TOLERANCE` of cuDNN, no input can make
+sparse lose by more than that, so ``impl="auto"`` plans and runs the kernel with no estimate and no
+on-device choice (each choice a host round trip: a ``lax.cond`` waits for its predicate). The
+estimate and the two choices took ~80 µs of a 0.6 ms op at 8K (H200, structured inputs: auto 0.68
+ms vs the sparse op 0.60, results/explore_columns_transposed.log).
 """
 
 from __future__ import annotations

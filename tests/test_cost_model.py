@@ -272,17 +272,20 @@ def test_auto_skips_the_estimate_where_sparse_always_pays(monkeypatch):
     # cuDNN cannot be traced without a GPU: a stand-in of its shape for the dense branches.
     monkeypatch.setattr(attention, "_dense", lambda q, k, v, impl, lengths=None: jnp.zeros_like(q))
 
-    def primitives(ratios):
+    def primitives(ratios, queries=q):
         table = densest_table(ratios)
         monkeypatch.setattr(attention, "_auto_costs", lambda q, cfg: (table, shape, True))
         jaxpr = jax.make_jaxpr(
             lambda q, k, v: attention._pbs_forward(q, k, v, PBSConfig.paper(), "auto", True)
-        )(q, kv, kv)
+        )(queries, kv, kv)
         return str(jaxpr)  # nested jaxprs included
 
     sure, unsure = primitives((1.0, 1.0)), primitives((1.2, 1.2))
     assert " cond[" not in sure and " cond[" in unsure
     assert "pallas_call[" in sure  # the kernel path, not the dense stand-in
+    # A chunk (M < N) is never sure: its plan weighs more against its attention.
+    chunk = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    assert " cond[" in primitives((1.0, 1.0), chunk)
 
 
 # ---- experiments: the bench's cost table, the capture file -------------------------------------
