@@ -13,9 +13,12 @@ Contents:
   check_pow2_at_least, check_num_warps, check_num_stages
                                                   the tile dataclasses' field rules
   check_dot_head_dim                              a head dim that can be a Triton dot operand
+  ROW_TILE_ELEMENTS, row_tile, check_row_head_dim, check_lengths
+                                                  the pooling kernels' default row tile, head
+                                                  dim and ragged lengths
   resolve_interpret, accepts                      the kernel entries' interpret default and
                                                   the ``*_supported`` rule
-  dot_precision, shared_head, triton_compiler_params
+  dot_precision, shared_head, triton_launch_params, triton_compiler_params
                                                   the Triton launches' common pieces
   check_query_offset, validate, validate_mgpu     the attention kernels' contracts
 """
