@@ -305,16 +305,11 @@ def densest_row(q, k, v, time) -> dict:
     default), against cuDNN, interleaved; ``ratios``, each op over cuDNN, are the cost table's
     densest_op_ratios."""
     rules = cost_model.DENSEST_RULES
+    ops = {name: op_fns(rule)["pallas"] for name, rule in rules.items()}  # (out, aux)
     fns = {"cudnn": kernels.cudnn_attention}
-    fns.update(
-        (name, jax.jit(functools.partial(pbs_jax.pbs_attention, cfg=rule, impl="pallas")))
-        for name, rule in rules.items()
-    )
+    fns.update((name, lambda q, k, v, op=op: op(q, k, v)[0]) for name, op in ops.items())
     ms = timing.time_interleaved(fns, q, k, v, rounds=ROUNDS, time=time)
-    densities = {
-        name: float(pbs_jax.pbs_attention(q, k, v, rule, impl="pallas", return_aux=True)[1].density)
-        for name, rule in rules.items()
-    }
+    densities = {name: float(op(q, k, v)[1].density) for name, op in ops.items()}
     ratios = {name: ms[name] / ms["cudnn"] for name in rules}
     return {"ms": ms, "densities": densities, "ratios": ratios, "rounds": ROUNDS}
 
