@@ -193,6 +193,7 @@ def plan_stages(q, k, v, cfg, time) -> dict:
         "plan_gpu_ms": gpu_ms(fns["plan"], q, k),
         "estimate_gpu_ms": gpu_ms(fns["estimate"], q, k),
         "kv_copy_ms": time(fns["kv_copy"], k, v, perm),
+        "kv_copy_gpu_ms": gpu_ms(fns["kv_copy"], k, v, perm),
         # The op's default rule (4 proxy blocks, a dense last block row) beside the paper's.
         "default_proxy_ms": time(op_fns(PBSConfig())["proxy"], q, k),
         "default_plan_ms": time(op_fns(PBSConfig())["plan"], q, k),

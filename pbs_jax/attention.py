@@ -433,38 +433,34 @@ def _auto_always_pays(q: jax.Array, k: jax.Array, cfg: PBSConfig) -> bool:
 
 
 def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
-    """``impl="auto"`` past the trace-time check (:mod:`pbs_jax.cost_model`): the estimate, and
-    unless it predicts a loss the plan, then the kernel or cuDNN, whichever is faster at the
-    plan's density (the plan is spent by then). Returns (out, perm, block_mask, density, sparse).
+    """``impl="auto"`` past the trace-time check (:mod:`pbs_jax.cost_model`): the estimate, then
+    one choice on device: plan and kernel where the estimate predicts a win, else cuDNN with no
+    plan. Returns (out, perm, block_mask, density, sparse).
+
+    One choice, not a second after the plan: each ``lax.cond`` is a host round trip (XLA reads
+    its predicate before it launches a branch), ~13 µs at 4K, and a second choice could only
+    turn a plan denser than predicted back to cuDNN, where the kernel at such a density is within
+    a few percent of cuDNN anyway (the Mosaic kernel at every block: 1.04-1.14× cuDNN at 4K-8K).
     """
     b, m, hq, _ = q.shape
     n = k.shape[1]
     table, shape, mosaic = _auto_costs(q, cfg)
-
-    def choose(density, stage):
-        return cost_model.choose(table, n, density, stage=stage, shape=shape, mosaic=mosaic)
-
-    def dense(q, k, v):
-        return _dense(q, k, v, "auto", lengths)
 
     # The estimate and the plan pool the same queries: once, for both (the only stage they share).
     pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
 
     def planned(q, k, v, pooled_q):
         perm, block_mask, lists = pbs_plan(q, k, cfg, lengths, pooled_q)
-        dens = _mean_density(block_mask, lengths, cfg)
-
-        def sparse_path(q, k, v):
-            return kernel_attention(q, k, v, perm, lists, cfg)
-
-        sparse = choose(dens, cost_model.AFTER_PLAN)
-        return jax.lax.cond(sparse, sparse_path, dense, q, k, v), perm, block_mask, dens, sparse
+        out = kernel_attention(q, k, v, perm, lists, cfg)
+        return out, perm, block_mask, _mean_density(block_mask, lengths, cfg), jnp.bool_(True)
 
     def skipped(q, k, v, pooled_q):
         plan = _dense_plan(b, m, n, hq, k.shape[2], cfg, lengths)
-        return dense(q, k, v), *plan, jnp.bool_(False)
+        return _dense(q, k, v, "auto", lengths), *plan, jnp.bool_(False)
 
     estimate = cost_model.estimate_density(q, k, cfg, lengths, pooled_q)
     predicted = cost_model.predicted_density(table, estimate, cost_model.floor_density(n, cfg))
-    sparse = choose(predicted, cost_model.AFTER_ESTIMATE)
+    sparse = cost_model.choose(
+        table, n, predicted, stage=cost_model.AFTER_ESTIMATE, shape=shape, mosaic=mosaic
+    )
     return jax.lax.cond(sparse, planned, skipped, q, k, v, pooled_q)

@@ -511,19 +511,26 @@ def _edge_rows(t, rng):
 @pytest.mark.parametrize("cuts", CUTS)
 @pytest.mark.parametrize("t", [1, 5, 48, 1000, 1024])
 def test_sort_free_top_p_on_the_search_window_edges(t, cuts):
-    """The windowed search equals the bisection over all of [0, +inf] bit for bit, and the
-    sorted rule, on rows at the window's edges, for thresholds from 1e-30 to 0.999999 (whose
-    window is the whole range)."""
+    """The windowed search equals the bisection over all of [0, +inf], and the sorted rule, on
+    rows at the window's edges, for thresholds from 1e-30 to 0.999999 (whose window is the whole
+    range). Rows decided by rounding excepted: there the two searches' row sums are two compiled
+    reductions, whose order of additions XLA picks per program on GPU (on CPU they agree bit for
+    bit), so their masks may differ at the cut only: one holds the other."""
     edge_probs, edge_allowed = _edge_rows(t, np.random.default_rng(t))
     for threshold in (1e-30, 1e-6, 0.3, 0.88, 0.99, 0.999999):
         # Below 0.375 the last row (mass 0.375 < 1) reaches the threshold: outside the contract.
         rows = slice(None, -1 if threshold < 0.4 else None)
         probs, allowed = edge_probs[rows], edge_allowed[rows]
         sort_free = np.asarray(_sort_free(probs, allowed, threshold, cuts_per_step=cuts))
-        np.testing.assert_array_equal(
-            sort_free, np.asarray(_bisection(probs, allowed, threshold)), err_msg=f"{threshold}"
-        )
+        bisection = np.asarray(_bisection(probs, allowed, threshold))
         ambiguous = _decided_by_rounding(probs, threshold)[:, None]  # uniform rows of T 1000
+        np.testing.assert_array_equal(
+            np.where(ambiguous, False, sort_free),
+            np.where(ambiguous, False, bisection),
+            err_msg=f"{threshold}",
+        )
+        nested = np.all(sort_free <= bisection, -1) | np.all(bisection <= sort_free, -1)
+        assert nested.all(), f"{threshold}: rows {np.flatnonzero(~nested)} differ beyond the cut"
         np.testing.assert_array_equal(
             np.where(ambiguous, False, sort_free),
             np.where(ambiguous, False, np.asarray(_sorted(probs, allowed, threshold))),

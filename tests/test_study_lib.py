@@ -199,6 +199,14 @@ def rerender(tmp_path, module, *names, args=()):
         ("bench_kernel", ["bench_kernel_finish.json"]),
         ("bench_kernel", ["bench_kernel_auto.json"]),
         ("bench_kernel", ["bench_kernel_auto_short.json"]),
+        (
+            "bench_kernel",
+            [
+                "bench_kernel_one_choice.json",
+                "bench_kernel_one_choice_16k_32k.json",
+                "bench_kernel_one_choice_64k.json",
+            ],
+        ),
         ("profile_plan", ["profile_plan.json"]),
         ("profile_plan", ["profile_plan_8k.json"]),
         ("profile_plan", ["profile_plan_transposed.json"]),
