@@ -289,13 +289,23 @@ def test_auto_skips_the_estimate_where_sparse_always_pays(monkeypatch):
     assert primitives((1.0, 1.0), chunk)["cond"] == 1
 
 
+# Primitives that only structure a program (calls, control flow, derivative rules): the op's own
+# choices are found inside them. Kernels are not looked into: a kernel body's ``pl.when`` is a
+# ``cond`` on the device, not a choice of the op (pallas_call on Triton, its own primitive on
+# Mosaic GPU).
+_STRUCTURE = {
+    "jit", "pjit", "closed_call", "core_call", "cond", "while", "scan", "remat", "checkpoint",
+    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map",
+}  # fmt: skip
+
+
 def _primitive_counts(jaxpr) -> collections.Counter:
-    """Equations per primitive in a jaxpr and its nested jaxprs, outside Pallas kernels (a
-    kernel's own ``pl.when`` is a ``cond`` of its body, on the device, not a choice of the op)."""
+    """Equations per primitive in a jaxpr and the jaxprs nested in its structuring primitives
+    (:data:`_STRUCTURE`), never inside a kernel."""
     counts = collections.Counter()
     for eqn in jaxpr.eqns:
         counts[eqn.primitive.name] += 1
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name not in _STRUCTURE:
             continue
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):

@@ -207,6 +207,7 @@ def rerender(tmp_path, module, *names, args=()):
                 "bench_kernel_one_choice_64k.json",
             ],
         ),
+        ("bench_kernel", ["bench_kernel_captured_4layers.json"]),
         ("profile_plan", ["profile_plan.json"]),
         ("profile_plan", ["profile_plan_8k.json"]),
         ("profile_plan", ["profile_plan_transposed.json"]),
