@@ -86,18 +86,9 @@ def two_choices(q, k, v):
 
 
 def one_choice(q, k, v):
-    """auto's one choice, composed here so that it runs at every length (the library's skips
-    the estimate where the densest op is within noise of cuDNN: 8K with the paper rule)."""
-    pooled_q, predicted = _estimate(q, k)
-    return jax.lax.cond(
-        _choose(q, k, predicted, cost_model.AFTER_ESTIMATE),
-        _planned_kernel,
-        lambda q, k, v, _: attention.dense_attention(q, k, v),
-        q,
-        k,
-        v,
-        pooled_q,
-    )
+    """auto's one choice: the library's on-device path, called directly so that it runs at every
+    length (``impl="auto"`` skips the estimate where the densest op is within noise of cuDNN)."""
+    return attention._auto_on_gpu(q, k, v, CFG)[0]
 
 
 def estimate_then_cudnn(q, k, v):

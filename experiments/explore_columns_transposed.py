@@ -8,8 +8,8 @@ Paper rule's proxy (128 rows), 32/8 heads of 128, bf16, structured inputs: GPU t
 and transposed (keys × rows, summed over axis 1), over tiles, with the relative difference to the
 first; at 8K, cuDNN, auto, the sparse op, and cuDNN after the estimate with and without a
 ``lax.cond`` between, in two interleaved rounds (too noisy to conclude on the conditionals).
-"orig" is the module's ``probability_column_sums`` when it ran (rows × keys); the module's is the
-transposed one since, so a rerun compares it with itself.
+"orig" is the rows × keys version as it was then (kept here: the library has only the transposed
+one since), "T" the library's ``probability_column_sums``.
 
   python -m experiments.explore_columns_transposed  # on a GPU: $OUT/explore_columns_transposed.json
 """
@@ -34,13 +34,13 @@ from pbs_jax import PBSConfig, cost_model, permutation
 from pbs_jax.attention import dense_attention
 
 imp = importlib.import_module("pallas_kernels.importance")
-ORIG = imp.probability_column_sums
+TRANSPOSED = imp.probability_column_sums  # the library's (keys × rows)
 OUT = os.environ.get("OUT", "out")
 cfg = PBSConfig.paper()
 res = {}
 
 
-def cols_T(
+def cols_rows_keys(
     q_ref,
     lse_ref,
     key_tiles,
@@ -52,21 +52,31 @@ def cols_T(
     real_rows=None,
     keys_in=None,
 ):
+    """The column sums as they were before this exploration (rows × keys logits tiles, summed
+    over axis 0: a cross-warp reduction per key tile); the library's computes keys × rows."""
+
     def step(r, sums):
         start = r * block_rows
         q = q_ref[pl.ds(start, block_rows), :]
         lse = lse_ref[pl.ds(start, block_rows)]
-        return tuple(
-            acc
-            + jnp.sum(
-                jnp.exp2(
-                    jnp.dot(keys, q.T, precision=precision, preferred_element_type=jnp.float32)
-                    * qk_scale
-                    - lse[None, :]
-                ),
-                axis=1,
+        if real_rows is not None:
+            row_in = start + lax.broadcasted_iota(jnp.int32, (block_rows,), 0) < real_rows
+
+        def probabilities(keys, key_in):
+            p = jnp.exp2(
+                jnp.dot(q, keys.T, precision=precision, preferred_element_type=jnp.float32)
+                * qk_scale
+                - lse[:, None]
             )
-            for acc, keys in zip(sums, key_tiles)
+            if real_rows is not None:
+                p = jnp.where(row_in[:, None], p, 0.0)
+            if key_in is not None:
+                p = jnp.where(key_in[None, :], p, 0.0)
+            return p
+
+        return tuple(
+            acc + jnp.sum(probabilities(keys, key_in), axis=0)
+            for acc, keys, key_in in zip(sums, key_tiles, keys_in or (None,) * len(key_tiles))
         )
 
     zeros = tuple(jnp.zeros((keys.shape[0],), jnp.float32) for keys in key_tiles)
@@ -95,7 +105,7 @@ def main():
         q, k, v = structured_qkv(jax.random.key(1), 1, n, 32, 8, 128)
         proxy = permutation.proxy_queries(q, cfg)
         keys = k
-        for name, f in (("orig", ORIG), ("T", cols_T)):
+        for name, f in (("orig", cols_rows_keys), ("T", TRANSPOSED)):
             imp.probability_column_sums = f
             for t in T if n == 8192 else T[:3]:
                 jax.clear_caches()
@@ -121,7 +131,7 @@ def main():
                     flush=True,
                 )
                 res[f"{n} {name} {t}"] = (us, colus, rel)
-        imp.probability_column_sums = ORIG
+        imp.probability_column_sums = TRANSPOSED
         jax.clear_caches()
         if n == 8192:
             time = timer(n)

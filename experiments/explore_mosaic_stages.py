@@ -3,7 +3,8 @@ own plans: SmolLM2's captured q/k/v at 8K (D=64, 9/3 heads, its two layers as th
 rule) and synthetic 8K inputs of 32/8 heads of 128 (structured: a sparse plan; random: a dense
 one). Each variant runs the op's kernel step (``pbs_jax.kernel_attention``: K/V copy + kernel),
 is checked against the default (stages 2, blocks fastest) and timed in interleaved rounds beside
-cuDNN. Kept as the record behind the kernel's per-head-dim ring depth; not a maintained study.
+cuDNN. Kept as the record of the ring-depth measurement (not adopted: one run, mixed at D=128;
+experiments/NOTES.md); not a maintained study.
 
   python -m experiments.explore_mosaic_stages --captured qkv.npz  # on a GPU: $OUT/*.json
 """

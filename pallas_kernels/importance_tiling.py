@@ -68,9 +68,13 @@ class ImportanceTiles:
 # results/explore_columns_transposed.log): 128
 # rows × 128 keys at 8 warps, two key tiles per pass-2 program, 53.0 µs at 8K keys (one tile:
 # 55.8; 4 warps: 58.8; 64-key tiles at 4 warps, the previous default: 62.4), and one tile at 8
-# warps 821 µs at 128K (64-key tiles at 4 warps: 824). Before the transposed columns pass the
-# sweep of experiments/profile_plan.py (results/profile_plan.md) had chosen 64-key tiles at 4
-# warps, splits of 512 keys (128K: 1.30 vs 1.35 ms wall at one proxy block).
+# warps 821 µs at 128K (64-key tiles at 4 warps: 824). Splits of 512 keys: chosen before the
+# transposed columns pass (experiments/profile_plan.py's sweep, results/profile_plan.md as
+# committed in d5a10c4: 128K, one proxy block, 1.30 ms wall vs 1.35 with 1024-key splits). The
+# sweep after it (results/profile_plan_transposed.md, each config's wall time jitted alone) had
+# 1024-key splits faster at 128K (0.945 vs 1.164 ms paper rule, 3.409 vs 3.549 default rule) and
+# not at 8K (0.144 vs 0.140); those wall sweeps move by ~10% between runs of one configuration
+# (1.304 vs 1.244 ms in d5a10c4), so the split stays until a GPU profile of the plan decides it.
 # float32: 64 × 64 at 4 warps, not measured (IEEE dots, twice the register bytes per element).
 _DEFAULT_TILES = {
     "bfloat16": ImportanceTiles(

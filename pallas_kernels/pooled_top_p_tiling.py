@@ -71,19 +71,21 @@ def pooled_top_p_tiles(num_blocks: int, head_dim: int) -> PooledTopPTiles:
     * block_rows 16, except 32 at T_pad = 1024: the [16, T_pad] tile is the smallest the dot
       takes, so the register tile stays small at large T (16 × 2048 = 32K floats) and small T
       still gets B·Hq·T_pad/16 programs (128 at T = 64, 32 heads: the selection at 8K is
-      latency-bound, so more, shorter programs finish sooner; 32 rows there: 0.093 vs 0.077 ms).
+      latency-bound, so more, shorter programs finish sooner; 32 rows there: 0.093 vs 0.077 ms,
+      results/profile_plan.md as committed in cc7de94).
       The cost is re-reading a head's pooled keys once per 16 query blocks, from L2
       (T_pad²·D·4/16 bytes per head): at T_pad = 1024 (128K tokens) 32 rows halve it, 0.99 vs
-      1.20 ms (8 warps, depth 16); at 2048, 32 rows would hold 64K floats in registers (not
-      measured).
+      1.20 ms (8 warps, depth 16; cc7de94's profile_plan.md); at 2048, 32 rows would hold 64K
+      floats in registers (not measured).
     * num_warps 4 while the tile is <= 4K floats (T_pad <= 256: 32 per thread), 8 above (up to
       128 per thread at T_pad = 2048).
     * depth_chunk: the largest power of two <= D with a [T_pad, depth_chunk] float32 operand of
       at most 16K elements (64 KiB of shared memory), never below 16: the whole D up to
       T_pad = 128 at D 128; 16 columns at T_pad 1024 and 2048 (128 KiB at 2048).
-    * cuts_per_step 1 (bisection): wider steps lost at 128K on an H200 (results/profile_plan.md,
-      2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25 with 7; the search is
-      not latency-bound there), and at 8K the differences are within the calls' noise.
+    * cuts_per_step 1 (bisection): wider steps lost at 128K on an H200 (results/profile_plan.md as
+      committed in d5a10c4, 2026-11-30: 32 rows at 8 warps 0.94 ms with 1 cut, 1.00 with 3, 1.25
+      with 7; the search is not latency-bound there), and at 8K the differences are within the
+      calls' noise.
     * lists_rows: 0 (one launch) while the tile is <= 4K blocks (T_pad <= 256); 8 above: at
       T_pad = 1024 (H200, 32 heads) the selection kernel took 0.65 ms alone (then 32 µs for the
       second kernel's mask, results/profile_plan.md), 1.30 with the lists in it (its [32, 1024]

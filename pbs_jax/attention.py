@@ -35,8 +35,7 @@ class PBSAux(NamedTuple):
     density: float32 scalar, computed blocks / causal blocks, averaged over batch and heads.
     sparse: bool scalar, whether the block-sparse path produced the output (``impl="auto"`` may
       take dense attention instead, where the cost model says the kernel cannot beat cuDNN: then
-      perm and block_mask are the plan it computed and rejected, or the identity and every
-      causal block when it decided before planning).
+      perm is the identity and block_mask every causal block; it decides before planning).
     """
 
     perm: jax.Array
@@ -295,7 +294,7 @@ def pbs_attention(
         mode when no GPU is present) or ``"auto"`` (the reference on CPU; on GPU the kernel or
         cuDNN dense attention, whichever the card's measured cost model
         (:mod:`pbs_jax.cost_model`) says is faster, asked before planning, after a cheap
-        density estimate and after the plan; where even the densest plan's op is measured
+        density estimate; where even the densest plan's op is measured
         within noise of cuDNN, the kernel path with no estimate and no choice on device).
         Sequences of at most ``segment_size`` tokens take dense causal attention (cuDNN on GPU),
         as the official code does.
@@ -438,9 +437,9 @@ def _auto_on_gpu(q, k, v, cfg: PBSConfig, lengths=None):
     plan. Returns (out, perm, block_mask, density, sparse).
 
     One choice, not a second after the plan: each ``lax.cond`` is a host round trip (XLA reads
-    its predicate before it launches a branch), ~13 µs at 4K, and a second choice could only
-    turn a plan denser than predicted back to cuDNN, where the kernel at such a density is within
-    a few percent of cuDNN anyway (the Mosaic kernel at every block: 1.04-1.14× cuDNN at 4K-8K).
+    its predicate before it launches a branch; ~13 µs at 4K), and a second choice could only
+    turn a plan denser than predicted back to cuDNN, whose time the kernel at every block is
+    within a few percent of anyway (:mod:`pbs_jax.cost_model`'s docstring has the figures).
     """
     b, m, hq, _ = q.shape
     n = k.shape[1]

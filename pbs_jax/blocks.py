@@ -52,7 +52,7 @@ def index_lists(block_mask: jax.Array, cfg: PBSConfig) -> BlockLists:
     selectors, and masks built elsewhere, still come here.
 
     In the plan's GPU profile at 128K tokens, 32 heads (H200, JAX 0.11.2, results/profile_plan.json
-    against the earlier committed profile), when the plan still ran this on GPU: the vmapped
+    as committed in d5a10c4 against cc7de94's), when the plan still ran this on GPU: the vmapped
     scatter's two row sums (one 102 µs kernel) are gone, a zero fill (40 µs) and a cumsum stage
     (11 µs) came; the scatter stays (~161 µs).
     """

@@ -9,7 +9,7 @@ and per measured length N:
   the bench's 100/40/20/10 % densities; the Mosaic fit includes the K/V slot-order copy that the
   op makes before that kernel;
 - ``estimate_ms``: ``impl="auto"``'s estimate stage (:func:`estimate_density`);
-- ``plan_ms``: the rest of the plan (permutation, selection, index lists);
+- ``plan_ms``: the rest of the plan (permutation, selection with its index lists);
 - ``densest_op_ratios``: the whole sparse op (plan + kernel) at its densest over cuDNN, timed side
   by side, one per rule of :data:`DENSEST_RULES` (the paper's, the default): on random inputs,
   whose flat block scores make the top-p rule keep about as many blocks as it ever can (τ of
@@ -43,16 +43,19 @@ second time with less still to pay (what is spent is sunk):
    plan and kernel.
 
 ``AFTER_PLAN`` (nothing left to pay: the kernel at a plan's own density against cuDNN) is the
-rule's plain form; ``impl="auto"`` no longer asks it on device: each on-device choice is a host
-round trip (a ``lax.cond`` waits for its predicate), and a plan denser than predicted leaves the
-kernel within a few percent of cuDNN anyway (H200, 4K, structured inputs: one choice 0.406 ms,
-the former two 0.434, the sparse op 0.362; results/explore_auto_conditionals.log).
+rule's plain form; ``impl="auto"`` no longer asks it on device. Each on-device choice is a host
+round trip (a ``lax.cond`` waits for its predicate: H200, 4K, structured inputs, one choice 0.406
+ms, the former two 0.434, the sparse op 0.362, results/explore_auto_conditionals.log; mixed
+elsewhere in that log: 4K random 0.571 vs 0.543, 8K structured 0.675 vs 0.674), and a plan denser
+than predicted costs little: the kernel at every block, K/V copy included, takes 0.93-1.01× of
+cuDNN's time by the H200 fits, 4K to 128K (results/bench_kernel_one_choice.md,
+bench_kernel.md).
 
 Before both, at trace time and for a whole prefill, :func:`sparse_always_pays`: where even the
 densest plan's sparse op is measured within :data:`SURE_TOLERANCE` of cuDNN, no input can make
 sparse lose by more than that, so ``impl="auto"`` plans and runs the kernel with no estimate and no
-on-device choice. The estimate and the two choices took ~80 µs of a 0.6 ms op at 8K (H200,
-structured inputs: auto 0.68 ms vs the sparse op 0.60, results/explore_columns_transposed.log).
+on-device choice. The estimate and the choice took 88 µs of a 0.59 ms op at 8K (H200, structured
+inputs: one choice 0.675 ms vs the sparse op 0.587, results/explore_auto_conditionals.log).
 """
 
 from __future__ import annotations
@@ -260,11 +263,11 @@ def sparse_always_pays(table: CardCosts, seq_len: int, cfg: PBSConfig, mosaic: b
     more than noise, and ``impl="auto"`` takes it without estimating.
 
     At a measured length, its own answer; between two, only when both are sure (no
-    interpolation: between 8K and 128K the old table's fits put the densest op ~5% behind cuDNN
-    at 16K); beyond the last measured length, the last one's (the plan's share only shrinks with
-    N, the kernel's ratio to cuDNN at a density does not grow: an extrapolation, stated); never
-    below the first. The ratio is taken as the table's at any shape (attention and the densest
-    op scale alike), on the kernel the table measured (Mosaic where it has Mosaic fits)."""
+    interpolation: a ratio near the tolerance is noise, not a trend); beyond the last measured
+    length, the last one's (the plan's share only shrinks with N, the kernel's ratio to cuDNN at a
+    density does not grow: an extrapolation, stated); never below the first. The ratio is taken
+    as the table's at any shape (attention and the densest op scale alike), on the kernel the
+    table measured (Mosaic where it has Mosaic fits)."""
     measured = [(c, densest_ratio(c, cfg)) for c in table.lengths]
     rows = [(c, ratio) for c, ratio in measured if ratio is not None]
     if not rows or mosaic != all(c.mosaic is not None for c, _ in rows):
@@ -406,10 +409,11 @@ H200 = CardCosts(
             mosaic=KernelFit(fixed_ms=0.3014, per_density_ms=0.9518),
             estimate_ms=0.0445,
             plan_ms=0.1195,
-            # The median of the three runs that measured the densest op at 8K (paper rule 0.9405,
-            # 1.0125, 1.0583; default 1.0341, 1.1024, 1.1759: results/bench_kernel_auto,
-            # _auto_short, _one_choice): cuDNN's own time moved 1.26-1.50 ms between them.
-            densest_op_ratios=(1.0125, 1.1024),
+            # The median of the four runs that measured the densest op at 8K (paper rule 0.9405,
+            # 1.0125, 1.05, 1.0583; default 1.0341, 1.1024, 1.1487, 1.1759: results/
+            # bench_kernel_auto, _auto_short, _captured_4layers, _one_choice): cuDNN's own time
+            # moved 1.26-1.50 ms between them. Just over the tolerance: auto estimates at 8K.
+            densest_op_ratios=(1.0313, 1.1255),
         ),
         LengthCosts(
             seq_len=16384,
@@ -443,9 +447,11 @@ H200 = CardCosts(
             cudnn_ms=250.0994,
             triton=KernelFit(fixed_ms=0.0001, per_density_ms=337.0554),
             mosaic=KernelFit(fixed_ms=2.8721, per_density_ms=235.524),
-            # Estimate and plan: their GPU time in results/profile_plan_transposed.md (this
-            # planner but the proxy's in-place read, 2 µs at 8K); wall times jitted alone
-            # 1.4397 / 2.9477 ms in results/bench_kernel_auto.md, whose densest ops these are.
+            # cuDNN and the kernel fits: results/bench_kernel.md (an earlier run, not
+            # re-measured since). Estimate and plan: their GPU time in
+            # results/profile_plan_transposed.md (this planner but the proxy's in-place read, 2 µs
+            # at 8K); wall times jitted alone 1.4397 / 2.9477 ms in results/bench_kernel_auto.md,
+            # whose densest ops these are.
             estimate_ms=1.0085,
             plan_ms=2.1663,
             densest_op_ratios=(0.86, 0.8494),

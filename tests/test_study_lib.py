@@ -212,6 +212,7 @@ def rerender(tmp_path, module, *names, args=()):
         ("profile_plan", ["profile_plan_8k.json"]),
         ("profile_plan", ["profile_plan_transposed.json"]),
         ("profile_plan", ["profile_plan_forced_in_selection.json"]),
+        ("profile_plan", ["profile_plan_lists_in_selection.json"]),
         (
             "bench_prefill",
             [
