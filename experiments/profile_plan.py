@@ -16,7 +16,7 @@ Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
     blocks) and ``pallas_kernels.pooled_top_p_blocks`` over a set of ``PooledTopPTiles``
     (checked equal to the default tiles' mask), wall time of each call;
   * the permuted keys' pooling: XLA's one-hot einsum and ``pallas_kernels.permuted_block_means``
-    over a set of ``PermutedPoolTiles``, wall time and GPU µs of each call.
+    over a set of ``PoolTiles``, wall time and GPU µs of each call.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from experiments.lib.kernel_trace import kernel_profile
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import (
     ImportanceTiles,
-    PermutedPoolTiles,
     PooledTopPTiles,
+    PoolTiles,
     permuted_block_means,
     pooled_top_p_blocks,
     proxy_importance,
@@ -69,18 +69,19 @@ TOP_P_TILES = (
     PooledTopPTiles(16, 16, 4, 1, cuts_per_step=3),
     PooledTopPTiles(16, 16, 4, 1, cuts_per_step=7),
 )
-# The permuted-key pooling kernel: rows gathered per load × warps (× stages).
+# The permuted-key pooling kernel: rows gathered per load × warps (× stages). Committed
+# results name these tiles by their former class, PermutedPoolTiles(gather_rows=...).
 POOL_TILES = (
-    PermutedPoolTiles(16, 4, 2),
-    PermutedPoolTiles(32, 4, 2),
-    PermutedPoolTiles(64, 4, 2),
-    PermutedPoolTiles(32, 8, 2),
-    PermutedPoolTiles(64, 8, 2),
-    PermutedPoolTiles(128, 8, 2),
-    PermutedPoolTiles(32, 2, 2),
-    PermutedPoolTiles(32, 4, 3),
-    PermutedPoolTiles(128, 4, 2),
-    PermutedPoolTiles(128, 16, 2),
+    PoolTiles(16, 4, 2),
+    PoolTiles(32, 4, 2),
+    PoolTiles(64, 4, 2),
+    PoolTiles(32, 8, 2),
+    PoolTiles(64, 8, 2),
+    PoolTiles(128, 8, 2),
+    PoolTiles(32, 2, 2),
+    PoolTiles(32, 4, 3),
+    PoolTiles(128, 4, 2),
+    PoolTiles(128, 16, 2),
 )
 
 

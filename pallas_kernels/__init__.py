@@ -24,7 +24,9 @@ Public API:
                                         block_means with rows past lengths zeroed, one launch
                                         (the planner's pooled queries on GPU)
   masked_block_means_supported(x, *, block_size)  whether masked_block_means takes them
-  BlockMeansTiles, block_means_tiles    its static tiling and its default
+  PoolTiles, pool_tiles                 the static tiling of masked_block_means and
+                                        permuted_block_means, and its default
+  zero_past_lengths(x, lengths, start)  x with the rows at positions >= lengths[b] zeroed
   pooled_top_p_blocks(pooled_q, pooled_k, domain, threshold)
                                         the meanpool selector's top-p mask in one launch
   pooled_selection(pooled_q, pooled_k, codes, sink, threshold)
@@ -37,7 +39,6 @@ Public API:
   permuted_block_means(k, perm, *, block_size, segment_size, lengths)
                                         block means of the keys in slot order, K read once
   permuted_block_means_supported(k, perm, ...)  whether permuted_block_means takes them
-  PermutedPoolTiles, permuted_pool_tiles  its static tiling and its default
   masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
   proxy_importance_reference(...), proxy_permutation_reference(...),
@@ -58,10 +59,8 @@ from pallas_kernels.importance import (
     proxy_importance_supported,
 )
 from pallas_kernels.permuted_pooling import (
-    PermutedPoolTiles,
     permuted_block_means,
     permuted_block_means_supported,
-    permuted_pool_tiles,
 )
 from pallas_kernels.planned import planned_attention, slot_order
 from pallas_kernels.pooled_top_p import (
@@ -74,11 +73,12 @@ from pallas_kernels.pooled_top_p import (
     pooled_top_p_tiles,
 )
 from pallas_kernels.pooling import (
-    BlockMeansTiles,
+    PoolTiles,
     block_means,
-    block_means_tiles,
     masked_block_means,
     masked_block_means_supported,
+    pool_tiles,
+    zero_past_lengths,
 )
 from pallas_kernels.proxy_permutation import (
     GQA_MODES,
@@ -119,8 +119,9 @@ __all__ = [
     "block_means",
     "masked_block_means",
     "masked_block_means_supported",
-    "BlockMeansTiles",
-    "block_means_tiles",
+    "PoolTiles",
+    "pool_tiles",
+    "zero_past_lengths",
     "pooled_top_p_blocks",
     "pooled_top_p_supported",
     "pooled_top_p_blocks_reference",
@@ -135,8 +136,6 @@ __all__ = [
     "permuted_block_means",
     "permuted_block_means_supported",
     "permuted_block_means_reference",
-    "PermutedPoolTiles",
-    "permuted_pool_tiles",
     "PooledTopPTiles",
     "pooled_top_p_tiles",
     "MAX_POOLED_BLOCKS",

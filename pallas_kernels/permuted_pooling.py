@@ -11,15 +11,16 @@ segment of one KV head, and for each of the ``r = Hp / Hkv`` permutation heads o
 the cache hits are not measured, the kernel's time is in results/profile_plan.md)
 
 * pooled block t of the segment = the sum of the K rows at positions ``perm[slots of block
-  t]``: gather loads of ``gather_rows`` rows at a time by the permutation itself (each row D
+  t]``: gather loads of ``tiles.rows`` rows at a time by the permutation itself (each row D
   contiguous elements), so neither the inverse permutation nor an ``[S, S]`` matrix is built;
 * float32 adds of the gathered rows (exact conversions whatever the input dtype, no dot), a
-  ``[gather_rows, D]`` accumulator reduced once per block, divided by ``block_size``.
+  ``[tiles.rows, D]`` accumulator reduced once per block, divided by ``block_size``.
 
 Keys at positions ``>= lengths[b]`` (a right-padded batch) are zeroed in the kernel, from the
 position the permutation names. The incomplete last segment (N not a multiple of S) is in its
-original order: its blocks are :func:`block_means` of its keys in XLA (a partial last block's
-zero padding counted), concatenated after the kernel's.
+original order: its blocks are :func:`block_means` of its keys in XLA (zeroed past the lengths
+by ``zero_past_lengths``; a partial last block's zero padding counted), concatenated after the
+kernel's.
 
 The pure-jnp statement of the contract is
 ``pallas_kernels.reference.permuted_block_means_reference``.
@@ -27,7 +28,6 @@ The pure-jnp statement of the contract is
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -36,47 +36,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _checks
-from pallas_kernels.pooling import block_means
+from pallas_kernels.pooling import PoolTiles, block_means, resolve_pool_tiles, zero_past_lengths
 
 __all__ = [
-    "PermutedPoolTiles",
     "permuted_block_means",
     "permuted_block_means_supported",
-    "permuted_pool_tiles",
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class PermutedPoolTiles:
-    """Static tiling of :func:`permuted_block_means` (hashable: a jit static argument).
-
-    gather_rows: slots gathered per load, a power of two dividing block_size (the accumulator
-      is ``[gather_rows, D]`` float32).
-    num_warps, num_stages: Triton launch parameters.
-    """
-
-    gather_rows: int = 32
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self):
-        _checks.check_pow2_at_least("PermutedPoolTiles", "gather_rows", self.gather_rows, 1)
-        _checks.check_num_warps("PermutedPoolTiles", self.num_warps)
-        _checks.check_num_stages("PermutedPoolTiles", self.num_stages)
-
-
-def permuted_pool_tiles(block_size: int, head_dim: int) -> PermutedPoolTiles:
-    """Default tiles: the largest power-of-two divisor of block_size with a ``[gather_rows, D]``
-    tile of at most 16K elements (a whole block of 128 at D 128), 8 warps, 2 stages.
-
-    Measured on an H200 (JAX 0.11.2, 2026-11-30, 32 permutation heads over 8 KV heads of D 128,
-    bf16; experiments/profile_plan.py's sweep, results/profile_plan.md): at 128K tokens 194 µs
-    of GPU time for gathers of 128 rows at 8 warps, 241 for 32 rows, 319 for 32 rows at 4 warps
-    (the einsum path: 277 µs); at 8K 14 µs (einsum 21)."""
-    return PermutedPoolTiles(gather_rows=_checks.row_tile(block_size, head_dim), num_warps=8)
-
-
-def _validate(k, perm, lengths, block_size, segment_size, tiles) -> PermutedPoolTiles:
+def _validate(k, perm, lengths, block_size, segment_size, tiles) -> PoolTiles:
     """Check the contract (static: shapes, dtypes, Python ints); return the tiles to use."""
     for name, val in (("block_size", block_size), ("segment_size", segment_size)):
         if not _checks.is_int(val) or val <= 0:
@@ -105,15 +73,7 @@ def _validate(k, perm, lengths, block_size, segment_size, tiles) -> PermutedPool
     if hp == 0 or hp % hkv:
         raise ValueError(f"Hp={hp} (perm.shape[1]) must be a positive multiple of Hkv={hkv}")
     _checks.check_lengths(lengths, b)
-    if tiles is None:
-        return permuted_pool_tiles(block_size, d)
-    if not isinstance(tiles, PermutedPoolTiles):
-        raise ValueError(f"tiles must be a PermutedPoolTiles or None, got {type(tiles).__name__}")
-    if block_size % tiles.gather_rows:
-        raise ValueError(
-            f"tiles.gather_rows={tiles.gather_rows} must divide block_size={block_size}"
-        )
-    return tiles
+    return resolve_pool_tiles(tiles, block_size, d)
 
 
 def permuted_block_means_supported(k, perm, *, block_size: int, segment_size: int) -> bool:
@@ -128,7 +88,7 @@ def permuted_block_means(
     block_size: int,
     segment_size: int,
     lengths: jax.Array | None = None,
-    tiles: PermutedPoolTiles | None = None,
+    tiles: PoolTiles | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Block means of the keys in slot order, without materialising them.
@@ -148,7 +108,8 @@ def permuted_block_means(
       block_size: keys per pooled block (a power-of-two divisor of it is the gather tile).
       segment_size: S, a multiple of block_size.
       lengths: None, or ``[B]`` int: keys at positions ``>= lengths[b]`` count as zeros.
-      tiles: :class:`PermutedPoolTiles`; default :func:`permuted_pool_tiles` (block_size, D).
+      tiles: :class:`PoolTiles` (rows: slots gathered per load); default
+        ``pool_tiles(block_size, D)``.
       interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
 
     Returns:
@@ -197,7 +158,7 @@ def _permuted_block_means(k, perm, lengths, *, block_size, segment_size, tiles, 
                 functools.partial(
                     _permuted_pool_kernel,
                     block_size=block_size,
-                    gather_rows=tiles.gather_rows,
+                    gather_rows=tiles.rows,
                     ragged=ragged,
                 ),
                 out_shape=jax.ShapeDtypeStruct(
@@ -210,7 +171,7 @@ def _permuted_block_means(k, perm, lengths, *, block_size, segment_size, tiles, 
                 ),
                 compiler_params=_checks.triton_compiler_params(tiles),
                 interpret=interpret,
-                name=f"pbs_permuted_pool_s{segment_size}_b{block_size}_g{tiles.gather_rows}",
+                name=f"pbs_permuted_pool_s{segment_size}_b{block_size}_g{tiles.rows}",
             )(*operands)
         )
     if complete < n:
@@ -218,8 +179,7 @@ def _permuted_block_means(k, perm, lengths, *, block_size, segment_size, tiles, 
         # they are, the same for every permutation head of a KV head.
         tail = k[:, complete:]
         if ragged:
-            real = jnp.arange(complete, n)[None, :] < lengths[:, None]  # [B, N - complete]
-            tail = jnp.where(real[:, :, None, None], tail, jnp.zeros((), tail.dtype))
+            tail = zero_past_lengths(tail, lengths, start=complete)
         parts.append(jnp.repeat(block_means(tail, block_size), group, axis=2))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 

@@ -9,7 +9,11 @@ queries, and its pooled keys without a permutation), with ``block_means`` its or
 float32 ``rows`` at a time and writes their sum divided by ``block_size``. Rows at or past N (a
 partial last block) and, with ``lengths``, at or past ``lengths[b]`` are masked loads with 0 as
 their value: never read, counted as the zero padding of :func:`block_means` (the jnp path
-zeroes the rows past ``lengths`` with a ``jnp.where`` before its pad, reshape and mean).
+zeroes the rows past ``lengths`` with :func:`zero_past_lengths` before its pad, reshape and
+mean).
+
+:class:`PoolTiles` and its default :func:`pool_tiles` tile both pooling kernels (this one and
+``pallas_kernels.permuted_block_means``): a ``[rows, D]`` float32 add per step.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import _checks
 
 __all__ = [
-    "BlockMeansTiles",
+    "PoolTiles",
     "block_means",
-    "block_means_tiles",
     "masked_block_means",
     "masked_block_means_supported",
+    "pool_tiles",
+    "resolve_pool_tiles",
+    "zero_past_lengths",
 ]
 
 # The smallest block the kernel pools, as every kernel of this package (a power of two: a
@@ -48,12 +54,26 @@ def block_means(x: jax.Array, block_size: int) -> jax.Array:
     return x.reshape(b, t, block_size, h, d).mean(axis=2)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockMeansTiles:
-    """Static tiling of :func:`masked_block_means` (hashable: a jit static argument).
+def zero_past_lengths(x: jax.Array, lengths: jax.Array, start: int = 0) -> jax.Array:
+    """``x [B, L, ...]`` with every row at a position ``>= lengths[b]`` set to zero, row i of
+    x being position ``start + i`` (``start``: x is a slice of the sequence starting there).
 
-    rows: rows loaded and added per step, a power of two dividing block_size (a ``[rows, D]``
-      tile, summed over its rows into a ``[D]`` float32 total).
+    The one statement of "rows at or past ``lengths[b]`` count as zeros": the zero pad a row
+    run alone sees past its last real token (pooled means count it); ``pbs_jax.grid
+    .zero_padding`` is this rule, the kernels mask their loads by it."""
+    b, rows = x.shape[:2]
+    real = jnp.arange(start, start + rows)[None, :] < lengths[:, None]  # [B, L]
+    return jnp.where(real.reshape((b, rows) + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolTiles:
+    """Static tiling of the pooling kernels, :func:`masked_block_means` and
+    ``pallas_kernels.permuted_block_means`` (hashable: a jit static argument).
+
+    rows: rows loaded and added per step, a power of two dividing block_size: a ``[rows, D]``
+      tile (contiguous rows for :func:`masked_block_means`, rows gathered by the permutation
+      for ``permuted_block_means``) added in float32.
     num_warps, num_stages: Triton launch parameters.
     """
 
@@ -62,26 +82,45 @@ class BlockMeansTiles:
     num_stages: int = 2
 
     def __post_init__(self):
-        _checks.check_pow2_at_least("BlockMeansTiles", "rows", self.rows, 1)
-        _checks.check_num_warps("BlockMeansTiles", self.num_warps)
-        _checks.check_num_stages("BlockMeansTiles", self.num_stages)
+        _checks.check_pow2_at_least("PoolTiles", "rows", self.rows, 1)
+        _checks.check_num_warps("PoolTiles", self.num_warps)
+        _checks.check_num_stages("PoolTiles", self.num_stages)
 
 
-def block_means_tiles(block_size: int, head_dim: int) -> BlockMeansTiles:
-    """Default tiles: the largest power-of-two divisor of block_size with a ``[rows, D]`` tile
-    of at most 16K elements (a whole block of 128 at D 128: one step), 8 warps, 2 stages.
+def pool_tiles(block_size: int, head_dim: int) -> PoolTiles:
+    """Default tiles of both pooling kernels: the largest power-of-two divisor of block_size
+    with a ``[rows, D]`` tile of at most 16K elements (a whole block of 128 at D 128: one
+    step), 8 warps, 2 stages.
 
-    Measured on an H200 (JAX 0.11.2, 2026-11-30, a prototype of this kernel, q ``[1, N, 32,
-    128]`` bf16, blocks of 128; results/explore_fused_permutation.log): 18.8 µs at N = 8K and
-    270 µs at 128K for rows 128 at 8 warps and 2 stages, 20 / 279 µs for rows 32 or 64 at 4
-    warps; XLA's jnp path 21.8 / 303 µs. This kernel in the plan's profile: 19.9 µs at 8K,
-    268.9 at 128K (results/profile_plan_transposed.md). The
-    16K-element cap (rows 64 at D 256) is shared with the permuted pooling, not measured
-    here."""
-    return BlockMeansTiles(rows=_checks.row_tile(block_size, head_dim))
+    Measured on an H200 (JAX 0.11.2, 2026-11-30, bf16, blocks of 128):
+
+    * :func:`masked_block_means` (a prototype of the kernel, q ``[1, N, 32, 128]``;
+      results/explore_fused_permutation.log): 18.8 µs at N = 8K and 270 µs at 128K for rows
+      128 at 8 warps and 2 stages, 20 / 279 µs for rows 32 or 64 at 4 warps; XLA's jnp path
+      21.8 / 303 µs. This kernel in the plan's profile: 19.9 µs at 8K, 268.9 at 128K
+      (results/profile_plan_transposed.md).
+    * ``permuted_block_means`` (32 permutation heads over 8 KV heads of D 128;
+      experiments/profile_plan.py's sweep, results/profile_plan.md): at 128K tokens 194 µs of
+      GPU time for gathers of 128 rows at 8 warps, 241 for 32 rows, 319 for 32 rows at 4 warps
+      (the einsum path: 277 µs); at 8K 14 µs (einsum 21).
+
+    The 16K-element cap (rows 64 at D 256) is not measured."""
+    return PoolTiles(rows=_checks.row_tile(block_size, head_dim))
 
 
-def _validate(x, lengths, block_size, tiles) -> BlockMeansTiles:
+def resolve_pool_tiles(tiles, block_size: int, head_dim: int) -> PoolTiles:
+    """A pooling kernel's ``tiles`` argument checked against its block size (ValueError unless
+    None or a :class:`PoolTiles` whose rows divide block_size); None gives :func:`pool_tiles`."""
+    if tiles is None:
+        return pool_tiles(block_size, head_dim)
+    if not isinstance(tiles, PoolTiles):
+        raise ValueError(f"tiles must be a PoolTiles or None, got {type(tiles).__name__}")
+    if block_size % tiles.rows:
+        raise ValueError(f"tiles.rows={tiles.rows} must divide block_size={block_size}")
+    return tiles
+
+
+def _validate(x, lengths, block_size, tiles) -> PoolTiles:
     """Check the contract (static: shapes, dtypes, Python ints); return the tiles to use."""
     if not _checks.is_int(block_size):
         raise ValueError(f"block_size must be an int, got {block_size!r}")
@@ -99,13 +138,7 @@ def _validate(x, lengths, block_size, tiles) -> BlockMeansTiles:
         raise ValueError(f"x.dtype must be one of {_checks.FLOAT_DTYPES}, got {x.dtype}")
     _checks.check_row_head_dim(d)
     _checks.check_lengths(lengths, b)
-    if tiles is None:
-        return block_means_tiles(block_size, d)
-    if not isinstance(tiles, BlockMeansTiles):
-        raise ValueError(f"tiles must be a BlockMeansTiles or None, got {type(tiles).__name__}")
-    if block_size % tiles.rows:
-        raise ValueError(f"tiles.rows={tiles.rows} must divide block_size={block_size}")
-    return tiles
+    return resolve_pool_tiles(tiles, block_size, d)
 
 
 def masked_block_means_supported(x, *, block_size: int) -> bool:
@@ -119,7 +152,7 @@ def masked_block_means(
     *,
     block_size: int,
     lengths: jax.Array | None = None,
-    tiles: BlockMeansTiles | None = None,
+    tiles: PoolTiles | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """:func:`block_means` of ``x`` with the rows past ``lengths`` zeroed, in one Pallas launch.
@@ -132,7 +165,7 @@ def masked_block_means(
       x: ``[B, N, H, D]`` (float32, bfloat16 or float16), any N >= 1; D a power of two <= 256.
       block_size: rows per pooled block, a power of two >= 16.
       lengths: None, or ``[B]`` int: rows at positions ``>= lengths[b]`` count as zeros.
-      tiles: :class:`BlockMeansTiles`; default :func:`block_means_tiles` (block_size, D).
+      tiles: :class:`PoolTiles`; default :func:`pool_tiles` (block_size, D).
       interpret: Pallas interpret mode; None means "when the default backend is not a GPU".
 
     Returns:

@@ -18,7 +18,7 @@ from jax import lax
 from pallas_kernels import _checks
 from pallas_kernels.block_lists import CODE_DOMAIN, CODE_EARLIER, CODE_FORCED, CODE_NEVER
 from pallas_kernels.planned import slot_order
-from pallas_kernels.pooling import block_means
+from pallas_kernels.pooling import block_means, zero_past_lengths
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
 
 __all__ = [
@@ -369,6 +369,5 @@ def permuted_block_means_reference(
     """
     del segment_size, tiles, interpret
     if lengths is not None:
-        real = jnp.arange(k.shape[1])[None, :] < lengths[:, None]  # [B, N]
-        k = jnp.where(real[:, :, None, None], k, jnp.zeros((), k.dtype))
+        k = zero_past_lengths(k, lengths)
     return block_means(slot_order(k, perm), block_size)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.pooling import zero_past_lengths
 from pbs_jax.config import PBSConfig
 
 
@@ -130,9 +131,9 @@ def real_tokens(lengths: jax.Array, seq_len: int) -> jax.Array:
 
 def zero_padding(x: jax.Array, lengths: jax.Array) -> jax.Array:
     """``x [B, N, ...]`` with every row at a position ``>= lengths[b]`` set to zero: the zero pad
-    that a row run alone sees past its last real token (pooled means count it)."""
-    real = real_tokens(lengths, x.shape[1]).reshape(x.shape[:2] + (1,) * (x.ndim - 2))
-    return jnp.where(real, x, jnp.zeros((), x.dtype))
+    that a row run alone sees past its last real token (pooled means count it). The rule is
+    stated once, in ``pallas_kernels.pooling.zero_past_lengths`` (the kernels' side of it)."""
+    return zero_past_lengths(x, lengths)
 
 
 def real_block_counts(lengths: jax.Array, block_size: int) -> jax.Array:

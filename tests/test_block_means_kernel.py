@@ -2,11 +2,11 @@
 
 - ``masked_block_means`` (Pallas, interpret mode here) against ``block_means`` (jnp: pad,
   reshape, mean) of the rows zeroed past the lengths (an independent statement: the padding in
-  XLA, the lengths by a ``jnp.where`` here): fresh random rows, N a multiple of the block, not
-  a multiple (a partial last block) and shorter than one block; float32, bfloat16 and float16;
-  H 1 to 4, D 16 to 128; blocks of 16, 64 and 128; two batch rows, with and without ragged
-  lengths (a length of 1, of N, inside a block and on a block boundary); one and several row
-  steps per block;
+  XLA, the lengths by ``pbs_jax.grid.zero_padding``): fresh random rows, N a multiple of the
+  block, not a multiple (a partial last block) and shorter than one block; float32, bfloat16
+  and float16; H 1 to 4, D 16 to 128; blocks of 16, 64 and 128; two batch rows, with and
+  without ragged lengths (a length of 1, of N, inside a block and on a block boundary); one and
+  several row steps per block;
 - rows past a length count as zeros: the kernel with ``lengths`` is the kernel on rows zeroed
   past them;
 - ``mean_pool_blocks`` on GPU (run here with the kernel in interpret mode) takes the kernel
@@ -26,13 +26,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels import (
-    BlockMeansTiles,
+    PoolTiles,
     block_means,
-    block_means_tiles,
     masked_block_means,
     masked_block_means_supported,
+    pool_tiles,
 )
 from pbs_jax import selection
+from pbs_jax.grid import zero_padding
 
 BATCH = 2
 
@@ -45,7 +46,7 @@ class Case:
     dtype: str
     block_size: int = 64
     lengths: tuple[int, ...] | None = None
-    tiles: BlockMeansTiles | None = None
+    tiles: PoolTiles | None = None
 
     @property
     def id(self) -> str:
@@ -68,8 +69,8 @@ CASES = [
     # N shorter than one block: a single partial block.
     Case(100, 2, 16, "float16", block_size=128, lengths=(100, 37)),
     # Several row steps per block (the fori over row tiles), lengths on and inside a block.
-    Case(384, 4, 32, "float32", block_size=128, tiles=BlockMeansTiles(rows=32)),
-    Case(200, 2, 32, "bfloat16", lengths=(128, 63), tiles=BlockMeansTiles(rows=16)),
+    Case(384, 4, 32, "float32", block_size=128, tiles=PoolTiles(rows=32)),
+    Case(200, 2, 32, "bfloat16", lengths=(128, 63), tiles=PoolTiles(rows=16)),
 ]
 
 
@@ -91,10 +92,7 @@ def _operands(case: Case, seed: int = 0):
 
 def _zeroed_past(x, lengths):
     """x with the rows at positions ``>= lengths[b]`` set to zero (x itself without lengths)."""
-    if lengths is None:
-        return x
-    real = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(real[:, :, None, None], x, jnp.zeros((), x.dtype))
+    return x if lengths is None else zero_padding(x, lengths)
 
 
 @functools.cache
@@ -168,19 +166,19 @@ def test_mean_pool_blocks_keeps_the_jnp_path_for_unsupported_blocks(monkeypatch)
 
 
 def test_default_tiles():
-    assert block_means_tiles(128, 128) == BlockMeansTiles(rows=128, num_warps=8, num_stages=2)
-    assert block_means_tiles(64, 32) == BlockMeansTiles(rows=64)
-    assert block_means_tiles(16, 16) == BlockMeansTiles(rows=16)
-    assert block_means_tiles(128, 256) == BlockMeansTiles(rows=64)
-    assert block_means_tiles(256, 64) == BlockMeansTiles(rows=256)
+    assert pool_tiles(128, 128) == PoolTiles(rows=128, num_warps=8, num_stages=2)
+    assert pool_tiles(64, 32) == PoolTiles(rows=64)
+    assert pool_tiles(16, 16) == PoolTiles(rows=16)
+    assert pool_tiles(128, 256) == PoolTiles(rows=64)
+    assert pool_tiles(256, 64) == PoolTiles(rows=256)
 
 
 @pytest.mark.parametrize(
     "kwargs", [dict(rows=0), dict(rows=24), dict(num_warps=3), dict(num_stages=0)]
 )
 def test_bad_tiles_raise(kwargs):
-    with pytest.raises(ValueError, match="BlockMeansTiles"):
-        BlockMeansTiles(**kwargs)
+    with pytest.raises(ValueError, match="PoolTiles"):
+        PoolTiles(**kwargs)
 
 
 def _x(b=2, n=200, h=2, d=32, dtype=jnp.float32):
@@ -200,8 +198,8 @@ def _x(b=2, n=200, h=2, d=32, dtype=jnp.float32):
         (_x(dtype=jnp.int32), dict(block_size=64), "x.dtype"),
         (_x(), dict(block_size=64, lengths=jnp.zeros((3,), jnp.int32)), "lengths"),
         (_x(), dict(block_size=64, lengths=jnp.zeros((2,), jnp.float32)), "lengths"),
-        (_x(), dict(block_size=64, tiles=BlockMeansTiles(rows=128)), "divide block_size"),
-        (_x(), dict(block_size=64, tiles=(64, 8, 2)), "tiles must be a BlockMeansTiles"),
+        (_x(), dict(block_size=64, tiles=PoolTiles(rows=128)), "divide block_size"),
+        (_x(), dict(block_size=64, tiles=(64, 8, 2)), "tiles must be a PoolTiles"),
     ],
 )
 def test_contract_violations_raise(x, kwargs, match):

@@ -26,13 +26,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels import (
-    PermutedPoolTiles,
+    PoolTiles,
     permuted_block_means,
     permuted_block_means_reference,
     permuted_block_means_supported,
-    permuted_pool_tiles,
+    pool_tiles,
 )
 from pbs_jax import selection
+from pbs_jax.grid import zero_padding
 
 BATCH = 2
 
@@ -47,11 +48,11 @@ class Case:
     block_size: int = 64
     segment_size: int = 256
     head_dim: int = 32
-    tiles: PermutedPoolTiles | None = None
+    tiles: PoolTiles | None = None
 
     @property
     def id(self) -> str:
-        tiles = "" if self.tiles is None else f"-g{self.tiles.gather_rows}"
+        tiles = "" if self.tiles is None else f"-g{self.tiles.rows}"
         lengths = "" if self.lengths is None else "-L" + "_".join(map(str, self.lengths))
         return (
             f"{self.dtype}-N{self.keys}-kv{self.kv_heads}-r{self.group}-b{self.block_size}"
@@ -72,7 +73,7 @@ CASES = [
     Case(1000, 2, 4, "float32", lengths=(1000, 255)),
     Case(1300, 2, 3, "bfloat16"),
     # Four gather tiles per block (the fori over chunks), and a 48-key block (gathers of 16).
-    Case(1000, 2, 4, "bfloat16", tiles=PermutedPoolTiles(gather_rows=16)),
+    Case(1000, 2, 4, "bfloat16", tiles=PoolTiles(rows=16)),
     Case(1000, 1, 3, "float32", block_size=48, segment_size=192, lengths=(1000, 50)),
     # N shorter than one segment: no kernel launch, the blocks of the keys in place.
     Case(200, 2, 3, "float32", lengths=(200, 130)),
@@ -161,10 +162,8 @@ def test_keys_past_a_length_count_as_zero_padding(case):
             # it, so only the segments wholly past the length are known to be zero.
             first_empty = -(-length // case.segment_size) * (case.segment_size // case.block_size)
         np.testing.assert_array_equal(kernel[row, first_empty:], 0.0)
-    real = jnp.arange(case.keys)[None, :] < lengths[:, None]
-    zeroed = jnp.where(real[:, :, None, None], k, jnp.zeros((), k.dtype))
     unmasked = permuted_block_means(
-        zeroed, perm, block_size=case.block_size, segment_size=case.segment_size
+        zero_padding(k, lengths), perm, block_size=case.block_size, segment_size=case.segment_size
     )
     np.testing.assert_array_equal(np.asarray(unmasked), kernel)
 
@@ -214,20 +213,20 @@ def test_pooled_permuted_keys_on_gpu_runs_the_kernel(monkeypatch):
 
 
 def test_default_tiles():
-    assert permuted_pool_tiles(128, 128) == PermutedPoolTiles(gather_rows=128, num_warps=8)
-    assert permuted_pool_tiles(64, 32) == PermutedPoolTiles(gather_rows=64, num_warps=8)
-    assert permuted_pool_tiles(48, 16) == PermutedPoolTiles(gather_rows=16, num_warps=8)
-    assert permuted_pool_tiles(128, 256) == PermutedPoolTiles(gather_rows=64, num_warps=8)
-    assert permuted_pool_tiles(256, 32) == PermutedPoolTiles(gather_rows=256, num_warps=8)
+    assert pool_tiles(128, 128) == PoolTiles(rows=128, num_warps=8)
+    assert pool_tiles(64, 32) == PoolTiles(rows=64, num_warps=8)
+    assert pool_tiles(48, 16) == PoolTiles(rows=16, num_warps=8)
+    assert pool_tiles(128, 256) == PoolTiles(rows=64, num_warps=8)
+    assert pool_tiles(256, 32) == PoolTiles(rows=256, num_warps=8)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(gather_rows=0), dict(gather_rows=24), dict(num_warps=3), dict(num_stages=0)],
+    [dict(rows=0), dict(rows=24), dict(num_warps=3), dict(num_stages=0)],
 )
 def test_bad_tiles_raise(kwargs):
-    with pytest.raises(ValueError, match="PermutedPoolTiles"):
-        PermutedPoolTiles(**kwargs)
+    with pytest.raises(ValueError, match="PoolTiles"):
+        PoolTiles(**kwargs)
 
 
 def _shapes(b=1, n=512, hkv=2, hp=4, d=32, dtype=jnp.float32, perm_dtype=jnp.int32):
@@ -257,7 +256,7 @@ def _shapes(b=1, n=512, hkv=2, hp=4, d=32, dtype=jnp.float32, perm_dtype=jnp.int
         ),
         (
             _shapes(),
-            dict(block_size=64, segment_size=256, tiles=PermutedPoolTiles(gather_rows=128)),
+            dict(block_size=64, segment_size=256, tiles=PoolTiles(rows=128)),
             "divide block_size",
         ),
     ],
