@@ -16,8 +16,7 @@ Shapes (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, N in 4K..128K. Rows per N:
     (random earlier-segment blocks plus the always-computed own-segment blocks): the Triton
     kernel and the Mosaic GPU kernel (Hopper);
   * the plan stage by stage, each jitted alone on its real inputs (structured input): proxy,
-    permutation sort, block scores, top-p selection, index lists, the fused permutation kernel
-    (importance + sort + pooling) and the selection from its pooled keys, the whole plan as one jit,
+    permutation sort, block scores, top-p selection, index lists, the whole plan as one jit,
     ``impl="auto"``'s estimate stage and the K/V slot-order copy before the Mosaic kernel;
   * the whole op, pbs_attention(impl="pallas"), on structured input;
   * ``impl="auto"`` on five input families against min(cuDNN, kernel at the plan's density):
@@ -111,13 +110,6 @@ def op_fns(cfg: PBSConfig) -> dict:
         # top-p + forced blocks; on GPU the fused pooled top-p kernel).
         "block_scores": stage(selection.pooled_blocks),
         "top_p": stage(selection.select_blocks),
-        # The fused permutation kernel (importance, segment sort and pooled permuted keys in one
-        # pass: pallas_kernels.proxy_permutation, off in the plan: permutation.FUSED_PERMUTATION)
-        # and the selection from its pooled keys.
-        "fused_permutation": stage(permutation.fused_permutation),
-        "select_pooled": jax.jit(
-            lambda q, k, perm, pooled_k: selection.select_blocks(q, k, perm, cfg, pooled_k=pooled_k)
-        ),
         "lists": stage(blocks.index_lists),
         "plan": jax.jit(lambda q, k: pbs_jax.pbs_plan(q, k, cfg)[::2]),  # (perm, lists)
         "estimate": stage(cost_model.estimate_density),
@@ -171,21 +163,12 @@ def plan_stages(q, k, v, cfg, time) -> dict:
     scores = fns["proxy"](q, k)
     perm = fns["permutation"](scores, n)
     mask = fns["top_p"](q, k, perm)
-    fused = permutation.fused_permutation(q, k, cfg)  # (perm, pooled keys), None: not taken
     return {
         "proxy_ms": time(fns["proxy"], q, k),
         "permutation_ms": time(fns["permutation"], scores, n),
         "block_scores_ms": time(fns["block_scores"], q, k, perm),
         "top_p_ms": time(fns["top_p"], q, k, perm) - time(fns["block_scores"], q, k, perm),
         "lists_ms": time(fns["lists"], mask),
-        **(
-            {
-                "fused_permutation_ms": time(fns["fused_permutation"], q, k),
-                "select_pooled_ms": time(fns["select_pooled"], q, k, *fused),
-            }
-            if fused is not None
-            else {}
-        ),
         "plan_ms": time(fns["plan"], q, k),
         "estimate_ms": time(fns["estimate"], q, k),
         # What each adds to the op while the host dispatches ahead: its kernels' GPU time

@@ -1,4 +1,9 @@
-"""Where the fused permutation pass (``pallas_kernels.proxy_permutation``) spends its time, as run
+"""Runs at commit 3440a84 only: the module it measures (``pallas_kernels.proxy_permutation``) and
+the plan's switch for it were deleted after (slower than the stages it replaced). Check it out
+first: ``git worktree add ../pbs-3440a84 3440a84`` (or ``git checkout 3440a84 -- pallas_kernels
+pbs_jax``), then run it there.
+
+Where the fused permutation pass (``pallas_kernels.proxy_permutation``) spends its time, as run
 on one H200 on 2026-11-30 (JAX 0.11.2; results/explore_fused_permutation.{json,log}). Kept as the
 record behind experiments/NOTES.md's 7th-session rows; not a maintained study.
 
@@ -30,7 +35,13 @@ from pallas_kernels import ImportanceTiles, _checks
 from pallas_kernels.importance_passes import probability_column_sums, split_key_tiles
 from pbs_jax import PBSConfig, permutation, selection
 
-ppm = importlib.import_module("pallas_kernels.proxy_permutation")
+try:
+    ppm = importlib.import_module("pallas_kernels.proxy_permutation")
+except ImportError:
+    raise SystemExit(
+        "explore_fused_permutation measures pallas_kernels.proxy_permutation, deleted after commit "
+        "3440a84: run it at that commit (git worktree add ../pbs-3440a84 3440a84)"
+    ) from None
 ORIG = ppm._segment_order_kernel
 OUT = os.environ.get("OUT", "out")
 cfg = PBSConfig.paper()

@@ -11,14 +11,7 @@ Public API:
   proxy_importance(q_proxy, k)          the planner's key importance, logits never in HBM
   proxy_importance_supported(q_proxy, k)  whether proxy_importance takes these operands
   ImportanceTiles, importance_tiles     proxy_importance's static tiling and its default
-  proxy_permutation(q_proxy, k, *, segment_size, block_size, gqa)
-                                        the planner's key_pos and pooled permuted keys, fused
-                                        with the importance (no importance, sort or pooling
-                                        in HBM)
-  proxy_permutation_supported(q_proxy, k, ...)  whether proxy_permutation takes these operands
   FLOAT_DTYPES                          the input dtypes every kernel and the op take (names)
-  GQA_MODES                             the permutation-head modes ("replicate", "shared"):
-                                        one per query head, or one per KV head
   block_means(x, block_size)            block means, zero padding of a partial block counted
   masked_block_means(x, *, block_size, lengths)
                                         block_means with rows past lengths zeroed, one launch
@@ -41,9 +34,9 @@ Public API:
   permuted_block_means_supported(k, perm, ...)  whether permuted_block_means takes them
   masked_softmax, top_p_blocks          the selection's row rules (kernel bodies and jnp alike)
   block_sparse_attention_reference(...), block_sparse_attention_mgpu_reference(...),
-  proxy_importance_reference(...), proxy_permutation_reference(...),
-  pooled_top_p_blocks_reference(...), pooled_selection_reference(...),
-  pooled_block_probabilities_reference(...)  pure-jnp oracles of the kernels' contracts
+  proxy_importance_reference(...), pooled_top_p_blocks_reference(...),
+  pooled_selection_reference(...), pooled_block_probabilities_reference(...)
+                                        pure-jnp oracles of the kernels' contracts
   permuted_block_means_reference(...)  and of permuted_block_means'
   TileConfig, DEFAULT_TILES, get_tiles  the Triton kernel's static tiling and its table
 """
@@ -80,11 +73,6 @@ from pallas_kernels.pooling import (
     pool_tiles,
     zero_past_lengths,
 )
-from pallas_kernels.proxy_permutation import (
-    GQA_MODES,
-    proxy_permutation,
-    proxy_permutation_supported,
-)
 from pallas_kernels.reference import (
     block_sparse_attention_mgpu_reference,
     block_sparse_attention_reference,
@@ -93,7 +81,6 @@ from pallas_kernels.reference import (
     pooled_selection_reference,
     pooled_top_p_blocks_reference,
     proxy_importance_reference,
-    proxy_permutation_reference,
 )
 from pallas_kernels.tiles import DEFAULT_TILES, TileConfig, get_tiles
 from pallas_kernels.top_p import masked_softmax, top_p_blocks
@@ -111,11 +98,7 @@ __all__ = [
     "proxy_importance_reference",
     "ImportanceTiles",
     "importance_tiles",
-    "proxy_permutation",
-    "proxy_permutation_supported",
     "FLOAT_DTYPES",
-    "GQA_MODES",
-    "proxy_permutation_reference",
     "block_means",
     "masked_block_means",
     "masked_block_means_supported",

@@ -28,9 +28,8 @@ plus ~3 HBM round trips of P·L floats), which is the usual trade of flash-style
 accumulation is float32 (``preferred_element_type``); inputs stay in their own dtype. Softmax
 in base 2 (log2(e) folded into the scale), as in :mod:`block_sparse_attention`.
 
-The passes' building blocks live in :mod:`pallas_kernels.importance_passes` (the fused
-permutation pass of :mod:`pallas_kernels.proxy_permutation` reuses pass 1 and the column sums),
-their tiling in :mod:`pallas_kernels.importance_tiling`. The pure-jnp statement of this contract is
+The passes' building blocks live in :mod:`pallas_kernels.importance_passes`, their tiling in
+:mod:`pallas_kernels.importance_tiling`. The pure-jnp statement of this contract is
 ``pallas_kernels.reference.proxy_importance_reference``.
 """
 

@@ -1,9 +1,8 @@
 """The two passes of the proxy importance, as building blocks (Pallas/Triton): pass 1 (each proxy
 row's log2-sum-exp over the keys, split over key ranges and combined in jnp) and the body of pass 2
 (the column sums of the row-softmax probabilities over a program's key tiles). Used by
-``pallas_kernels.importance`` (the importance itself) and ``pallas_kernels.proxy_permutation``
-(the fused pass that also ranks and pools each segment); the module docstring of
-:mod:`pallas_kernels.importance` describes the passes.
+``pallas_kernels.importance`` (the importance itself), whose module docstring describes the
+passes.
 
 A ragged batch passes ``counts = (real_rows, real_keys)`` ``[B]`` int32 (:func:`real_counts`):
 one scalar operand per program (Pallas Triton has no scalar prefetch; :func:`count_specs`).
@@ -191,8 +190,7 @@ def key_block_in_specs(
     """The operands of a pass over key blocks, grid ``(key block j, batch, query head)``: all P
     proxy rows of the head ``[P, D]`` (block ``first_block`` of P rows of the operand: the last
     P of longer queries, read in place), the block's ``key_block`` keys of its KV head
-    ``[key_block, D]``, the rows' log-sum-exp ``[P]`` (pass 1's). Shared by pass 2 and the fused
-    permutation pass (``pallas_kernels.proxy_permutation``)."""
+    ``[key_block, D]``, the rows' log-sum-exp ``[P]`` (pass 1's). Pass 2's."""
     return [
         pl.BlockSpec((None, num_rows, None, d), lambda j, bi, h: (bi, first_block, h, 0)),
         pl.BlockSpec(

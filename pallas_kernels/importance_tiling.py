@@ -1,6 +1,5 @@
-"""The static tiling of the proxy importance passes (``pallas_kernels.importance``, and the fused
-permutation pass of ``pallas_kernels.proxy_permutation``): a validated frozen dataclass and its
-measured defaults per dtype."""
+"""The static tiling of the proxy importance passes (``pallas_kernels.importance``): a validated
+frozen dataclass and its measured defaults per dtype."""
 
 from __future__ import annotations
 
@@ -20,14 +19,13 @@ class ImportanceTiles:
 
     block_rows: proxy rows per logits tile (pass 1: rows per program; pass 2: rows per loop
                 step). Must divide P.
-    block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program;
-                :func:`proxy_permutation`'s pass 2: a program's segment is walked, ranked and
-                pooled in tiles of block_keys). Must divide L (and the segment).
+    block_keys: keys per logits tile (pass 1: keys per loop step; pass 2: keys per program).
+                Must divide L.
     column_tiles: key tiles of one pass-2 program (a power of two >= 1; ``block_keys ·
                 column_tiles`` must divide L): more than one amortises the program's launch
                 and its loads of the proxy rows over more keys where pass 2 is latency-bound
                 (short L: at 8K keys, 32 heads and 64-key tiles, 4096 programs of one small dot
-                each). :func:`proxy_permutation`'s pass 2 owns whole segments and ignores it.
+                each).
     split_keys: keys walked by one pass-1 program; L / split_keys splits (the last one may be
                 short) give the grid enough programs at long L while the partial statistics
                 stay small (``B·Hq·(L/split_keys)·P`` pairs of floats). A multiple of

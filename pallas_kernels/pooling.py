@@ -1,6 +1,6 @@
 """Mean pooling of consecutive blocks of rows: the one statement of the official code's rule
-(:func:`block_means`, jnp), shared by the planner (``pbs_jax.selection.mean_pool_blocks``), the
-fused permutation kernel's incomplete segment and the references; and its Pallas/Triton
+(:func:`block_means`, jnp), shared by the planner (``pbs_jax.selection.mean_pool_blocks``) and
+the references; and its Pallas/Triton
 evaluation (:func:`masked_block_means`): ``mean_pool_blocks`` on GPU (the planner's pooled
 queries, and its pooled keys without a permutation), with ``block_means`` its oracle.
 

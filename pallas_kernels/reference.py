@@ -1,6 +1,6 @@
 """Pure-jnp oracles of the kernels' contracts: `block_sparse_attention` (Triton),
-`block_sparse_attention_mgpu` (Mosaic GPU), `proxy_importance`, `proxy_permutation`,
-`pooled_top_p_blocks` and `pooled_selection`, each with its kernel's signature and semantics.
+`block_sparse_attention_mgpu` (Mosaic GPU), `proxy_importance`, `pooled_top_p_blocks`,
+`pooled_selection` and `permuted_block_means`, each with its kernel's signature and semantics.
 
 It expands the block lists into a dense [B, Hq, N, N] boolean over (query row, key slot),
 applies the token mask, and runs an fp32 softmax. O(B * Hq * N^2) memory: for tests and small
@@ -25,7 +25,6 @@ __all__ = [
     "block_sparse_attention_reference",
     "block_sparse_attention_mgpu_reference",
     "proxy_importance_reference",
-    "proxy_permutation_reference",
     "pooled_block_probabilities_reference",
     "pooled_top_p_blocks_reference",
     "pooled_selection_reference",
@@ -230,48 +229,6 @@ def proxy_importance_reference(
     # A where, not a product: rows past real_rows may hold anything.
     mean = jnp.where(row_in, probs, 0.0).sum(axis=-2) / row_in.sum(axis=-2)
     return mean.reshape(b, hq, l)
-
-
-def proxy_permutation_reference(
-    q_proxy: jax.Array,
-    k: jax.Array,
-    *,
-    segment_size: int,
-    block_size: int,
-    gqa: str = "replicate",
-    tiles=None,
-    interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """The contract of ``pallas_kernels.proxy_permutation`` (any shapes and dtypes here):
-    :func:`proxy_importance_reference` over the complete segments' keys (with ``gqa="shared"``
-    averaged over each KV head's query group), a stable descending argsort inside each complete
-    segment (the incomplete last one in place), then the block means of the keys in slot order.
-
-    Args:
-      q_proxy: ``[B, P, Hq, D]``; k: ``[B, N, Hkv, D]``, N >= segment_size; segment_size a
-        multiple of block_size; gqa ``"replicate"`` (Hp = Hq) or ``"shared"`` (Hp = Hkv);
-        ``tiles`` and ``interpret`` are accepted for signature compatibility and ignored.
-    Returns:
-      ``key_pos [B, Hp, N]`` int32 (slot → original position) and
-      ``pooled_k [B, ceil(N / block_size), Hp, D]`` float32 (zero padding of a partial last
-      block counted).
-    """
-    del tiles, interpret
-    b, _, hq, _ = q_proxy.shape
-    n, hkv = k.shape[1], k.shape[2]
-    num_segments = n // segment_size
-    complete = num_segments * segment_size
-    importance = proxy_importance_reference(q_proxy, k[:, :complete])  # [B, Hq, L]
-    if gqa == "shared":
-        importance = importance.reshape(b, hkv, hq // hkv, complete).mean(axis=2)
-    hp = importance.shape[1]
-    order = jnp.argsort(
-        importance.reshape(b, hp, num_segments, segment_size), axis=-1, descending=True, stable=True
-    )
-    order = order + (jnp.arange(num_segments) * segment_size)[:, None]
-    tail = jnp.broadcast_to(jnp.arange(complete, n), (b, hp, n - complete))
-    key_pos = jnp.concatenate([order.reshape(b, hp, complete), tail], axis=-1).astype(jnp.int32)
-    return key_pos, block_means(slot_order(k, key_pos), block_size)
 
 
 def pooled_block_probabilities_reference(

@@ -43,7 +43,6 @@ from pbs_jax.permutation import (
     identity_permutation,
     inverse_permutation,
     key_importance,
-    plan_permutation,
     segment_permutation,
 )
 from pbs_jax.reference import exact_causal_attention, permuted_block_sparse_attention
@@ -83,7 +82,6 @@ __all__ = [
     "pbs_plan",
     "Plan",
     "permuted_block_sparse_attention",
-    "plan_permutation",
     "segment_permutation",
     "select_blocks",
     "select_from_probabilities",

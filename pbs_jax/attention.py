@@ -20,7 +20,7 @@ from pbs_jax.grid import (
     segment_blocks,
     zero_padding,
 )
-from pbs_jax.permutation import identity_permutation, plan_permutation
+from pbs_jax.permutation import compute_permutation, identity_permutation
 from pbs_jax.selection import mean_pool_blocks, select_blocks_and_lists
 
 IMPLS = ("auto", "reference", "pallas")
@@ -219,14 +219,14 @@ def pbs_plan(
     ``lengths [B]`` int32 (right padding; None: all N; M = N only): each row's plan is that
     row's alone, its padding left in place and never selected.
 
-    On GPU the permutation kernel also pools the permuted keys
-    (:func:`pbs_jax.permutation.plan_permutation`): the selection takes them from there, and
-    the selection kernel writes the lists with the mask
+    The permutation is :func:`pbs_jax.permutation.compute_permutation` (on GPU the importance
+    kernel, then the segment sort); on GPU the selection pools the permuted keys in a kernel
+    and the selection kernel writes the lists with the mask
     (:func:`pbs_jax.selection.select_blocks_and_lists`). ``pooled_q``: the block means of q
     where the caller holds them (``impl="auto"``'s estimate pooled the same queries), else
     None."""
-    perm, pooled_k = plan_permutation(q, k, cfg, lengths)
-    return Plan(perm, *select_blocks_and_lists(q, k, perm, cfg, lengths, pooled_k, pooled_q))
+    perm = compute_permutation(q, k, cfg, lengths)
+    return Plan(perm, *select_blocks_and_lists(q, k, perm, cfg, lengths, pooled_q))
 
 
 def kernel_attention(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import GQA_MODES
-
+# Permutation heads: one per query head ("replicate"), or one per KV head ranked by the mean
+# importance of its query group ("shared").
+GQA_MODES = ("replicate", "shared")
 SELECTORS = ("meanpool", "antidiagonal")
 # The fields that make the paper's rule (arXiv 2510.21270 §4.1 and its official code).
 PAPER_RULE = dict(

@@ -14,8 +14,6 @@ from pallas_kernels import (
     proxy_importance,
     proxy_importance_reference,
     proxy_importance_supported,
-    proxy_permutation,
-    proxy_permutation_supported,
     slot_order,
 )
 from pbs_jax.config import PBSConfig
@@ -150,56 +148,16 @@ def inverse_permutation(perm: jax.Array) -> jax.Array:
 def compute_permutation(
     q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
 ) -> jax.Array:
-    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute.
+    """``perm [B, Hp, N]`` for the configuration: sorted segments, or identity without permute
+    (or N < segment_size): :func:`key_importance` then :func:`segment_permutation`.
 
     q ``[B, M, Hq, D]`` (M ≤ N: the last M positions), k ``[B, N, Hkv, D]``. ``lengths [B]``
     (a right-padded batch, M = N only): each row's permutation of its real tokens, as that row
     alone (a row of at most ``segment_size`` tokens keeps the identity), padding in place.
     """
-    return plan_permutation(q, k, cfg, lengths)[0]
-
-
-# The fused permutation kernel is exact and tested, but on the H200 (bench_kernel, JAX 0.11.2,
-# 2026-11-30, 32/8 heads of 128, bf16) it is slower than the three stages it replaces: 0.44 ms
-# vs proxy 0.17 + sort 0.11 + pooling 0.15 at 8K, 3.66 ms vs 1.38 + 0.36 + 0.96 at 128K, and
-# the whole plan 0.48 / 5.28 ms vs 0.33 / 3.62. Its [S, S] rank comparisons and one-hot
-# reductions per program cost more than the sort and the pooling they save, at the untuned
-# default tiles. Off until a tuned kernel beats the stages; bench_kernel times it either way.
-FUSED_PERMUTATION = False
-
-
-def plan_permutation(
-    q: jax.Array, k: jax.Array, cfg: PBSConfig, lengths: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array | None]:
-    """:func:`compute_permutation`'s ``perm [B, Hp, N]``, and ``pooled_k [B, T, Hp, D]``
-    float32 (the values of ``pbs_jax.selection.pooled_permuted_keys``) where they came on the
-    way, else None (the selection pools the keys itself).
-
-    One rule, two evaluations: with :data:`FUSED_PERMUTATION` on GPU, for a permuted plan
-    without ``lengths``, the Pallas kernel ``proxy_permutation`` (importance, segment sort and
-    pooling of the permuted keys in one pass: none of them reaches HBM), for the shapes it
-    takes; otherwise :func:`key_importance` then :func:`segment_permutation`.
-    """
     b, _, hq, _ = q.shape
     n = k.shape[1]
     hp = cfg.num_perm_heads(hq, k.shape[2])
     if not cfg.permute or n < cfg.segment_size:
-        return identity_permutation(b, hp, n), None
-    if FUSED_PERMUTATION and lengths is None and jax.default_backend() == "gpu":
-        fused = fused_permutation(q, k, cfg)
-        if fused is not None:
-            return fused
-    return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths), None
-
-
-def fused_permutation(
-    q: jax.Array, k: jax.Array, cfg: PBSConfig
-) -> tuple[jax.Array, jax.Array] | None:
-    """``(perm [B, Hp, N], pooled_k [B, T, Hp, D])`` from the fused kernel
-    ``pallas_kernels.proxy_permutation`` on the configuration's proxy, or None for shapes it
-    does not take (a permuted plan of N >= segment_size, no ``lengths``)."""
-    proxy = proxy_queries(q, cfg)
-    kernel_args = dict(segment_size=cfg.segment_size, block_size=cfg.block_size, gqa=cfg.gqa)
-    if not proxy_permutation_supported(proxy, k, **kernel_args):
-        return None
-    return proxy_permutation(proxy, k, **kernel_args)
+        return identity_permutation(b, hp, n)
+    return segment_permutation(key_importance(q, k, cfg, lengths), n, cfg, lengths)

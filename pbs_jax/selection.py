@@ -165,22 +165,20 @@ def pooled_blocks(
     perm: jax.Array,
     cfg: PBSConfig,
     lengths: jax.Array | None = None,
-    pooled_k: jax.Array | None = None,
     pooled_q: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The MeanPooling selector's inputs: ``pooled_q [B, Tq, Hq, D]`` (:func:`mean_pool_blocks`;
     Tq = T for a whole prefill, the chunk's last Tq blocks for q ``[B, M, Hq, D]``, M < N) and
-    ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`, unless the plan already holds
-    them: ``pbs_jax.permutation.plan_permutation``'s; without ``cfg.permute`` perm is the
-    identity and they are the keys' own block means), float32; with ``lengths`` the rows past
-    a row's length count as its zero padding. A caller that pooled q already (``impl="auto"``:
+    ``pooled_k [B, T, Hp, D]`` (:func:`pooled_permuted_keys`; without ``cfg.permute`` perm is
+    the identity and they are the keys' own block means), float32; with ``lengths`` the rows
+    past a row's length count as its zero padding. A caller that pooled q already (``impl="auto"``:
     its estimate and its plan pool the same queries) passes ``pooled_q``."""
     if pooled_q is None:
         pooled_q = mean_pool_blocks(q, cfg.block_size, lengths)
-    if pooled_k is None and not cfg.permute:  # identity perm: plain block means per KV head
+    if not cfg.permute:  # identity perm: plain block means per KV head
         hp = perm.shape[1]
         pooled_k = jnp.repeat(mean_pool_blocks(k, cfg.block_size, lengths), hp // k.shape[2], 2)
-    elif pooled_k is None:
+    else:
         pooled_k = pooled_permuted_keys(k, perm, cfg.block_size, cfg.segment_size, lengths)
     return pooled_q, pooled_k
 
@@ -443,13 +441,13 @@ def select_from_probabilities(
     return with_forced_blocks(mask, perm, cfg, lengths)
 
 
-def _select(q, k, perm, cfg: PBSConfig, lengths, pooled_k, pooled_q, with_lists: bool):
+def _select(q, k, perm, cfg: PBSConfig, lengths, pooled_q, with_lists: bool):
     """``(block_mask, lists)``: lists where the selection kernel wrote them (``with_lists`` on
     its path), else None. The one branching of :func:`select_blocks` and
     :func:`select_blocks_and_lists` (arguments as theirs)."""
-    if cfg.selector == "meanpool" and (pooled_k is not None or jax.default_backend() == "gpu"):
-        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_k, pooled_q)
-        if jax.default_backend() == "gpu" and pooled_top_p_supported(pooled_q, pooled_k):
+    if cfg.selector == "meanpool" and jax.default_backend() == "gpu":
+        pooled_q, pooled_k = pooled_blocks(q, k, perm, cfg, lengths, pooled_q)
+        if pooled_top_p_supported(pooled_q, pooled_k):
             tq, t = pooled_q.shape[1], pooled_k.shape[1]
             codes, sink = selection_codes(perm, pooled_q.shape[2], cfg, lengths, t - tq)
             selected = pooled_selection(
@@ -471,7 +469,6 @@ def select_blocks(
     perm: jax.Array,
     cfg: PBSConfig,
     lengths: jax.Array | None = None,
-    pooled_k: jax.Array | None = None,
     pooled_q: jax.Array | None = None,
 ) -> jax.Array:
     """The PBS block mask of ``cfg.selector``.
@@ -481,9 +478,6 @@ def select_blocks(
       k: ``[B, N, Hkv, D]`` keys (original order; read in slot order through ``perm``).
       perm: ``[B, Hp, N]`` original position of each slot.
       lengths: ``[B]`` int32 real tokens per row (right padding), or None: all N.
-      pooled_k: ``[B, T, Hp, D]`` float32, the block means of the permuted keys where the plan
-        already holds them (``pbs_jax.permutation.plan_permutation``), or None: pooled here.
-        Only the ``"meanpool"`` selector reads them.
       pooled_q: ``[B, Tq, Hq, D]`` float32, :func:`mean_pool_blocks` of q (with ``lengths``)
         where the caller holds them, or None: pooled here. Only ``"meanpool"`` reads them.
     Returns:
@@ -496,7 +490,7 @@ def select_blocks(
     ``pallas_kernels.MAX_POOLED_BLOCKS``; a chunk's Tq < T rows too); elsewhere, and for every
     other selector, :func:`block_probabilities` then :func:`select_from_probabilities` in jnp.
     """
-    return _select(q, k, perm, cfg, lengths, pooled_k, pooled_q, with_lists=False)[0]
+    return _select(q, k, perm, cfg, lengths, pooled_q, with_lists=False)[0]
 
 
 def select_blocks_and_lists(
@@ -505,7 +499,6 @@ def select_blocks_and_lists(
     perm: jax.Array,
     cfg: PBSConfig,
     lengths: jax.Array | None = None,
-    pooled_k: jax.Array | None = None,
     pooled_q: jax.Array | None = None,
 ) -> tuple[jax.Array, BlockLists]:
     """:func:`select_blocks`' mask and its block lists (the attention kernels' input):
@@ -514,5 +507,5 @@ def select_blocks_and_lists(
     Where :func:`select_blocks` runs the selection kernel (GPU, ``"meanpool"``), the same
     launch writes the lists; elsewhere they are ``pbs_jax.blocks.index_lists`` of the mask.
     """
-    mask, lists = _select(q, k, perm, cfg, lengths, pooled_k, pooled_q, with_lists=True)
+    mask, lists = _select(q, k, perm, cfg, lengths, pooled_q, with_lists=True)
     return mask, (index_lists(mask, cfg) if lists is None else lists)
