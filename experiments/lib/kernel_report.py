@@ -32,7 +32,8 @@ def length_costs(row) -> cost_model.LengthCosts:
     mosaic = None
     if "mgpu_d100" in row:
         # The copy adds its GPU time to the op (the op's dispatch is in the kernel's own points);
-        # jitted alone its wall time is mostly dispatch (0.14 ms at 4K for ~0.01 of GPU work).
+        # jitted alone its wall time is mostly dispatch (0.135 ms at 4K for 0.026 of GPU work,
+        # results/bench_kernel_one_choice.json).
         kv_copy_ms = st.get("kv_copy_gpu_ms") or st["kv_copy_ms"]
         mosaic = cost_model.fit_kernel(kernel_points(row, "mgpu"), round(kv_copy_ms, 4))
     return cost_model.LengthCosts(
