@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import pbs_jax
 from experiments.bench_kernel import timer
 from experiments.lib import timing
-from experiments.lib.kernel_trace import kernel_profile
+from experiments.lib.kernel_trace import gpu_us, kernel_profile
 from experiments.lib.synthetic import structured_qkv
 from pallas_kernels import (
     ImportanceTiles,
@@ -141,9 +141,9 @@ def pooling_sweep(k, perm, cfg: PBSConfig, time) -> list[dict]:
     ]
     rows = []
     for name, fn in calls:
-        gpu_us = sum(r[2] for r in kernel_profile(fn, k, perm))
+        gpu = gpu_us(fn, k, perm)
         diff = float(jnp.max(jnp.abs(fn(k, perm) - expected)))
-        rows.append({"tiles": name, "ms": time(fn, k, perm), "gpu_us": gpu_us, "max_diff": diff})
+        rows.append({"tiles": name, "ms": time(fn, k, perm), "gpu_us": gpu, "max_diff": diff})
     return rows
 
 

@@ -24,10 +24,16 @@ from pbs_jax.grid import permuted_key_counts
 gather_keys = slot_order
 
 
+def proxy_rows(cfg: PBSConfig, num_queries: int) -> int:
+    """P, the proxy's rows: the last ``proxy_blocks × block_size`` of M queries (all M when
+    fewer)."""
+    return min(cfg.proxy_blocks * cfg.block_size, num_queries)
+
+
 def proxy_queries(q: jax.Array, cfg: PBSConfig) -> jax.Array:
-    """The importance proxy: the last ``proxy_blocks × block_size`` rows of ``q [B, M, Hq, D]``
-    (all M of them when fewer), ``[B, P, Hq, D]``."""
-    return q[:, max(q.shape[1] - cfg.proxy_blocks * cfg.block_size, 0) :]
+    """The importance proxy: the last :func:`proxy_rows` rows of ``q [B, M, Hq, D]``,
+    ``[B, P, Hq, D]``."""
+    return q[:, q.shape[1] - proxy_rows(cfg, q.shape[1]) :]
 
 
 def ragged_proxy_queries(
@@ -40,7 +46,7 @@ def ragged_proxy_queries(
     ``[B]`` int32: a short row's first ``lengths[b]`` proxy rows are its queries, the rest its
     padding). A per-row dynamic slice of P = min(proxy rows, N) rows."""
     n = q.shape[1]
-    rows = min(cfg.proxy_blocks * cfg.block_size, n)
+    rows = proxy_rows(cfg, n)
     start = jnp.clip(lengths - rows, 0, n - rows)  # [B]
     proxy = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, rows, axis=0))(q, start)
     return proxy, (lengths - start).astype(jnp.int32)
@@ -77,10 +83,10 @@ def key_importance(
     complete = (k.shape[1] // cfg.segment_size) * cfg.segment_size
     keys = k[:, :complete]  # [B, L, Hkv, D]
     on_gpu = jax.default_backend() == "gpu"
-    proxy_rows = min(cfg.proxy_blocks * cfg.block_size, q.shape[1])
-    if lengths is None and on_gpu and proxy_importance_supported(q, keys, proxy_rows):
+    rows = proxy_rows(cfg, q.shape[1])
+    if lengths is None and on_gpu and proxy_importance_supported(q, keys, rows):
         # The kernel reads the proxy inside q: no copy of the slice (a launch of its own).
-        per_head = proxy_importance(q, keys, proxy_rows=proxy_rows)
+        per_head = proxy_importance(q, keys, proxy_rows=rows)
     else:
         if lengths is not None:
             proxy, real_rows = ragged_proxy_queries(q, cfg, lengths)  # [B, P, Hq, D], [B]

@@ -40,6 +40,11 @@ def kernel_profile(fn, *args, reps: int = 5) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: -r[2])
 
 
+def gpu_us(fn, *args) -> float:
+    """GPU µs of one call's kernels (:func:`kernel_profile`'s sum; 0 off the GPU)."""
+    return sum(us for _, _, us in kernel_profile(fn, *args))
+
+
 # Kernel groups, by name (lower case), first match wins:
 #   attention: cuDNN's fused attention ("cudnn_generated_fort_native_sdpa_…"), any flash / fmha;
 #   GEMM: cuBLAS (sm90_xmma_gemm_…, nvjet_…), CUTLASS, XLA's Triton GEMM fusions (gemm_fusion_…,
