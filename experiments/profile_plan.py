@@ -13,8 +13,10 @@ Per length (B=1, Hq=32, Hkv=8, D=128, bf16, structured input as bench_kernel's):
     Perfetto trace): GPU time per kernel, summed per call, beside the wall time of the call
     (dispatch included, as bench_kernel times it);
   * ``pallas_kernels.proxy_importance`` over a set of ``ImportanceTiles`` (one and four proxy
-    blocks) and ``pallas_kernels.pooled_top_p_blocks`` over a set of ``PooledTopPTiles``
-    (checked equal to the default tiles' mask), wall time of each call;
+    blocks) and ``pallas_kernels.pooled_selection`` as the plan runs it (grid codes, sink, the
+    lists written in the kernel; runs before this one timed ``pooled_top_p_blocks``, the mask
+    alone) over a set of ``PooledTopPTiles`` (checked equal to the default tiles' mask), wall
+    time of each call;
   * the permuted keys' pooling: XLA's one-hot einsum and ``pallas_kernels.permuted_block_means``
     over a set of ``PoolTiles``, wall time and GPU µs of each call.
 """
@@ -37,11 +39,10 @@ from pallas_kernels import (
     PooledTopPTiles,
     PoolTiles,
     permuted_block_means,
-    pooled_top_p_blocks,
+    pooled_selection,
     proxy_importance,
 )
 from pbs_jax import PBSConfig, cost_model, permutation, selection
-from pbs_jax.grid import softmax_domain
 
 LENGTHS = (8192, 131072)
 RULES = {"paper": PBSConfig.paper(), "default": PBSConfig()}
@@ -113,14 +114,15 @@ def sweeps(q, k, time) -> dict:
     cfg = RULES["paper"]
     perm = permutation.compute_permutation(q, k, cfg)
     pooled_q, pooled_k = jax.jit(lambda q, k, p: selection.pooled_blocks(q, k, p, cfg))(q, k, perm)
-    domain = softmax_domain(pooled_q.shape[1], cfg)
-    select = functools.partial(pooled_top_p_blocks, domain=domain, threshold=cfg.threshold)
-    default = jax.jit(select)(pooled_q, pooled_k)
+    # The selection kernel as the plan runs it: grid codes, sink, the lists written in it.
+    codes, sink = selection.selection_codes(perm, q.shape[2], cfg)
+    select = functools.partial(pooled_selection, codes=codes, sink=sink, threshold=cfg.threshold)
+    default = jax.jit(select)(pooled_q, pooled_k).mask
     top_p = [{"tiles": "default", "ms": time(jax.jit(select), pooled_q, pooled_k), "same": True}]
     for tiles in TOP_P_TILES:
         fn = jax.jit(functools.partial(select, tiles=tiles))
         try:
-            same = bool((fn(pooled_q, pooled_k) == default).all())
+            same = bool((fn(pooled_q, pooled_k).mask == default).all())
         except Exception as err:  # a tile the card cannot hold (shared memory): say so
             top_p.append({"tiles": repr(tiles), "error": str(err)[:160]})
             continue
