@@ -1,7 +1,7 @@
 """Shared test helpers, importable as ``from tests.conftest import ...`` (no test module imports
 another): the repository's one ``rel_err`` (re-exported), fresh random inputs (never zeros)
-with and without attention structure, a tiny Llama
-config and its tokens, a tiny byte-level BPE vocabulary, random kernel plans and an
+with and without attention structure, the kernels' GPU path on this CPU (interpret mode), a
+tiny Llama config and its tokens, a tiny byte-level BPE vocabulary, random kernel plans and an
 independent float64 kernel oracle; the real model loaded once per session (``smollm2``); and the
 skip of ``pretrained`` tests where the real checkpoint is not installed."""
 
@@ -20,6 +20,26 @@ from tokenizers import pre_tokenizers
 from experiments.lib.metrics import rel_err  # noqa: F401 (the one relative error, for tests)
 from models import JittedLlama, LlamaConfig, default_checkpoint_path, load_pretrained
 from pbs_jax import pbs_attention, pbs_plan, permutation, reference, selection
+
+
+def interpret_on_fake_gpu(patch, module, *names: str) -> dict[str, list[dict]]:
+    """Make this CPU take the GPU path: ``jax.default_backend()`` says "gpu" and each kernel
+    entry ``module.<name>`` runs in Pallas interpret mode. ``patch``: a pytest monkeypatch (or
+    its ``context()``). Returns, per name, the keyword arguments of each call, so that a test
+    can assert the GPU path ran the kernel (and how)."""
+    patch.setattr(jax, "default_backend", lambda: "gpu")
+    calls = {name: [] for name in names}
+    for name in names:
+        patch.setattr(module, name, _interpreted(getattr(module, name), calls[name]))
+    return calls
+
+
+def _interpreted(kernel, log: list):
+    def run(*args, **kwargs):
+        log.append(kwargs)
+        return kernel(*args, **kwargs, interpret=True)
+
+    return run
 
 
 def make_qkv(

@@ -34,6 +34,7 @@ from pallas_kernels import (
 )
 from pbs_jax import selection
 from pbs_jax.grid import zero_padding
+from tests.conftest import interpret_on_fake_gpu
 
 BATCH = 2
 
@@ -135,20 +136,15 @@ def test_mean_pool_blocks_on_gpu_runs_the_kernel(monkeypatch):
     and without lengths."""
     case = CASES[2]
     x, lengths = _operands(case)
-    calls = []
-
-    def interpreted_kernel(*args, **kwargs):
-        calls.append(args[0].shape)
-        return masked_block_means(*args, **kwargs, interpret=True)
-
+    ran = 0
     for lens in (None, lengths):
         on_cpu = selection.mean_pool_blocks(x, case.block_size, lens)
         with monkeypatch.context() as patch:
-            patch.setattr(jax, "default_backend", lambda: "gpu")
-            patch.setattr(selection, "masked_block_means", interpreted_kernel)
+            calls = interpret_on_fake_gpu(patch, selection, "masked_block_means")
             on_gpu = jax.jit(selection.mean_pool_blocks, static_argnums=1)(x, case.block_size, lens)
         chex.assert_trees_all_close(on_gpu, on_cpu, **_tolerance())
-    assert len(calls) == 2, "the GPU path did not run the kernel"
+        ran += len(calls["masked_block_means"])
+    assert ran == 2, "the GPU path did not run the kernel"
 
 
 def test_mean_pool_blocks_keeps_the_jnp_path_for_unsupported_blocks(monkeypatch):

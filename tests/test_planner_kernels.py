@@ -38,7 +38,7 @@ from pallas_kernels import (
 )
 from pallas_kernels import top_p as top_p_module
 from pbs_jax import PBSConfig, permutation, selection
-from tests.conftest import make_qkv
+from tests.conftest import interpret_on_fake_gpu, make_qkv
 
 HEAD_DIM = 16  # small: interpret mode runs every tile's dot on the CPU
 SEGMENT = 256
@@ -109,11 +109,9 @@ def test_key_importance_gpu_path_equals_cpu_path(monkeypatch, gqa, lengths):
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
     on_cpu = permutation.key_importance(q, k, cfg, lengths)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(
-        permutation, "proxy_importance", functools.partial(proxy_importance, interpret=True)
-    )
+    calls = interpret_on_fake_gpu(monkeypatch, permutation, "proxy_importance")
     on_gpu = permutation.key_importance(q, k, cfg, lengths)
+    assert calls["proxy_importance"], "the GPU path did not run the kernel"
     chex.assert_shape(on_gpu, (BATCH, cfg.num_perm_heads(Q_HEADS, KV_HEADS), MAX_ROWS))
     chex.assert_trees_all_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-9)
 

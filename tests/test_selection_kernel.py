@@ -40,7 +40,7 @@ from pallas_kernels import (
     pooled_top_p_tiles,
 )
 from pbs_jax import PBSConfig, blocks, grid, permutation, selection
-from tests.conftest import make_qkv
+from tests.conftest import interpret_on_fake_gpu, make_qkv
 
 BLOCK, SEGMENT = 16, 64  # 4 blocks per segment: the permuted domain has several segments
 
@@ -187,27 +187,12 @@ def test_select_blocks_gpu_path_equals_cpu_path(monkeypatch, chunk_blocks):
 
 def _interpret_the_gpu_path(monkeypatch) -> list:
     """Make the selection take its GPU path on this CPU: the selection kernel (and the pooling
-    kernels of the permuted keys and of the queries) in interpret mode. Returns the list each
-    selection kernel call appends its ``with_lists`` flag to."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    calls = []
-
-    def interpreted_kernel(*args, **kwargs):
-        calls.append(kwargs.get("with_lists", True))
-        return pooled_selection(*args, **kwargs, interpret=True)
-
-    monkeypatch.setattr(selection, "pooled_selection", interpreted_kernel)
-    monkeypatch.setattr(
-        selection,
-        "permuted_block_means",
-        functools.partial(selection.permuted_block_means, interpret=True),
+    kernels of the permuted keys and of the queries) in interpret mode. Returns the keyword
+    arguments of each selection kernel call."""
+    calls = interpret_on_fake_gpu(
+        monkeypatch, selection, "pooled_selection", "permuted_block_means", "masked_block_means"
     )
-    monkeypatch.setattr(
-        selection,
-        "masked_block_means",
-        functools.partial(selection.masked_block_means, interpret=True),
-    )
-    return calls
+    return calls["pooled_selection"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +310,8 @@ def test_plan_lists_equal_index_lists(monkeypatch, lengths, chunk_blocks, force_
     # The importance stays on its jnp path, so the permutation is the CPU plan's exactly.
     monkeypatch.setattr(permutation, "proxy_importance_supported", lambda *args: False)
     gpu = plan(q, k, lengths)
-    assert calls == [True], "the GPU plan did not run the kernel with lists"
+    with_lists = [kwargs.get("with_lists", True) for kwargs in calls]
+    assert with_lists == [True], "the GPU plan did not run the kernel with lists"
     chex.assert_trees_all_equal(gpu.perm, cpu.perm)
     chex.assert_trees_all_equal(gpu.block_mask, cpu.block_mask)
     chex.assert_trees_all_equal(gpu.lists, blocks.index_lists(gpu.block_mask, cfg))
